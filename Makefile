@@ -1,0 +1,28 @@
+# Barber: `make up` runs the whole local stack; `make test` runs the suite against a real one.
+PYTHON ?= $(shell for p in python3.13 python3.12 python3.11 python3; do \
+	command -v $$p >/dev/null 2>&1 && $$p -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null && { command -v $$p; break; }; done)
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: up down status test venv
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -n "$(PYTHON)" || { echo "Python 3.11 or newer is required" >&2; exit 1; }
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[local,test]'
+	@touch $(STAMP)
+
+up: $(STAMP)
+	$(PY) -m stack up
+
+down: $(STAMP)
+	$(PY) -m stack down
+
+status: $(STAMP)
+	$(PY) -m stack status
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)

@@ -1,0 +1,1 @@
+"""The small library every Barber service shares: config, errors, handlers, tokens, logs, bootstrap."""

@@ -1,0 +1,66 @@
+"""Configuration from environment variables, read once at start into a typed object.
+
+Each service subclasses :class:`ServiceSettings`; field names are the environment
+variable names (case-insensitive). A bad value stops the process with a message that
+names the variable, instead of failing later somewhere deep in a request.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import TypeVar
+
+from pydantic import ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ConfigError(Exception):
+    """An environment variable holds a value the service cannot use."""
+
+
+class ServiceSettings(BaseSettings):
+    """Settings every service shares. Defaults join the local stack (see README)."""
+
+    model_config = SettingsConfigDict(case_sensitive=False, extra="ignore", frozen=True)
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    # The address other processes use to reach this instance (what it registers).
+    advertise_host: str = "127.0.0.1"
+    discovery_url: str = "http://127.0.0.1:8500"
+    redis_url: str = "redis://127.0.0.1:16379/0"
+    jwt_public_key_file: Path = Path(".stack/keys/jwt_ed25519.pub")
+    service_secret_file: Path = Path(".stack/keys/service_secret")
+    log_level: str = "INFO"
+    max_body_bytes: int = 64 * 1024
+    shutdown_grace_s: float = 10.0
+    # Enables test-only behaviour (crash points); refused in code paths unless set.
+    barber_test_hooks: bool = False
+
+
+S = TypeVar("S", bound=BaseSettings)
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        name = ".".join(str(p) for p in err["loc"]) or "value"
+        parts.append(f"{name.upper()}: {err['msg']} (got {err.get('input')!r})")
+    return "; ".join(parts)
+
+
+def load_settings(cls: type[S]) -> S:
+    """Read ``cls`` from the environment, raising :class:`ConfigError` naming the variable."""
+    try:
+        return cls()
+    except ValidationError as e:
+        raise ConfigError(f"bad environment variable {describe_validation_error(e)}") from e
+
+
+def load_settings_or_exit(cls: type[S]) -> S:
+    try:
+        return load_settings(cls)
+    except ConfigError as e:
+        print(f"{cls.__module__}: {e}", file=sys.stderr)
+        raise SystemExit(2) from e

@@ -1,0 +1,235 @@
+"""The base Tornado handler: request ids, JSON in and out, typed errors, identity.
+
+Handlers stay thin: parse with :meth:`BaseHandler.parse_body` / the ``query_*`` helpers,
+call a domain function, :meth:`BaseHandler.write_json` the result. Anything raised as an
+:class:`~common.errors.APIError` becomes ``{"detail": ...}`` with its status here, in
+one place; anything else becomes a logged 500 without a traceback to the client.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any, TypeVar
+
+import tornado.web
+from pydantic import BaseModel, ValidationError
+
+from common import internal
+from common.errors import APIError, BadRequest, Forbidden, NotFound, PayloadTooLarge, Unauthorized
+from common.logs import REQUEST_ID_HEADER, level_for_status, new_request_id, request_id_var
+from common.tokens import Claims, InvalidToken, TokenVerifier
+
+log = logging.getLogger("barber.http")
+
+M = TypeVar("M", bound=BaseModel)
+
+# Application settings keys the base handler reads (set by common.service.make_app).
+VERIFIER = "barber.verifier"
+SERVICE_SECRET = "barber.service_secret"
+MAX_BODY = "barber.max_body_bytes"
+INFLIGHT = "barber.inflight"
+
+
+class Inflight:
+    """Counts requests being handled, so a graceful stop can wait for them."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err["loc"]) or "body"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unexpected field"
+        parts.append(f"{field}: {msg}")
+    return "; ".join(parts)
+
+
+def validate(model: type[M], data: Any) -> M:
+    """Validate plain data into ``model``, turning failures into a 400 naming the field."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise BadRequest(describe_validation_error(e)) from e
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    if not authorization:
+        return None
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()
+
+
+class BaseHandler(tornado.web.RequestHandler):
+    request_id: str
+    _counted = False
+
+    # -- lifecycle -----------------------------------------------------------------
+    def prepare(self) -> None:
+        self.request_id = self.request.headers.get(REQUEST_ID_HEADER) or new_request_id()
+        request_id_var.set(self.request_id)
+        self.set_header(REQUEST_ID_HEADER, self.request_id)
+        inflight: Inflight | None = self.settings.get(INFLIGHT)
+        if inflight is not None:
+            inflight.count += 1
+            self._counted = True
+        limit = self.settings.get(MAX_BODY)
+        length = self.request.headers.get("Content-Length")
+        if limit is not None and (
+            (length is not None and length.isdigit() and int(length) > limit) or len(self.request.body) > limit
+        ):
+            raise PayloadTooLarge(f"request body larger than {limit} bytes")
+
+    def _uncount(self) -> None:
+        if self._counted:
+            self._counted = False
+            self.settings[INFLIGHT].count -= 1
+
+    def on_finish(self) -> None:
+        self._uncount()
+
+    def on_connection_close(self) -> None:
+        self._uncount()
+        super().on_connection_close()
+
+    def set_default_headers(self) -> None:
+        self.set_header("Content-Type", "application/json; charset=UTF-8")
+
+    # -- output --------------------------------------------------------------------
+    def write_json(self, obj: Any, status: int = 200) -> None:
+        self.set_status(status)
+        if isinstance(obj, BaseModel):
+            body = obj.model_dump_json()
+        else:
+            body = json.dumps(obj, default=str)
+        self.finish(body)
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        if hasattr(self, "request_id"):
+            self.set_header(REQUEST_ID_HEADER, self.request_id)
+        if isinstance(exc, APIError):
+            detail = exc.detail
+            for name, value in exc.headers.items():
+                self.set_header(name, value)
+        elif isinstance(exc, tornado.web.HTTPError):
+            detail = exc.reason or self._reason
+        else:
+            detail = "internal server error"
+        self.finish(json.dumps({"detail": detail}))
+
+    # -- input ---------------------------------------------------------------------
+    def parse_body(self, model: type[M]) -> M:
+        ctype = self.request.headers.get("Content-Type", "").split(";")[0].strip().lower()
+        if ctype != "application/json":
+            raise BadRequest("Content-Type must be application/json")
+        try:
+            data = json.loads(self.request.body or b"")
+        except (ValueError, UnicodeDecodeError) as e:
+            raise BadRequest("body is not valid JSON") from e
+        if not isinstance(data, dict):
+            raise BadRequest("body must be a JSON object")
+        return validate(model, data)
+
+    def query_int(self, name: str, default: int | None = None, *, minimum: int | None = None,
+                  maximum: int | None = None) -> int:
+        raw = self.get_query_argument(name, None)
+        if raw is None or raw == "":
+            if default is None:
+                raise BadRequest(f"{name}: query parameter is required")
+            return default
+        try:
+            value = int(raw)
+        except ValueError as e:
+            raise BadRequest(f"{name}: must be an integer") from e
+        if minimum is not None and value < minimum:
+            raise BadRequest(f"{name}: must be at least {minimum}")
+        if maximum is not None and value > maximum:
+            raise BadRequest(f"{name}: must be at most {maximum}")
+        return value
+
+    def query_float(self, name: str, default: float | None = None, *, minimum: float | None = None,
+                    maximum: float | None = None) -> float:
+        raw = self.get_query_argument(name, None)
+        if raw is None or raw == "":
+            if default is None:
+                raise BadRequest(f"{name}: query parameter is required")
+            return default
+        try:
+            value = float(raw)
+        except ValueError as e:
+            raise BadRequest(f"{name}: must be a number") from e
+        if value != value or (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+            raise BadRequest(f"{name}: must be between {minimum} and {maximum}")
+        return value
+
+    # -- identity ------------------------------------------------------------------
+    def get_current_user(self) -> Claims | None:
+        """Claims of a valid bearer token, or None. Client-sent X-User is never trusted."""
+        token = bearer_token(self.request.headers.get("Authorization"))
+        if token is None:
+            return None
+        verifier: TokenVerifier | None = self.settings.get(VERIFIER)
+        if verifier is None:
+            return None
+        try:
+            return verifier.verify(token)
+        except InvalidToken:
+            return None
+
+    def require_user(self, *types: str) -> Claims:
+        """The caller's verified claims; 401 without a valid token, 403 for another user type."""
+        token = bearer_token(self.request.headers.get("Authorization"))
+        if token is None:
+            raise Unauthorized("authentication required: send Authorization: Bearer <token>")
+        try:
+            claims = self.settings[VERIFIER].verify(token)
+        except InvalidToken as e:
+            raise Unauthorized(str(e)) from e
+        if types and claims.user_type not in types:
+            raise Forbidden(f"only {' or '.join(types)} users may do this")
+        return claims
+
+    def require_service(self) -> None:
+        """Internal endpoints: only callers holding the service credential."""
+        secret: str | None = self.settings.get(SERVICE_SECRET)
+        if secret is None or not internal.is_valid(self.request.headers.get(internal.SERVICE_TOKEN_HEADER), secret):
+            raise Forbidden("service credential required")
+
+
+class NotFoundHandler(BaseHandler):
+    def prepare(self) -> None:
+        super().prepare()
+        raise NotFound(f"no route for {self.request.method} {self.request.path}")
+
+
+def log_request(handler: tornado.web.RequestHandler) -> None:
+    """The access log: one ECS line per request, level by outcome."""
+    status = handler.get_status()
+    request = handler.request
+    log.log(
+        level_for_status(status),
+        "%s %s %d",
+        request.method,
+        request.path,
+        status,
+        extra={
+            "http.request.method": request.method,
+            "url.path": request.path,
+            "http.response.status_code": status,
+            "event.duration": int(request.request_time() * 1e9),
+            "http.request.id": getattr(handler, "request_id", None),
+            "client.ip": request.remote_ip,
+        },
+    )
+
+
+def monotonic_ms() -> float:
+    return time.monotonic() * 1000.0

@@ -1,0 +1,110 @@
+"""Service bootstrap: build the app, listen, register, stop gracefully on SIGTERM.
+
+A service's ``__main__`` is::
+
+    settings = load_settings_or_exit(MySettings)
+    run(settings, "authen", build)     # build(settings) -> ServiceApp
+
+Graceful stop: deregister first (so callers stop choosing us), stop accepting, let
+in-flight requests finish within ``SHUTDOWN_GRACE_S``, then run the service's closers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable
+
+import tornado.web
+from tornado.httpserver import HTTPServer
+
+from common import internal
+from common.config import ServiceSettings
+from common.discovery import Registration
+from common.handler import INFLIGHT, MAX_BODY, SERVICE_SECRET, VERIFIER, Inflight, NotFoundHandler, log_request
+from common.logs import setup_logging
+from common.tokens import TokenVerifier
+
+log = logging.getLogger("barber.service")
+
+# Tornado reads a body up to this before our handler sees it and answers 413 by its own limit.
+SERVER_MAX_BODY_BYTES = 16 * 1024 * 1024
+
+
+@dataclass
+class ServiceApp:
+    app: tornado.web.Application
+    on_stop: list[Callable[[], Awaitable[Any]]] = field(default_factory=list)
+    # Register with discovery under this type (None: do not register).
+    register_as: str | None = None
+
+
+def make_app(settings: ServiceSettings, routes: list, **extra: Any) -> tornado.web.Application:
+    """An Application wired with the base handler's settings (verifier, secret, limits)."""
+    app_settings: dict[str, Any] = {
+        "default_handler_class": NotFoundHandler,
+        "log_function": log_request,
+        "compress_response": False,
+        MAX_BODY: settings.max_body_bytes,
+        INFLIGHT: Inflight(),
+    }
+    if settings.jwt_public_key_file.exists():
+        app_settings[VERIFIER] = TokenVerifier.from_file(settings.jwt_public_key_file)
+    if settings.service_secret_file.exists():
+        app_settings[SERVICE_SECRET] = internal.read_secret(settings.service_secret_file)
+    app_settings.update(extra)
+    return tornado.web.Application(routes, **app_settings)
+
+
+async def serve(settings: ServiceSettings, service: ServiceApp) -> None:
+    server = HTTPServer(service.app, max_body_size=SERVER_MAX_BODY_BYTES, idle_connection_timeout=60)
+    try:
+        server.listen(settings.port, settings.host)
+    except OSError as e:
+        raise SystemExit(f"cannot listen on {settings.host}:{settings.port}: {e.strerror}") from e
+    log.info("listening on %s:%d", settings.host, settings.port)
+
+    registration: Registration | None = None
+    if service.register_as and settings.discovery_url:
+        secret = service.app.settings.get(SERVICE_SECRET, "")
+        registration = Registration(
+            settings.discovery_url, service.register_as, settings.advertise_host, settings.port, secret
+        )
+        registration.start()
+
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    await stopping.wait()
+
+    log.info("stopping: deregistering and draining in-flight requests")
+    if registration is not None:
+        await registration.stop()
+    server.stop()
+    inflight: Inflight = service.app.settings[INFLIGHT]
+    deadline = time.monotonic() + settings.shutdown_grace_s
+    while inflight.count > 0 and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    if inflight.count:
+        log.warning("stopping with %d requests still in flight", inflight.count)
+    for closer in service.on_stop:
+        try:
+            await closer()
+        except Exception:
+            log.exception("error while closing")
+    await server.close_all_connections()
+    log.info("stopped")
+
+
+def run(settings: ServiceSettings, name: str, build: Callable[[Any], Awaitable[ServiceApp]]) -> None:
+    setup_logging(name, settings.log_level, instance=f"{settings.advertise_host}:{settings.port}")
+
+    async def main() -> None:
+        service = await build(settings)
+        await serve(settings, service)
+
+    asyncio.run(main())

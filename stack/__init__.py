@@ -1,0 +1,1 @@
+"""The local launcher: data servers and services as supervised processes (``make up``)."""

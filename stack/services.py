@@ -1,0 +1,31 @@
+"""The declarative list of service processes the stack runs, after the data tier is healthy.
+
+One entry per service; each instance is ``python -m <module>`` with ``PORT`` set to one
+of the ports of ``port_key`` in :data:`stack.layout.BASE_PORTS` (plus the offset).
+Entries start in list order and stop in reverse order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    name: str
+    module: str
+    port_key: str
+    # Extra environment for every instance (on top of stack.layout.service_env).
+    env: dict[str, str] = field(default_factory=dict)
+    # Arguments to `python -m <module> ...` run once, to completion, before the instances
+    # start (e.g. ("migrate",) for Alembic migrations).
+    setup: tuple[str, ...] = ()
+    # An HTTP GET that answers 200 once an instance is ready.
+    health_path: str = "/utilities/status"
+
+    def instance_names(self, count: int) -> list[str]:
+        return [self.name] if count == 1 else [f"{self.name}-{i + 1}" for i in range(count)]
+
+
+SERVICES: list[ServiceSpec] = [
+]

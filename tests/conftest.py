@@ -1,0 +1,32 @@
+"""Session fixtures: the real local stack, started once by the same launcher as `make up`.
+
+TEST_PORT_OFFSET (default 1000) moves every port, so the suite runs beside a `make up`
+stack (offset 0). TEST_STACK_DIR keeps the state in a given folder instead of a new
+temporary one (and keeps it afterwards, for looking at the logs).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from tests.stackproc import StackProcess
+
+
+@pytest.fixture(scope="session")
+def stack() -> Iterator[StackProcess]:
+    offset = int(os.environ.get("TEST_PORT_OFFSET", "1000"))
+    keep_dir = os.environ.get("TEST_STACK_DIR")
+    proc = StackProcess(offset, Path(keep_dir).resolve() if keep_dir else None)
+    proc.start()
+    try:
+        yield proc
+    finally:
+        code = proc.stop()
+        if code not in (0, None):
+            print(f"stack exited with {code}:\n{proc.tail()}")
+        if not keep_dir and code == 0:
+            proc.remove()

@@ -1,0 +1,82 @@
+"""Running the real launcher (`python -m stack up`) from tests, under a state folder and offset."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from stack.control import ControlError, StackControl
+from stack.layout import Layout, service_env
+
+ROOT = Path(__file__).resolve().parent.parent
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _die_with_parent() -> None:
+    _libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG: no orphan stack if pytest dies
+
+
+class StackProcess:
+    """A whole local stack started by the real launcher, for the length of a test session."""
+
+    def __init__(self, port_offset: int, state_dir: Path | None = None) -> None:
+        self.state_dir = state_dir or Path(tempfile.mkdtemp(prefix="barber-stack-"))
+        self.layout = Layout(self.state_dir, port_offset)
+        self.env = service_env(self.layout)
+        self.control = StackControl(self.state_dir)
+        self.process: subprocess.Popen[bytes] | None = None
+        self.output = self.state_dir / "stack-up.log"
+
+    def url(self, port_key: str, index: int = 0) -> str:
+        return f"http://127.0.0.1:{self.layout.port(port_key, index)}"
+
+    def command_env(self) -> dict[str, str]:
+        return {**os.environ, "STACK_DIR": str(self.state_dir), "PORT_OFFSET": str(self.layout.port_offset)}
+
+    def start(self, timeout_s: float = 240.0) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.output, "ab") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "stack", "up"], cwd=ROOT, env=self.command_env(),
+                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent,
+            )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the stack exited with {self.process.returncode}:\n{self.tail()}")
+            try:
+                if self.control.status()["ready"]:
+                    return
+            except (ControlError, OSError, ValueError):
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"the stack was not ready in {timeout_s}s:\n{self.tail()}")
+
+    def tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.output.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stop(self, timeout_s: float = 120.0) -> int | None:
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+    def remove(self) -> None:
+        shutil.rmtree(self.state_dir, ignore_errors=True)
