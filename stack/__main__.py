@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import fcntl
 import json
 import logging
 import os
@@ -41,6 +42,22 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _lock_free(layout: Layout) -> bool:
+    """The launcher holds stack.lock until it has stopped everything (and its pid may
+    linger as an unreaped zombie, so the lock is the reliable sign)."""
+    path = layout.state_dir / "stack.lock"
+    if not path.exists():
+        return True
+    fd = os.open(path, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+
+
 def down(layout: Layout, timeout_s: float = 90.0) -> int:
     pid_file = layout.state_dir / "stack.pid"
     stopped_any = False
@@ -49,9 +66,9 @@ def down(layout: Layout, timeout_s: float = 90.0) -> int:
         if pid and _pid_alive(pid):
             os.kill(pid, signal.SIGTERM)
             deadline = time.monotonic() + timeout_s
-            while _pid_alive(pid) and time.monotonic() < deadline:
+            while not _lock_free(layout) and time.monotonic() < deadline:
                 time.sleep(0.1)
-            if _pid_alive(pid):
+            if not _lock_free(layout) and _pid_alive(pid):
                 print(f"the stack (pid {pid}) did not stop in {timeout_s:.0f}s; killing it", file=sys.stderr)
                 os.kill(pid, signal.SIGKILL)
             stopped_any = True
