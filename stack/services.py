@@ -28,4 +28,5 @@ class ServiceSpec:
 
 
 SERVICES: list[ServiceSpec] = [
+    ServiceSpec("authen", "authen", "authen", env={"ENABLE_SLEEPY": "1"}, setup=("migrate",)),
 ]

@@ -1,0 +1,1 @@
+"""authen: accounts and tokens on a PostgreSQL primary with read replicas."""
