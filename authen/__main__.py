@@ -57,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     admin = sub.add_parser("create-admin", help="create the admin account unless it exists")
     admin.add_argument("--username", help="default: BARBER_ADMIN_USERNAME")
     admin.add_argument("--password", help="default: BARBER_ADMIN_PASSWORD")
+    admin.add_argument("--if-configured", action="store_true",
+                       help="do nothing (successfully) when no password is given or configured")
     args = parser.parse_args(argv)
 
     settings = load_settings_or_exit(AuthenSettings)
@@ -68,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
 
         username = args.username or settings.barber_admin_username
         password = args.password or settings.barber_admin_password
+        if args.if_configured and not password:
+            print("authen create-admin: BARBER_ADMIN_PASSWORD not set; no admin account created")
+            return 0
         try:
             TypeAdapter(Username).validate_python(username)
             TypeAdapter(Password).validate_python(password)

@@ -13,6 +13,9 @@ from authen.guard import SigninGuard
 from authen.passwords import Passwords
 from authen.settings import AuthenSettings
 from authen.users import Deps
+from authen.participant import OutcomeWatcher
+from common import internal
+from common.participant import CoordinatorClient
 from common.service import ServiceApp, make_app
 from common.tokens import TokenSigner
 from replicas import ReadWriteRouter
@@ -69,8 +72,15 @@ async def build(settings: AuthenSettings) -> ServiceApp:
     deps = Deps(router=router, passwords=passwords, signer=signer, guard=guard)
     state = handlers.State(settings=settings, instance=f"{settings.advertise_host}:{settings.port}")
     app = make_app(settings, handlers.routes(settings), **{handlers.DEPS: deps, handlers.STATE: state})
+    coordinator = CoordinatorClient(settings.discovery_url, internal.read_secret(settings.service_secret_file))
+    await coordinator.start()
+    watcher = OutcomeWatcher(router, coordinator.outcome, after_s=settings.participant_outcome_after_s,
+                             interval_s=max(1.0, settings.participant_outcome_after_s / 3))
+    watcher.start()
 
     async def close() -> None:
+        await watcher.stop()
+        await coordinator.stop()
         await router.close()
         await redis.aclose()
         passwords.close()

@@ -6,10 +6,13 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
-from authen import users
+from pydantic import BaseModel, ConfigDict, Field
+
+from authen import participant, users
 from authen.settings import AuthenSettings
-from common.errors import NotFound
+from common.errors import BadRequest, NotFound
 from common.handler import BaseHandler
+from common.participant import crash_point
 
 DEPS = "authen.deps"
 STATE = "authen.state"
@@ -105,6 +108,57 @@ class SleepyHandler(AuthenHandler):
         await self._sleep()
 
 
+# -- internal: the deletion coordinator's participant endpoints (service credential only) --
+class PrepareRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    user_id: int = Field(ge=1)
+
+
+class InternalHandler(AuthenHandler):
+    def prepare(self) -> None:
+        super().prepare()
+        self.require_service()
+
+
+class TxActionHandler(InternalHandler):
+    async def post(self, gid: str, action: str) -> None:
+        router = self.deps.router
+        if action == "prepare":
+            req = self.parse_body(PrepareRequest)
+            settings = self.state.settings
+            state = await participant.prepare(
+                router, gid, req.user_id,
+                after_prepare=lambda: crash_point(settings.barber_test_hooks, settings.participant_crash_at,
+                                                  "after_prepare"))
+        elif action == "commit":
+            state = await participant.commit(router, gid)
+        else:
+            state = await participant.abort(router, gid)
+        self.write_json({"gid": gid, "state": state})
+
+
+class TxStatusHandler(InternalHandler):
+    async def get(self, gid: str) -> None:
+        self.write_json({"gid": gid, "state": await participant.state_of(self.deps.router, gid)})
+
+
+class TxListHandler(InternalHandler):
+    async def get(self) -> None:
+        if self.get_query_argument("state", "prepared") != "prepared":
+            raise BadRequest("state: only 'prepared' can be listed")
+        self.write_json({"transactions": await participant.prepared(self.deps.router)})
+
+
+class UserActivationHandler(InternalHandler):
+    async def post(self, user_id: str, action: str) -> None:
+        self.write_json(await participant.set_active(self.deps.router, int(user_id), action == "reactivate"))
+
+
+class InternalUserHandler(InternalHandler):
+    async def delete(self, user_id: str) -> None:
+        self.write_json(await participant.delete_user(self.deps.router, int(user_id)))
+
+
 def routes(settings: AuthenSettings) -> list:
     table: list = [
         (r"/authen/signup", SignupHandler),
@@ -112,6 +166,11 @@ def routes(settings: AuthenSettings) -> list:
         (r"/list/employee", EmployeeListHandler),
         (r"/utilities/check", CheckHandler),
         (r"/utilities/status", StatusHandler),
+        (r"/internal/tx", TxListHandler),
+        (r"/internal/tx/([^/]+)", TxStatusHandler),
+        (r"/internal/tx/([^/]+)/(prepare|commit|abort)", TxActionHandler),
+        (r"/internal/users/([0-9]{1,18})/(deactivate|reactivate)", UserActivationHandler),
+        (r"/internal/users/([0-9]{1,18})", InternalUserHandler),
     ]
     if settings.enable_sleepy:
         table.append((r"/utilities/sleepy", SleepyHandler))

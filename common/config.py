@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import TypeVar
 
-from pydantic import ValidationError
+from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -37,6 +37,16 @@ class ServiceSettings(BaseSettings):
     shutdown_grace_s: float = 10.0
     # Enables test-only behaviour (crash points); refused in code paths unless set.
     barber_test_hooks: bool = False
+    # Test-only: a deletion participant exits at this point (see common.participant).
+    participant_crash_at: str = ""
+    # A transaction left prepared here this long makes the participant ask the coordinator.
+    participant_outcome_after_s: float = Field(30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _crash_needs_test_hooks(self) -> "ServiceSettings":
+        if self.participant_crash_at and not self.barber_test_hooks:
+            raise ValueError("PARTICIPANT_CRASH_AT is a test hook and needs BARBER_TEST_HOOKS=1")
+        return self
 
 
 S = TypeVar("S", bound=BaseSettings)
@@ -45,8 +55,11 @@ S = TypeVar("S", bound=BaseSettings)
 def describe_validation_error(exc: ValidationError) -> str:
     parts = []
     for err in exc.errors():
-        name = ".".join(str(p) for p in err["loc"]) or "value"
-        parts.append(f"{name.upper()}: {err['msg']} (got {err.get('input')!r})")
+        name = ".".join(str(p) for p in err["loc"])
+        if name:
+            parts.append(f"{name.upper()}: {err['msg']} (got {err.get('input')!r})")
+        else:  # a rule across several variables
+            parts.append(str(err["msg"]).removeprefix("Value error, "))
     return "; ".join(parts)
 
 

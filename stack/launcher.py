@@ -153,7 +153,7 @@ class Stack:
         groups = [(spec, service_specs(self.layout, spec, base_env)) for spec in SERVICES]
         self.check_ports([p for _, procs in groups for p in procs])
         for spec, procs in groups:
-            for step in [spec.setup] if spec.setup else []:
+            for step in spec.setup:
                 await datatier._run([sys.executable, "-m", spec.module, *step], env={**base_env, **spec.env})
             await self._start_group(procs)
             self.service_groups.insert(0, [p.name for p in procs])

@@ -17,9 +17,9 @@ class ServiceSpec:
     port_key: str
     # Extra environment for every instance (on top of stack.layout.service_env).
     env: dict[str, str] = field(default_factory=dict)
-    # Arguments to `python -m <module> ...` run once, to completion, before the instances
-    # start (e.g. ("migrate",) for Alembic migrations).
-    setup: tuple[str, ...] = ()
+    # Commands `python -m <module> <args...>` run in order, each to completion, before the
+    # instances start (e.g. ("migrate",) for Alembic migrations).
+    setup: tuple[tuple[str, ...], ...] = ()
     # An HTTP GET that answers 200 once an instance is ready.
     health_path: str = "/utilities/status"
 
@@ -28,5 +28,6 @@ class ServiceSpec:
 
 
 SERVICES: list[ServiceSpec] = [
-    ServiceSpec("authen", "authen", "authen", env={"ENABLE_SLEEPY": "1"}, setup=("migrate",)),
+    ServiceSpec("authen", "authen", "authen", env={"ENABLE_SLEEPY": "1"},
+                setup=(("migrate",), ("create-admin", "--if-configured"))),
 ]

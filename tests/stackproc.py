@@ -16,6 +16,9 @@ from stack.control import ControlError, StackControl
 from stack.layout import Layout, service_env
 
 ROOT = Path(__file__).resolve().parent.parent
+# The stack creates this admin account (the deletion coordinator's tests sign in with it).
+ADMIN_USERNAME = "admin"
+ADMIN_PASSWORD = "admin-password-for-tests"
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -38,7 +41,8 @@ class StackProcess:
         return f"http://127.0.0.1:{self.layout.port(port_key, index)}"
 
     def command_env(self) -> dict[str, str]:
-        return {**os.environ, "STACK_DIR": str(self.state_dir), "PORT_OFFSET": str(self.layout.port_offset)}
+        return {**os.environ, "STACK_DIR": str(self.state_dir), "PORT_OFFSET": str(self.layout.port_offset),
+                "BARBER_ADMIN_USERNAME": ADMIN_USERNAME, "BARBER_ADMIN_PASSWORD": ADMIN_PASSWORD}
 
     def start(self, timeout_s: float = 240.0) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,236 @@
+"""authen as a participant of the deletion coordinator.
+
+Two-phase commit: prepare locks and deletes the user in one transaction and leaves it
+prepared (``PREPARE TRANSACTION '<gid>'``); commit/abort is ``COMMIT PREPARED`` /
+``ROLLBACK PREPARED`` from whichever instance is asked, since the prepared transaction
+lives in the database, not in a process. The outcome is recorded in ``participant_tx``
+inside the prepared transaction itself (so a commit leaves "committed" behind), and an
+abort is recorded on its own, so a prepare that arrives after its abort is refused.
+
+Saga steps: deactivate / reactivate / delete, each idempotent.
+
+Every function here is idempotent: the coordinator repeats calls after crashes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from typing import Any, Awaitable, Callable
+
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from common.errors import BadRequest, Conflict, NotFound
+from replicas import ReadWriteRouter
+
+log = logging.getLogger("barber.authen.participant")
+
+# The gid goes into PREPARE TRANSACTION as a literal (it cannot be a bind parameter).
+_GID = re.compile(r"^[A-Za-z0-9_.:-]{1,190}$")
+_LOCK_NOT_AVAILABLE = "55P03"
+_UNDEFINED_OBJECT = "42704"
+
+
+def check_gid(gid: str) -> str:
+    if not _GID.match(gid):
+        raise BadRequest("transaction id: 1-190 characters of letters, digits, _ . : -")
+    return gid
+
+
+def _sqlstate(e: BaseException) -> str | None:
+    return getattr(getattr(e, "orig", None), "sqlstate", None)
+
+
+async def _is_prepared(conn: AsyncConnection, gid: str) -> bool:
+    row = (await conn.execute(text("SELECT 1 FROM pg_prepared_xacts WHERE gid = :gid"), {"gid": gid})).first()
+    return row is not None
+
+
+async def _recorded(conn: AsyncConnection, gid: str) -> str | None:
+    return (await conn.execute(text("SELECT state FROM participant_tx WHERE gid = :gid"), {"gid": gid})).scalar()
+
+
+async def state_of(router: ReadWriteRouter, gid: str) -> str:
+    """unknown | prepared | committed | aborted, as the primary sees it."""
+    check_gid(gid)
+    engine = router.primary.write_engine
+    async with engine.connect() as conn:
+        if await _is_prepared(conn, gid):
+            return "prepared"
+        return await _recorded(conn, gid) or "unknown"
+
+
+async def prepare(router: ReadWriteRouter, gid: str, user_id: int,
+                  after_prepare: Callable[[], None] | None = None) -> str:
+    """Vote yes (returns "prepared") or no (raises Conflict/NotFound)."""
+    check_gid(gid)
+    engine = router.primary.write_engine
+    async with engine.connect() as conn:
+        if await _is_prepared(conn, gid):
+            return "prepared"
+        recorded = await _recorded(conn, gid)
+        await conn.rollback()
+        if recorded == "committed":
+            return "committed"
+        if recorded == "aborted":
+            raise Conflict(f"transaction {gid} was already aborted here")
+        try:
+            async with conn.begin():
+                # Do not queue behind another transaction holding this user: vote no instead.
+                await conn.execute(text("SET LOCAL lock_timeout = '2s'"))
+                found = (await conn.execute(
+                    text("SELECT id FROM users WHERE id = :id FOR UPDATE"), {"id": user_id})).first()
+                if found is None:
+                    raise NotFound(f"no user with id {user_id}")
+                await conn.execute(text("DELETE FROM users WHERE id = :id"), {"id": user_id})
+                await conn.execute(text(
+                    "INSERT INTO participant_tx (gid, user_id, state) VALUES (:gid, :id, 'committed')"),
+                    {"gid": gid, "id": user_id})
+                await conn.execute(text(f"PREPARE TRANSACTION '{gid}'"))
+            if after_prepare is not None:
+                after_prepare()
+        except DBAPIError as e:
+            if _sqlstate(e) == _LOCK_NOT_AVAILABLE:
+                # Perhaps our own earlier attempt prepared it meanwhile (a retried call).
+                async with engine.connect() as check:
+                    if await _is_prepared(check, gid):
+                        return "prepared"
+                raise Conflict(f"user {user_id} is locked by another transaction") from e
+            raise
+    log.info("prepared %s (delete user %d)", gid, user_id)
+    return "prepared"
+
+
+async def commit(router: ReadWriteRouter, gid: str) -> str:
+    check_gid(gid)
+    engine = router.primary.write_engine
+    async with engine.connect() as conn:
+        await conn.execution_options(isolation_level="AUTOCOMMIT")
+        if await _is_prepared(conn, gid):
+            try:
+                await conn.execute(text(f"COMMIT PREPARED '{gid}'"))
+                log.info("committed %s", gid)
+            except DBAPIError as e:
+                if _sqlstate(e) != _UNDEFINED_OBJECT:  # another instance committed it just now
+                    raise
+            # Reads on any instance must not see the user any more, replicas included.
+            await router.mark_written(conn)
+        recorded = await _recorded(conn, gid)
+    if recorded == "committed":
+        return "committed"
+    if recorded == "aborted":
+        raise Conflict(f"transaction {gid} was aborted here; it cannot commit")
+    raise Conflict(f"transaction {gid} was never prepared here")
+
+
+async def abort(router: ReadWriteRouter, gid: str, attempts: int = 10) -> str:
+    check_gid(gid)
+    engine = router.primary.write_engine
+    for _ in range(attempts):
+        async with engine.connect() as conn:
+            await conn.execution_options(isolation_level="AUTOCOMMIT")
+            if await _is_prepared(conn, gid):
+                try:
+                    await conn.execute(text(f"ROLLBACK PREPARED '{gid}'"))
+                    log.info("rolled back %s", gid)
+                except DBAPIError as e:
+                    if _sqlstate(e) != _UNDEFINED_OBJECT:
+                        raise
+            try:
+                # A prepare still running holds this gid's row: wait briefly, then look again.
+                await conn.execute(text("SET lock_timeout = '1s'"))
+                await conn.execute(text(
+                    "INSERT INTO participant_tx (gid, state) VALUES (:gid, 'aborted') ON CONFLICT (gid) DO NOTHING"),
+                    {"gid": gid})
+            except DBAPIError as e:
+                if _sqlstate(e) == _LOCK_NOT_AVAILABLE:
+                    continue
+                raise
+            recorded = await _recorded(conn, gid)
+        if recorded == "committed":
+            raise Conflict(f"transaction {gid} was committed here; it cannot abort")
+        return "aborted"
+    raise Conflict(f"transaction {gid} is busy; try the abort again")
+
+
+async def prepared(router: ReadWriteRouter) -> list[dict[str, Any]]:
+    engine = router.primary.write_engine
+    async with engine.connect() as conn:
+        rows = (await conn.execute(text(
+            "SELECT gid, prepared FROM pg_prepared_xacts WHERE database = current_database() ORDER BY prepared"
+        ))).all()
+    return [{"gid": r[0], "prepared_at": r[1].isoformat()} for r in rows]
+
+
+# -- saga steps ---------------------------------------------------------------------------
+async def set_active(router: ReadWriteRouter, user_id: int, active: bool) -> dict[str, Any]:
+    async def run(conn: AsyncConnection) -> Any:
+        return (await conn.execute(text("UPDATE users SET is_active = :a WHERE id = :id RETURNING id"),
+                                   {"a": active, "id": user_id})).first()
+
+    if await router.write(run) is None:
+        raise NotFound(f"no user with id {user_id}")
+    return {"user_id": user_id, "is_active": active}
+
+
+async def delete_user(router: ReadWriteRouter, user_id: int) -> dict[str, Any]:
+    async def run(conn: AsyncConnection) -> Any:
+        return (await conn.execute(text("DELETE FROM users WHERE id = :id RETURNING id"), {"id": user_id})).first()
+
+    deleted = await router.write(run)
+    return {"user_id": user_id, "deleted": deleted is not None}
+
+
+# -- asking the coordinator ---------------------------------------------------------------
+class OutcomeWatcher:
+    """A transaction left prepared here too long: ask the coordinator what was decided.
+
+    Protects against a coordinator that died for good (or lost its way) leaving the user
+    row locked: after ``after_s`` the participant asks, and applies the answer.
+    """
+
+    def __init__(self, router: ReadWriteRouter, ask: Callable[[str], Awaitable[str | None]], after_s: float,
+                 interval_s: float) -> None:
+        self.router = router
+        self.ask = ask
+        self.after_s = after_s
+        self.interval_s = interval_s
+        self._task: asyncio.Task[None] | None = None
+
+    async def check_once(self) -> None:
+        engine = self.router.primary.write_engine
+        async with engine.connect() as conn:
+            rows = (await conn.execute(text(
+                "SELECT gid FROM pg_prepared_xacts WHERE database = current_database() "
+                "AND prepared < now() - make_interval(secs => :after)"), {"after": self.after_s})).all()
+        for (gid,) in rows:
+            try:
+                decision = await self.ask(gid)
+            except Exception as e:  # coordinator unreachable: ask again next time
+                log.warning("cannot ask the coordinator about %s: %s", gid, e)
+                continue
+            if decision == "commit":
+                await commit(self.router, gid)
+            elif decision == "abort":
+                await abort(self.router, gid)
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval_s)
+            try:
+                await self.check_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("checking prepared transactions failed")
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
