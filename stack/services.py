@@ -30,4 +30,5 @@ class ServiceSpec:
 SERVICES: list[ServiceSpec] = [
     ServiceSpec("authen", "authen", "authen", env={"ENABLE_SLEEPY": "1"},
                 setup=(("migrate",), ("create-admin", "--if-configured"))),
+    ServiceSpec("chat", "chat", "chat"),
 ]

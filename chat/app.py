@@ -1,0 +1,82 @@
+"""Builds chat's Tornado application and the services behind it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from chat.cache import UserCache
+from chat.context import ChatContext
+from chat.fanout import Hub, HubConfig
+from chat.handlers import routes
+from chat.metrics import make_registry
+from chat.settings import ChatSettings
+from chat.store import Store, StoreUnavailable
+from chat.users import UserDirectory
+from common.discovery import InstanceView
+from common.service import ServiceApp, make_app
+
+log = logging.getLogger("barber.chat")
+
+# Incoming frames over this size close the socket (1009) before any JSON parsing; the
+# 4,000-character message limit is enforced below it with an error frame.
+WS_MAX_FRAME_BYTES = 64 * 1024
+
+
+async def _ensure_indexes(store: Store, attempts: int = 30) -> None:
+    """MongoDB may still be starting: retry for a while, then give up (the supervisor
+    restarts us)."""
+    for attempt in range(1, attempts + 1):
+        try:
+            await store.ensure_indexes()
+            return
+        except StoreUnavailable as e:
+            if attempt == attempts:
+                raise SystemExit(f"chat: MongoDB unavailable at start: {e.detail}") from e
+            log.warning("MongoDB not ready (%s); retrying", e.detail)
+            await asyncio.sleep(1.0)
+
+
+async def build(settings: ChatSettings) -> ServiceApp:
+    store = Store.connect(settings.mongo_url, settings.chat_mongo_db)
+    await _ensure_indexes(store)
+    cache = UserCache(
+        settings.redis_cluster_nodes,
+        ttl_s=settings.user_cache_ttl_s,
+        op_timeout_s=settings.user_cache_timeout_s,
+        cooldown_s=settings.user_cache_cooldown_s,
+    )
+    view = InstanceView(settings.discovery_url, "authen")
+    await view.start()
+    users = UserDirectory(view, cache, timeout_s=settings.authen_timeout_s)
+    hub = Hub(
+        store,
+        settings.redis_url,
+        HubConfig(
+            replay_last=settings.chat_replay_last,
+            send_timeout_s=settings.chat_ws_send_timeout_s,
+            tail_check_s=settings.chat_tail_check_s,
+            gap_skip_s=settings.chat_gap_skip_s,
+            write_batch_max=settings.chat_write_batch_max,
+            max_buffer_bytes=settings.chat_ws_max_buffer_bytes,
+        ),
+    )
+    await hub.start()
+    ctx = ChatContext(settings=settings, store=store, cache=cache, users=users, hub=hub)
+    app = make_app(
+        settings,
+        routes(ctx),
+        websocket_ping_interval=settings.chat_ws_ping_interval_s,
+        websocket_ping_timeout=settings.chat_ws_ping_timeout_s,
+        websocket_max_message_size=WS_MAX_FRAME_BYTES,
+    )
+    app.settings["chat.metrics"] = make_registry(ctx)
+    app.settings["chat.context"] = ctx
+
+    async def close() -> None:
+        await hub.stop()
+        await view.stop()
+        await cache.close()
+        await store.close()
+
+    return ServiceApp(app=app, on_stop=[close], register_as="chat")

@@ -1,0 +1,24 @@
+"""Everything a chat handler needs, built once by :mod:`chat.app`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from chat.cache import UserCache
+from chat.fanout import Hub
+from chat.settings import ChatSettings
+from chat.store import Store
+from chat.users import UserDirectory
+
+
+@dataclass
+class ChatContext:
+    settings: ChatSettings
+    store: Store
+    cache: UserCache
+    users: UserDirectory
+    hub: Hub
+
+    @property
+    def instance(self) -> str:
+        return f"{self.settings.advertise_host}:{self.settings.port}"

@@ -1,0 +1,325 @@
+"""chat's HTTP and WebSocket handlers (thin: parse, call chat.chats / chat.fanout, write).
+
+Identity comes only from the verified token (``Authorization: Bearer`` for REST;
+``?token=`` or the ``Sec-WebSocket-Protocol`` pair ``bearer, <token>`` for the socket).
+A client-sent ``X-User`` is ignored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+import time
+from typing import Any
+
+import tornado.websocket
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from chat import chats
+from chat.context import ChatContext
+from chat.chats import CLOSE_DELETING
+from chat.fanout import CLOSE_TOO_SLOW, CLOSE_UNAVAILABLE, Subscription
+from chat.metrics import render
+from chat.store import StoreUnavailable
+from chat.users import AuthenUnavailable
+from common.errors import BadRequest, Conflict
+from common.handler import VERIFIER, BaseHandler
+from common.logs import REQUEST_ID_HEADER, new_request_id, request_id_var
+from common.tokens import Claims, InvalidToken, TokenVerifier
+
+log = logging.getLogger("barber.chat.ws")
+
+SUBPROTOCOL = "bearer"
+CLIENT_ID_MAX = 64
+
+
+class ChatHandler(BaseHandler):
+    def initialize(self, ctx: ChatContext) -> None:
+        self.ctx = ctx
+
+    @property
+    def ws_base(self) -> str:
+        return chats.ws_base(self.ctx.settings.gateway_public_url)
+
+    def chat_id_arg(self) -> str:
+        chat_id = self.get_query_argument("id", "") or ""
+        if not chat_id:
+            raise BadRequest("id: query parameter is required")
+        return chat_id
+
+
+class StartChatHandler(ChatHandler):
+    async def post(self) -> None:
+        caller = self.require_user()
+        employee_id = self.query_int("employee_id", minimum=1)
+        body, created = await chats.start_chat(self.ctx.store, self.ctx.users, caller, employee_id, self.ws_base)
+        self.write_json(body, 201 if created else 200)
+
+
+class ListMyHandler(ChatHandler):
+    async def get(self) -> None:
+        caller = self.require_user()
+        self.write_json(await chats.list_mine(self.ctx.store, self.ctx.users, caller, self.ws_base))
+
+
+class ConnectHandler(ChatHandler):
+    async def get(self) -> None:
+        caller = self.require_user()
+        self.write_json(await chats.connect(self.ctx.store, caller, self.chat_id_arg(), self.ws_base))
+
+
+class HistoryHandler(ChatHandler):
+    async def get(self) -> None:
+        caller = self.require_user()
+        chat_id = self.chat_id_arg()
+        before = self.query_int("before", 0, minimum=1) or None
+        limit = self.query_int("limit", 50, minimum=1, maximum=chats.HISTORY_MAX)
+        self.write_json(await chats.history(self.ctx.store, caller, chat_id, before, limit))
+
+
+class StatusHandler(ChatHandler):
+    async def get(self) -> None:
+        ctx = self.ctx
+        try:
+            mongo_ok = await asyncio.wait_for(ctx.store.ping(), 1.0)
+        except TimeoutError:
+            mongo_ok = False
+        cache = ctx.cache
+        self.write_json(
+            {
+                "status": "ok" if mongo_ok else "degraded",
+                "service": "chat",
+                "instance": ctx.instance,
+                "sockets": ctx.hub.socket_count,
+                "rooms": len(ctx.hub.rooms),
+                "mongo": "ok" if mongo_ok else "unavailable",
+                "pubsub_connected": ctx.hub.bus.connected,
+                "publish_backlog": ctx.hub.bus.backlog,
+                "write_queue": ctx.hub.writer.queued,
+                "authen_instances": len(ctx.users.view.instances),
+                "cache": {**cache.stats.as_dict(), "available": cache.available, "last_error": cache.last_error},
+                "fanout": ctx.hub.stats.as_dict(),
+            }
+        )
+
+
+class MetricsHandler(ChatHandler):
+    def get(self) -> None:
+        self.set_header("Content-Type", CONTENT_TYPE_LATEST)
+        self.finish(render(self.application.settings["chat.metrics"]))
+
+
+# -- the socket ------------------------------------------------------------------------
+class FloodGuard:
+    """A token bucket per connection: ``rate`` messages per second, bursts of ``burst``."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate = rate
+        self.burst = float(burst)
+        self.tokens = float(burst)
+        self.stamp = time.monotonic()
+
+    def allow(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
+
+
+class ChatSocket(tornado.websocket.WebSocketHandler):
+    """``/chat/<chat_id>``: one participant's real-time connection to one chat."""
+
+    def initialize(self, ctx: ChatContext) -> None:
+        self.ctx = ctx
+        self.sub: Subscription | None = None
+        self._protocol_token: str | None = None
+        self._buffered = 0
+        self._low_water = ctx.settings.chat_ws_max_buffer_bytes // 2
+        self._drained = asyncio.Event()
+        self._drained.set()
+        self._closing = False
+        s = ctx.settings
+        self.flood = FloodGuard(s.chat_flood_rate_per_s, s.chat_flood_burst)
+        self.request_id = self.request.headers.get(REQUEST_ID_HEADER) or new_request_id()
+
+    def check_origin(self, origin: str) -> bool:
+        # Authentication is by token, never by cookie, so another origin gains nothing.
+        return True
+
+    def select_subprotocol(self, subprotocols: list[str]) -> str | None:
+        # Browsers cannot set headers on a WebSocket; they offer ["bearer", <token>].
+        if SUBPROTOCOL in subprotocols:
+            others = [p for p in subprotocols if p != SUBPROTOCOL]
+            self._protocol_token = others[0] if others else None
+            return SUBPROTOCOL
+        return None
+
+    # -- Transport (what chat.fanout needs) -------------------------------------------
+    @property
+    def is_closed(self) -> bool:
+        return self._closing or self.ws_connection is None or self.ws_connection.is_closing()
+
+    @property
+    def buffered_bytes(self) -> int:
+        return self._buffered
+
+    def send_frame(self, text: str, nbytes: int) -> None:
+        if self.is_closed:
+            return
+        try:
+            fut = self.write_message(text)
+        except tornado.websocket.WebSocketClosedError:
+            self._closing = True
+            return
+        self._buffered += nbytes
+        if self._buffered > self._low_water:
+            self._drained.clear()
+        fut.add_done_callback(lambda f, n=nbytes: self._flushed(f, n))
+        if self._buffered > 2 * self.ctx.settings.chat_ws_max_buffer_bytes:
+            # Deliveries stay under the limit by themselves (fanout pauses a socket at
+            # it); this is the backstop for everything else written to the socket.
+            self.ctx.hub.stats.slow_disconnects += 1
+            self.close_with(CLOSE_TOO_SLOW, "client is not reading")
+
+    def _flushed(self, fut: "asyncio.Future[None]", nbytes: int) -> None:
+        if not fut.cancelled():
+            fut.exception()  # a closed stream is expected here; not worth a log line
+        self._buffered = max(0, self._buffered - nbytes)
+        if self._buffered <= self._low_water:
+            self._drained.set()
+
+    async def drain(self, timeout: float) -> bool:
+        if self._buffered <= self._low_water:
+            return not self.is_closed
+        try:
+            await asyncio.wait_for(self._drained.wait(), timeout)
+        except TimeoutError:
+            return False
+        return not self.is_closed
+
+    def close_with(self, code: int, reason: str) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        if code == CLOSE_TOO_SLOW:
+            log.warning("closing a socket of user#%s: %d bytes not taken by the client",
+                        self.sub.user.id if self.sub else "?", self._buffered)
+        self.close(code, reason)
+
+    # -- protocol ---------------------------------------------------------------------
+    def _send_json(self, obj: dict[str, Any]) -> None:
+        text = json.dumps(obj, separators=(",", ":"))
+        self.send_frame(text, len(text))
+
+    def _error(self, code: str, detail: str, client_id: Any = None) -> None:
+        frame: dict[str, Any] = {"type": "error", "code": code, "detail": detail}
+        if isinstance(client_id, str):
+            frame["client_id"] = client_id
+        self._send_json(frame)
+
+    def _claims(self) -> Claims | None:
+        token = self.get_query_argument("token", None) or self._protocol_token
+        verifier: TokenVerifier | None = self.settings.get(VERIFIER)
+        if not token or verifier is None:
+            return None
+        try:
+            return verifier.verify(token)
+        except InvalidToken:
+            return None
+
+    def _limit_kernel_buffer(self) -> None:
+        size = self.ctx.settings.chat_ws_sndbuf_bytes
+        stream = getattr(self.ws_connection, "stream", None)
+        if size and stream is not None and stream.socket is not None:
+            stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+
+    async def open(self, chat_id: str) -> None:  # type: ignore[override]
+        request_id_var.set(self.request_id)
+        ctx = self.ctx
+        self._limit_kernel_buffer()
+        try:
+            chat, user = await chats.admit(ctx.store, ctx.users, self._claims(), chat_id)
+            since = chats.parse_since(self.get_query_argument("since", None))
+            if self.is_closed:
+                return
+            sub = await ctx.hub.join(chat, self, user, since)
+        except chats.SocketRefused as e:
+            self.close_with(e.code, e.reason)
+            return
+        except (StoreUnavailable, AuthenUnavailable) as e:
+            log.warning("refusing a socket for chat %s: %s", chat_id, e.detail)
+            self.close_with(CLOSE_UNAVAILABLE, "temporarily unavailable; try again")
+            return
+        if self.is_closed:
+            # The client left while we were setting up.
+            await ctx.hub.leave(sub)
+            return
+        self.sub = sub
+        ctx.hub.stats.connections += 1
+        log.info("user#%d joined chat %s (since=%s)", user.id, chat.chat_id, since,
+                 extra={"user.id": user.id, "chat.id": chat.chat_id})
+
+    async def on_message(self, data: str | bytes) -> None:
+        sub = self.sub
+        if sub is None or self.is_closed:
+            return
+        request_id_var.set(self.request_id)
+        if not self.flood.allow():
+            self.ctx.hub.stats.flood_rejections += 1
+            self._error("rate_limited", f"too many messages: at most {self.flood.rate:g} per second")
+            return
+        try:
+            obj = json.loads(data)
+        except (ValueError, UnicodeDecodeError):
+            self._error("malformed", "frame is not valid JSON")
+            return
+        if not isinstance(obj, dict):
+            self._error("malformed", "frame must be a JSON object")
+            return
+        client_id = obj.get("client_id")
+        if obj.get("type") != "chat_message":
+            self._error("unknown_type", f"unknown message type {str(obj.get('type'))[:40]!r}", client_id)
+            return
+        if client_id is not None and (not isinstance(client_id, str) or not 0 < len(client_id) <= CLIENT_ID_MAX):
+            self._error("invalid", f"client_id: must be a string of 1..{CLIENT_ID_MAX} characters")
+            return
+        text = obj.get("message")
+        if not isinstance(text, str) or not text.strip():
+            self._error("empty", "message: must be a non-empty string", client_id)
+            return
+        limit = self.ctx.settings.chat_max_message_chars
+        if len(text) > limit:
+            self._error("too_long", f"message: at most {limit} characters", client_id)
+            return
+        try:
+            await self.ctx.hub.send(sub, text, client_id)
+        except Conflict as e:
+            self._error("deleting", e.detail, client_id)
+            self.close_with(CLOSE_DELETING, "chat is being deleted")
+        except StoreUnavailable as e:
+            self._error("unavailable", e.detail, client_id)
+
+    def on_close(self) -> None:
+        self._closing = True
+        self._drained.set()
+        sub, self.sub = self.sub, None
+        if sub is not None:
+            self.ctx.hub.spawn(self.ctx.hub.leave(sub))
+
+
+def routes(ctx: ChatContext) -> list[tuple[str, type, dict[str, Any]]]:
+    args = {"ctx": ctx}
+    return [
+        (r"/chats/start", StartChatHandler, args),
+        (r"/chats/list/my", ListMyHandler, args),
+        (r"/chats/connect", ConnectHandler, args),
+        (r"/chats/history", HistoryHandler, args),
+        (r"/chat/([^/]+)", ChatSocket, args),
+        (r"/utilities/status", StatusHandler, args),
+        (r"/metrics", MetricsHandler, args),
+    ]

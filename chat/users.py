@@ -1,0 +1,160 @@
+"""User lookups: the user cache first, then authen's ``/utilities/check``.
+
+authen instances come from a local, background-refreshed discovery view, so a lookup
+never costs a registry round trip. Lookups of one user that overlap share one request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
+
+from chat.cache import UserCache
+from common.discovery import InstanceView
+from common.errors import ServiceUnavailable
+from common.logs import REQUEST_ID_HEADER, request_id_var
+
+log = logging.getLogger("barber.chat.users")
+
+
+class AuthenUnavailable(ServiceUnavailable):
+    """No authen instance answered the lookup."""
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    id: int
+    username: str
+    first_name: str
+    last_name: str
+    type: str
+
+    @classmethod
+    def from_check(cls, data: dict[str, Any]) -> "User":
+        return cls(
+            id=int(data["id"]),
+            username=str(data.get("username", "")),
+            first_name=str(data.get("first_name", "")),
+            last_name=str(data.get("last_name", "")),
+            type=str(data.get("type", "")),
+        )
+
+    def as_check(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "username": self.username,
+            "first_name": self.first_name,
+            "last_name": self.last_name,
+            "type": self.type,
+        }
+
+    def public(self) -> dict[str, Any]:
+        """What other users see of this one (message senders, chat partners)."""
+        return {"id": self.id, "first_name": self.first_name, "last_name": self.last_name}
+
+
+class UserDirectory:
+    def __init__(self, view: InstanceView, cache: UserCache, *, timeout_s: float = 3.0) -> None:
+        self.view = view
+        self.cache = cache
+        self.timeout_s = timeout_s
+        self._rr = itertools.count()
+        self._inflight: dict[int, asyncio.Future[User | None]] = {}
+        self.authen_calls = 0
+        self.authen_failures = 0
+
+    async def get(self, user_id: int) -> User | None:
+        """The user, or None if authen says there is no such user.
+
+        Raises :class:`AuthenUnavailable` when neither the cache nor any authen
+        instance can answer."""
+        pending = self._inflight.get(user_id)
+        if pending is not None:
+            try:
+                return await asyncio.shield(pending)
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if not pending.cancelled() or (task is not None and task.cancelling()):
+                    raise
+                # The leading lookup was cancelled by its own caller: look up ourselves.
+                return await self._lookup(user_id)
+        fut: asyncio.Future[User | None] = asyncio.get_running_loop().create_future()
+        self._inflight[user_id] = fut
+        try:
+            user = await self._lookup(user_id)
+        except asyncio.CancelledError:
+            fut.cancel()
+            raise
+        except Exception as e:
+            fut.set_exception(e)
+            # Mark it retrieved: with no other waiter asyncio would log it as lost.
+            fut.exception()
+            raise
+        else:
+            fut.set_result(user)
+            return user
+        finally:
+            del self._inflight[user_id]
+
+    async def _lookup(self, user_id: int) -> User | None:
+        cached = await self.cache.get(user_id)
+        if cached is not None:
+            try:
+                return User.from_check(cached)
+            except (KeyError, TypeError, ValueError):
+                log.warning("ignoring malformed cache entry for user#%d", user_id)
+        data = await self.check(user_id)
+        if data is None:
+            return None
+        user = User.from_check(data)
+        await self.cache.put(user_id, user.as_check())
+        return user
+
+    async def check(self, user_id: int) -> dict[str, Any] | None:
+        """authen's answer for ``user_id`` (None on 404), trying each instance once."""
+        instances = self.view.instances
+        if not instances:
+            raise AuthenUnavailable("no authen instance is available")
+        start = next(self._rr)
+        last_error = "no answer"
+        headers = {}
+        rid = request_id_var.get()
+        if rid:
+            headers[REQUEST_ID_HEADER] = rid
+        for i in range(len(instances)):
+            inst = instances[(start + i) % len(instances)]
+            self.authen_calls += 1
+            req = HTTPRequest(
+                f"{inst.url}/utilities/check?user_id={user_id}",
+                headers=headers,
+                request_timeout=self.timeout_s,
+                connect_timeout=min(1.0, self.timeout_s),
+            )
+            try:
+                resp = await AsyncHTTPClient().fetch(req)
+            except HTTPClientError as e:
+                if e.code == 404:
+                    return None
+                if e.code in (400, 422):
+                    # authen refused the id itself (not a valid user id): no such user.
+                    return None
+                last_error = f"{inst.address} answered {e.code}"
+            except (OSError, asyncio.TimeoutError) as e:
+                last_error = f"{inst.address}: {type(e).__name__}: {e}"
+            else:
+                try:
+                    data = json.loads(resp.body)
+                    int(data["id"])
+                    return data
+                except (ValueError, KeyError, TypeError) as e:
+                    last_error = f"{inst.address} answered an unreadable body"
+                    log.warning("authen %s: unreadable /utilities/check answer: %s", inst.address, e)
+            self.authen_failures += 1
+            log.warning("user lookup user#%d failed on authen %s", user_id, last_error)
+        raise AuthenUnavailable(f"authen unavailable: {last_error}")
