@@ -13,7 +13,10 @@ from chat.metrics import make_registry
 from chat.settings import ChatSettings
 from chat.store import Store, StoreUnavailable
 from chat.users import UserDirectory
+from chat.participant import ChatParticipant
+from common import internal
 from common.discovery import InstanceView
+from common.participant import CoordinatorClient, OutcomeWatcher
 from common.service import ServiceApp, make_app
 
 log = logging.getLogger("barber.chat")
@@ -63,9 +66,15 @@ async def build(settings: ChatSettings) -> ServiceApp:
     )
     await hub.start()
     ctx = ChatContext(settings=settings, store=store, cache=cache, users=users, hub=hub)
+    participant = ChatParticipant(store, hub, cache)
+    coordinator = CoordinatorClient(settings.discovery_url, internal.read_secret(settings.service_secret_file))
+    await coordinator.start()
+    watcher = OutcomeWatcher(stale=participant.stale_prepared, ask=coordinator.outcome, commit=participant.commit,
+                             abort=participant.abort, after_s=settings.participant_outcome_after_s)
+    watcher.start()
     app = make_app(
         settings,
-        routes(ctx),
+        routes(ctx, participant),
         websocket_ping_interval=settings.chat_ws_ping_interval_s,
         websocket_ping_timeout=settings.chat_ws_ping_timeout_s,
         websocket_max_message_size=WS_MAX_FRAME_BYTES,
@@ -74,6 +83,8 @@ async def build(settings: ChatSettings) -> ServiceApp:
     app.settings["chat.context"] = ctx
 
     async def close() -> None:
+        await watcher.stop()
+        await coordinator.stop()
         await hub.stop()
         await view.stop()
         await cache.close()

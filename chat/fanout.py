@@ -200,11 +200,23 @@ class Bus:
         for raw in frames:
             try:
                 text = raw.decode()
-                message = ChatMessage.from_public(json.loads(text), frame=text)
+                public = json.loads(text)
+                if "control" in public:
+                    self._hub.on_control(public)
+                    continue
+                message = ChatMessage.from_public(public, frame=text)
             except (ValueError, KeyError, TypeError) as e:
                 log.warning("ignoring an unreadable published message: %s", e)
                 continue
             self._hub.on_published(message)
+
+    async def broadcast(self, control: dict[str, Any]) -> None:
+        """Tell the other instances at once (e.g. close a chat's sockets). Best effort:
+        an instance that misses it still refuses the chat on its next read of it."""
+        try:
+            await self._redis.publish(self.channel, self._me + json.dumps({"control": True, **control}).encode())
+        except (RedisError, OSError) as e:
+            log.warning("could not broadcast %s: %s", control.get("action"), e)
 
     # -- publishing ---------------------------------------------------------------------
     def publish(self, messages: list[ChatMessage]) -> None:
@@ -760,6 +772,14 @@ class Hub:
         room.closed = True
         del self.rooms[chat_id]
         return n
+
+    async def close_chat_everywhere(self, chat_id: str, code: int, reason: str) -> None:
+        self.close_chat(chat_id, code, reason)
+        await self.bus.broadcast({"action": "close_chat", "chat_id": chat_id, "code": code, "reason": reason})
+
+    def on_control(self, control: dict[str, Any]) -> None:
+        if control.get("action") == "close_chat":
+            self.close_chat(str(control["chat_id"]), int(control["code"]), str(control["reason"]))
 
     # -- messages -----------------------------------------------------------------------
     async def send(self, sub: Subscription, text: str, client_id: str | None) -> ChatMessage:

@@ -16,7 +16,7 @@ import json
 import logging
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
@@ -32,14 +32,13 @@ class Instance:
     type: str
     host: str
     port: int
+    # "host:port" and "http://host:port", made once: callers read them on every request.
+    address: str = field(init=False, compare=False, repr=False)
+    url: str = field(init=False, compare=False, repr=False)
 
-    @property
-    def address(self) -> str:
-        return f"{self.host}:{self.port}"
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "address", f"{self.host}:{self.port}")
+        object.__setattr__(self, "url", f"http://{self.host}:{self.port}")
 
 
 def _backoff(attempt: int, cap: float = 2.0) -> float:
@@ -127,15 +126,23 @@ class InstanceView:
     """A local, background-refreshed list of the live instances of one type.
 
     Callers read :attr:`instances` on their hot path; it never costs a round trip.
-    When discovery is down the last view is kept.
+    When discovery is down the last view is kept. When discovery comes back after an
+    outage, or its registry lost its data (a new epoch in the version), instances may be
+    missing only because they have not re-registered yet; for ``carry_over_s`` the
+    previous instances are kept beside the fresh list, so routing does not stop while
+    they do (a caller's breaker keeps it from one that is really gone).
     """
 
-    def __init__(self, discovery_url: str, type_: str, *, wait_s: float = 20.0) -> None:
+    def __init__(self, discovery_url: str, type_: str, *, wait_s: float = 20.0, carry_over_s: float = 10.0) -> None:
         self._base = discovery_url.rstrip("/")
         self.type = type_
         self.instances: tuple[Instance, ...] = ()
         self.version: str | None = None
         self._wait_s = wait_s
+        self._carry_over_s = carry_over_s
+        self._carried: tuple[Instance, ...] = ()
+        self._carry_until = 0.0
+        self._fresh: tuple[Instance, ...] = ()
         self._task: asyncio.Task[None] | None = None
         self._listeners: list[Callable[[tuple[Instance, ...]], None]] = []
         self.loaded = asyncio.Event()
@@ -149,26 +156,53 @@ class InstanceView:
     def on_change(self, listener: Callable[[tuple[Instance, ...]], None]) -> None:
         self._listeners.append(listener)
 
+    @property
+    def carrying(self) -> bool:
+        return bool(self._carried) and time.monotonic() < self._carry_until
+
     async def refresh(self, wait_s: float = 0) -> None:
         url = f"{self._base}/services/{self.type}"
+        if self.carrying:
+            wait_s = min(wait_s, max(0.0, self._carry_until - time.monotonic()))
         if self.version is not None and wait_s > 0:
-            url += f"?version={self.version}&wait={wait_s}"
+            url += f"?version={self.version}&wait={wait_s:.3f}"
+        was_reachable = self.reachable or self.version is None
         resp = await self._http.fetch(url, request_timeout=wait_s + 5, connect_timeout=2)
         data = json.loads(resp.body)
         self.reachable = True
         self.last_ok = time.monotonic()
-        instances = tuple(
+        fresh = tuple(
             sorted(
                 (Instance(i["instance_id"], i["type"], i["host"], int(i["port"])) for i in data["instances"]),
                 key=lambda i: i.instance_id,
             )
         )
-        self.version = str(data.get("version"))
+        version = str(data.get("version"))
+        epoch_changed = self.version is not None and version.split(".")[0] != self.version.split(".")[0]
+        if (epoch_changed or not was_reachable) and self.instances and self._carry_over_s > 0:
+            self._carried = self.instances
+            self._carry_until = time.monotonic() + self._carry_over_s
+            log.info("carrying %d %s instance(s) over for %.0fs while they re-register",
+                     len(self._carried), self.type, self._carry_over_s)
+        self.version = version
+        self._fresh = fresh
+        self._publish()
+        self.loaded.set()
+
+    def _publish(self) -> None:
+        instances = self._fresh
+        if self._carried:
+            if self.carrying:
+                known = {i.address for i in self._fresh}
+                instances = self._fresh + tuple(i for i in self._carried if i.address not in known)
+                if len(instances) == len(self._fresh):
+                    self._carried = ()  # all of them are back
+            else:
+                self._carried = ()
         if instances != self.instances:
             self.instances = instances
             for listener in self._listeners:
                 listener(instances)
-        self.loaded.set()
 
     async def _loop(self) -> None:
         attempt = 0

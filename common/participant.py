@@ -4,14 +4,18 @@
   point (``PARTICIPANT_CRASH_AT``, refused unless ``BARBER_TEST_HOOKS=1``).
 - :class:`CoordinatorClient`: asks the coordinator (inside any gateway, found through
   discovery) what was decided for a transaction this participant holds prepared.
+- :class:`OutcomeWatcher`: does that for every transaction left prepared too long.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
+from typing import Awaitable, Callable
 
+from pydantic import BaseModel, ConfigDict, Field
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 
 from common.discovery import InstanceView
@@ -20,6 +24,13 @@ from common.internal import SERVICE_TOKEN_HEADER
 log = logging.getLogger("barber.participant")
 
 PARTICIPANT_CRASH_POINTS = ("after_prepare",)
+
+
+class PrepareRequest(BaseModel):
+    """The body of ``POST /internal/tx/<gid>/prepare``."""
+
+    model_config = ConfigDict(extra="forbid")
+    user_id: int = Field(ge=1)
 
 
 def crash_point(enabled: bool, configured: str, point: str) -> None:
@@ -53,3 +64,52 @@ class CoordinatorClient:
             except (HTTPClientError, OSError, ValueError, KeyError) as e:
                 last = e
         raise ConnectionError(f"no coordinator answered about {gid}: {last}")
+
+
+class OutcomeWatcher:
+    """A transaction left prepared here too long: ask the coordinator what was decided.
+
+    Protects against a coordinator that died for good leaving the participant's data
+    locked: after ``after_s`` the participant asks, and applies the answer itself.
+    """
+
+    def __init__(self, stale: Callable[[float], Awaitable[list[str]]], ask: Callable[[str], Awaitable[str | None]],
+                 commit: Callable[[str], Awaitable[object]], abort: Callable[[str], Awaitable[object]],
+                 after_s: float) -> None:
+        self.stale = stale
+        self.ask = ask
+        self.commit = commit
+        self.abort = abort
+        self.after_s = after_s
+        self._task: asyncio.Task[None] | None = None
+
+    async def check_once(self) -> None:
+        for gid in await self.stale(self.after_s):
+            try:
+                decision = await self.ask(gid)
+            except ConnectionError as e:  # no coordinator reachable: ask again next time
+                log.warning("%s", e)
+                continue
+            log.info("coordinator says %s for %s, left prepared here", decision or "wait", gid)
+            if decision == "commit":
+                await self.commit(gid)
+            elif decision == "abort":
+                await self.abort(gid)
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(max(1.0, self.after_s / 3))
+            try:
+                await self.check_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("checking prepared transactions failed")
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)

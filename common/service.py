@@ -40,6 +40,9 @@ class ServiceApp:
     on_stop: list[Callable[[], Awaitable[Any]]] = field(default_factory=list)
     # Register with discovery under this type (None: do not register).
     register_as: str | None = None
+    # Called once the server stops accepting, before in-flight requests are awaited
+    # (e.g. to answer long polls at once instead of holding the drain for their wait).
+    on_drain: list[Callable[[], Any]] = field(default_factory=list)
 
 
 def make_app(settings: ServiceSettings, routes: list, **extra: Any) -> tornado.web.Application:
@@ -85,6 +88,8 @@ async def serve(settings: ServiceSettings, service: ServiceApp) -> None:
     if registration is not None:
         await registration.stop()
     server.stop()
+    for drain in service.on_drain:
+        drain()
     inflight: Inflight = service.app.settings[INFLIGHT]
     deadline = time.monotonic() + settings.shutdown_grace_s
     while inflight.count > 0 and time.monotonic() < deadline:

@@ -28,7 +28,9 @@ class ServiceSpec:
 
 
 SERVICES: list[ServiceSpec] = [
+    ServiceSpec("discovery", "discovery", "discovery", health_path="/status"),
     ServiceSpec("authen", "authen", "authen", env={"ENABLE_SLEEPY": "1"},
                 setup=(("migrate",), ("create-admin", "--if-configured"))),
     ServiceSpec("chat", "chat", "chat"),
+    ServiceSpec("gateway", "gateway", "gateway", health_path="/status"),
 ]

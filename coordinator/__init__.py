@@ -1,0 +1,6 @@
+"""The deletion coordinator: atomic user deletion across authen and chat, by 2PC or saga.
+
+It runs inside the gateway (mounted by :mod:`coordinator.plugin`). Its log lives in the
+PostgreSQL database ``coordinator``; every state change is written before the message
+that depends on it, so a crash at any point is finished by recovery (:mod:`coordinator.recovery`).
+"""

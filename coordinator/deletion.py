@@ -1,0 +1,316 @@
+"""Deleting a user everywhere: two-phase commit, saga, and recovery of both after a crash.
+
+2PC: log start -> prepare authen -> prepare chat -> log decision -> commit (or abort)
+everywhere -> log completion. Presumed abort: a transaction without a logged decision is
+aborted by recovery; one with a decision has it re-driven until every participant
+acknowledges. Every participant call is idempotent, so repeating one is always safe.
+
+Saga: deactivate the user (compensation: reactivate) -> delete chats and messages in
+batches, saving progress after each -> delete the user -> invalidate the cache. From the
+first deleted batch on there is no way back, so later steps are retried until done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import time
+import uuid
+from typing import Any, Awaitable
+
+from common.errors import NotFound
+from coordinator.log import Transaction, TxLog, gid_of, tx_of
+from coordinator.participants import Participant, Refused, Unreachable
+from coordinator.settings import CoordinatorSettings
+
+log = logging.getLogger("barber.coordinator")
+
+PARTICIPANTS = ("authen", "chat")
+SAGA_STEPS = ("deactivate", "purge_chats", "delete_user", "invalidate_cache")
+# Steps before this position can be compensated; from it on, the saga only goes forward.
+SAGA_PIVOT = SAGA_STEPS.index("purge_chats")
+
+
+def _backoff(attempt: int, cap: float = 2.0) -> float:
+    return random.uniform(0.5, 1.0) * min(cap, 0.05 * 2**attempt)
+
+
+class Coordinator:
+    def __init__(self, settings: CoordinatorSettings, txlog: TxLog, participants: dict[str, Participant],
+                 owner: str) -> None:
+        self.settings = settings
+        self.txlog = txlog
+        self.participants = participants
+        self.owner = owner
+        # Transactions this process is driving right now (recovery leaves them alone).
+        self.active: set[uuid.UUID] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._recovery: asyncio.Task[None] | None = None
+
+    # -- test hook -------------------------------------------------------------------
+    def crash(self, point: str) -> None:
+        """Exit at a named point, for crash tests (refused unless BARBER_TEST_HOOKS=1)."""
+        if self.settings.barber_test_hooks and self.settings.coordinator_crash_at == point:
+            log.critical("test hook: crashing at %s", point)
+            logging.shutdown()
+            os._exit(70)
+
+    # -- entry point -----------------------------------------------------------------
+    async def delete_user(self, user_id: int, mode: str) -> Transaction:
+        await self._require_user(user_id)
+        if mode == "2pc":
+            tx_id = await self.txlog.begin("2pc", user_id, self.owner, list(PARTICIPANTS), [])
+            log.info("2pc %s: deleting user %d", tx_id, user_id)
+            self.active.add(tx_id)
+            try:
+                self.crash("after_log_start")
+                await self._two_phase(tx_id, user_id)
+            finally:
+                self.active.discard(tx_id)
+        else:
+            tx_id = await self.txlog.begin("saga", user_id, self.owner, [], list(SAGA_STEPS))
+            log.info("saga %s: deleting user %d", tx_id, user_id)
+            self.active.add(tx_id)
+            self._spawn(self._run_saga(tx_id, user_id))
+        tx = await self.txlog.get(tx_id)
+        assert tx is not None
+        return tx
+
+    async def _require_user(self, user_id: int) -> None:
+        try:
+            await self.participants["authen"].call("GET", f"/utilities/check?user_id={user_id}")
+        except Refused as e:
+            if e.status == 404:
+                raise NotFound(f"no user with id {user_id}") from e
+            raise
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- two-phase commit ------------------------------------------------------------
+    async def _two_phase(self, tx_id: uuid.UUID, user_id: int) -> None:
+        gid = gid_of(tx_id)
+        decision, detail = "commit", None
+        for name in PARTICIPANTS:
+            try:
+                await self.participants[name].prepare(gid, user_id)
+            except Refused as e:
+                decision, detail = "abort", f"{name} voted no: {e.detail}"
+                await self.txlog.set_participant(tx_id, name, "voted_no", e.detail)
+                break
+            except Unreachable as e:
+                decision, detail = "abort", f"{name} could not be reached during prepare"
+                await self.txlog.set_participant(tx_id, name, "unreachable", str(e))
+                break
+            await self.txlog.set_participant(tx_id, name, "prepared")
+            self.crash(f"after_{name}_prepared")
+        decision = await self.txlog.decide(tx_id, decision, detail)
+        log.info("2pc %s: decision %s%s", tx_id, decision, f" ({detail})" if detail else "")
+        self.crash("after_decision")
+        await self._finish_2pc(tx_id, decision, self.settings.coordinator_finish_wait_s)
+
+    async def _finish_2pc(self, tx_id: uuid.UUID, decision: str, wait_s: float) -> bool:
+        """Drive the decision to every participant; True once all acknowledged it.
+
+        An abort goes to every participant, even one that never saw the prepare, so that
+        a late prepare of this transaction is refused there.
+        """
+        gid = gid_of(tx_id)
+        done = "committed" if decision == "commit" else "aborted"
+        deadline = time.monotonic() + wait_s
+        attempt = 0
+        while True:
+            tx = await self.txlog.get(tx_id)
+            assert tx is not None
+            for name in PARTICIPANTS:
+                if tx.participants.get(name, {}).get("state") == done:
+                    continue
+                participant = self.participants[name]
+                try:
+                    await (participant.commit(gid) if decision == "commit" else participant.abort(gid))
+                except (Unreachable, Refused) as e:
+                    # Refused here means a participant disagrees with a logged decision:
+                    # keep the evidence and keep trying; it must never be silently dropped.
+                    level = logging.ERROR if isinstance(e, Refused) else logging.WARNING
+                    log.log(level, "2pc %s: %s of %s not acknowledged yet: %s", tx_id, decision, name, e)
+                    await self.txlog.set_participant(tx_id, name, f"{decision}_pending", str(e))
+                    continue
+                await self.txlog.set_participant(tx_id, name, done)
+                if decision == "commit" and name == "authen":
+                    self.crash("after_authen_committed")
+            tx = await self.txlog.get(tx_id)
+            assert tx is not None
+            if all(tx.participants[n]["state"] == done for n in PARTICIPANTS):
+                await self.txlog.complete(tx_id)
+                log.info("2pc %s: %s everywhere", tx_id, done)
+                return True
+            if time.monotonic() >= deadline:
+                log.warning("2pc %s: %s not yet acknowledged by all; recovery will finish it", tx_id, decision)
+                return False
+            attempt += 1
+            await asyncio.sleep(_backoff(attempt))
+
+    # -- saga ------------------------------------------------------------------------
+    async def _run_saga(self, tx_id: uuid.UUID, user_id: int) -> None:
+        self.active.add(tx_id)
+        try:
+            tx = await self.txlog.get(tx_id)
+            assert tx is not None
+            if tx.state == "aborted":
+                await self._compensate(tx_id, user_id, tx.detail or "compensating")
+                return
+            for step in tx.steps:
+                if step["state"] == "done":
+                    continue
+                try:
+                    await self._saga_step(tx_id, user_id, step)
+                except Refused as e:
+                    if step["position"] < SAGA_PIVOT:
+                        await self.txlog.set_step(tx_id, step["position"], "failed")
+                        detail = f"{step['name']} refused: {e.detail}"
+                        await self.txlog.decide(tx_id, "abort", detail)
+                        await self._compensate(tx_id, user_id, detail)
+                        return
+                    raise
+                await self.txlog.set_step(tx_id, step["position"], "done")
+            await self.txlog.decide(tx_id, "commit")
+            await self.txlog.complete(tx_id)
+            log.info("saga %s: user %d deleted", tx_id, user_id)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # Left unfinished in the log with its lease; recovery resumes it.
+            log.exception("saga %s: stopped; recovery will resume it", tx_id)
+        finally:
+            self.active.discard(tx_id)
+
+    async def _forever(self, tx_id: uuid.UUID, what: str, call: Any) -> dict[str, Any]:
+        """Retry a step's call until it answers (a participant may be down for a while)."""
+        attempt = 0
+        while True:
+            try:
+                return await call()
+            except Unreachable as e:
+                attempt += 1
+                log.warning("saga %s: %s: %s; retrying", tx_id, what, e)
+                await self.txlog.renew(tx_id)
+                await asyncio.sleep(_backoff(attempt, cap=5.0))
+
+    async def _saga_step(self, tx_id: uuid.UUID, user_id: int, step: dict[str, Any]) -> None:
+        name, position = step["name"], step["position"]
+        await self.txlog.set_step(tx_id, position, "running", attempt=True)
+        authen, chat = self.participants["authen"], self.participants["chat"]
+        if name == "deactivate":
+            await self._forever(tx_id, name, lambda: authen.call("POST", f"/internal/users/{user_id}/deactivate"))
+        elif name == "purge_chats":
+            progress = dict(step["progress"] or {})
+            progress.setdefault("chats_deleted", 0)
+            progress.setdefault("messages_deleted", 0)
+            batch = self.settings.coordinator_saga_batch
+            while True:
+                result = await self._forever(tx_id, name, lambda: chat.call(
+                    "POST", f"/internal/users/{user_id}/purge?limit={batch}"))
+                progress["chats_deleted"] += int(result.get("chats_deleted", 0))
+                progress["messages_deleted"] += int(result.get("messages_deleted", 0))
+                progress["batches"] = progress.get("batches", 0) + 1
+                await self.txlog.set_step(tx_id, position, "running", progress)
+                self.crash("saga_mid")
+                if result.get("done"):
+                    break
+        elif name == "delete_user":
+            await self._forever(tx_id, name, lambda: authen.call("DELETE", f"/internal/users/{user_id}"))
+        elif name == "invalidate_cache":
+            await self._forever(tx_id, name, lambda: chat.call("DELETE", f"/internal/cache/users/{user_id}"))
+        else:
+            raise ValueError(f"unknown saga step {name}")
+
+    async def _compensate(self, tx_id: uuid.UUID, user_id: int, detail: str) -> None:
+        tx = await self.txlog.get(tx_id)
+        assert tx is not None
+        for step in reversed(tx.steps):
+            if step["name"] == "deactivate" and step["state"] in ("done", "running"):
+                await self._forever(tx_id, "reactivate",
+                                    lambda: self.participants["authen"].call(
+                                        "POST", f"/internal/users/{user_id}/reactivate"))
+                await self.txlog.set_step(tx_id, step["position"], "compensated")
+        await self.txlog.complete(tx_id)
+        log.warning("saga %s: compensated (%s)", tx_id, detail)
+
+    # -- recovery --------------------------------------------------------------------
+    async def recover_once(self) -> None:
+        # Our own unfinished transactions that we are not driving were left by an earlier
+        # run of this instance (same owner name): take them at once, not after the lease.
+        for tx_id in await self.txlog.claim_unfinished(self.owner, self.active):
+            tx = await self.txlog.get(tx_id)
+            if tx is None:
+                continue
+            log.info("recovery: resuming %s %s (state %s, decision %s)", tx.mode, tx_id, tx.state, tx.decision)
+            if tx.mode == "saga":
+                self.active.add(tx_id)
+                self._spawn(self._run_saga(tx_id, tx.user_id))
+                continue
+            self.active.add(tx_id)
+            try:
+                decision = tx.decision or await self.txlog.decide(
+                    tx_id, "abort", "presumed abort: the coordinator stopped before deciding")
+                await self._finish_2pc(tx_id, decision, self.settings.coordinator_finish_wait_s)
+            finally:
+                self.active.discard(tx_id)
+        await self._resolve_orphans()
+
+    async def _resolve_orphans(self) -> None:
+        """Prepared state at a participant that no live transaction here is driving."""
+        for name, participant in self.participants.items():
+            try:
+                prepared = await participant.prepared()
+            except (Unreachable, Refused):
+                continue
+            for item in prepared:
+                tx_id = tx_of(item["gid"])
+                if tx_id is None or tx_id in self.active:
+                    continue
+                tx = await self.txlog.get(tx_id)
+                if tx is None:
+                    decision = "abort"  # never logged: presumed abort
+                elif tx.decision is None:
+                    continue  # still being decided by its owner (its lease has not run out)
+                else:
+                    decision = tx.decision
+                log.warning("recovery: %s holds %s prepared; sending %s", name, item["gid"], decision)
+                try:
+                    await (participant.commit(item["gid"]) if decision == "commit" else participant.abort(item["gid"]))
+                except (Unreachable, Refused) as e:
+                    log.warning("recovery: could not resolve %s at %s: %s", item["gid"], name, e)
+
+    async def outcome(self, gid: str) -> str | None:
+        """What a participant left prepared should do: 'commit', 'abort', or None (wait)."""
+        tx_id = tx_of(gid)
+        if tx_id is None:
+            return "abort"
+        tx = await self.txlog.get(tx_id)
+        if tx is None:
+            return "abort"
+        return tx.decision
+
+    async def _recovery_loop(self) -> None:
+        while True:
+            try:
+                await self.recover_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("recovery pass failed; trying again")
+            await asyncio.sleep(self.settings.coordinator_recovery_interval_s)
+
+    def start(self) -> None:
+        self._recovery = asyncio.create_task(self._recovery_loop())
+
+    async def stop(self) -> None:
+        tasks = [t for t in [self._recovery, *self._tasks] if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

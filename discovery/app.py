@@ -1,0 +1,30 @@
+"""Builds the discovery Application. Discovery itself does not register anywhere."""
+
+from __future__ import annotations
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+
+from common.service import ServiceApp, make_app
+from discovery.config import DiscoverySettings
+from discovery.handlers import REGISTRY, SETTINGS, WATCHERS, routes
+from discovery.registry import ChangeFeed, Registry, Watchers
+
+
+async def build(settings: DiscoverySettings) -> ServiceApp:
+    # Brief retries only: with Redis down, callers should get a 503 at once and retry
+    # on their own schedule, not hang in a client-side backoff.
+    redis = aioredis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=2,
+                              retry=Retry(ExponentialBackoff(cap=0.2, base=0.05), 2))
+    registry = Registry(redis, settings.instance_ttl_s)
+    watchers = Watchers()
+    feed = ChangeFeed(registry, watchers, settings.sweep_interval_s)
+    feed.start()
+    app = make_app(settings, routes, **{REGISTRY: registry, WATCHERS: watchers, SETTINGS: settings})
+
+    async def close() -> None:
+        await feed.stop()
+        await redis.aclose()
+
+    return ServiceApp(app, on_stop=[close], register_as=None, on_drain=[watchers.close])

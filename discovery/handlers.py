@@ -1,0 +1,132 @@
+"""Discovery's HTTP handlers: thin wrappers over :mod:`discovery.registry`."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from common.errors import BadRequest, NotFound
+from common.handler import BaseHandler, validate
+from discovery.config import DiscoverySettings
+from discovery.registry import TYPE_RE, Registry, Watchers, wait_for_change
+
+REGISTRY = "discovery.registry"
+WATCHERS = "discovery.watchers"
+SETTINGS = "discovery.settings"
+
+SEED_MISSING = "Host and service type are required."
+
+
+class RegisterBody(BaseModel):
+    type: str = Field(pattern=TYPE_RE.pattern)
+    host: str = Field(min_length=1, max_length=255, pattern=r"^[A-Za-z0-9.:\[\]_-]+$")
+    port: int = Field(ge=1, le=65535)
+
+
+def parse_register(raw: bytes) -> RegisterBody:
+    """The seed's contract first (type and host present), then the field rules."""
+    try:
+        data: Any = json.loads(raw or b"{}")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BadRequest("body is not valid JSON") from e
+    if not isinstance(data, dict):
+        raise BadRequest("body must be a JSON object")
+    if not data.get("type") or not data.get("host"):
+        raise BadRequest(SEED_MISSING)
+    if data.get("port") in (None, ""):
+        raise BadRequest("Port is required.")
+    return validate(RegisterBody, data)
+
+
+class DiscoveryHandler(BaseHandler):
+    @property
+    def registry(self) -> Registry:
+        return self.settings[REGISTRY]
+
+    @property
+    def watchers(self) -> Watchers:
+        return self.settings[WATCHERS]
+
+    @property
+    def config(self) -> DiscoverySettings:
+        return self.settings[SETTINGS]
+
+
+class RegisterHandler(DiscoveryHandler):
+    async def post(self) -> None:
+        self.require_service()
+        body = parse_register(self.request.body)
+        instance_id = await self.registry.register(body.type, body.host, body.port)
+        self.watchers.notify(body.type)
+        self.write_json(
+            {
+                "instance_id": instance_id,
+                "ttl": self.registry.ttl_s,
+                "message": f"Service registered: {body.host}:{body.port} as {body.type}",
+            },
+            status=201,
+        )
+
+
+class InstanceHandler(DiscoveryHandler):
+    async def put(self, instance_id: str) -> None:
+        self.require_service()
+        if not await self.registry.heartbeat(instance_id):
+            raise NotFound(f"no registration {instance_id} (expired or removed); register again")
+        self.write_json({"instance_id": instance_id, "ttl": self.registry.ttl_s})
+
+    async def delete(self, instance_id: str) -> None:
+        self.require_service()
+        type_ = await self.registry.deregister(instance_id)
+        if type_ is not None:
+            self.watchers.notify(type_)
+        self.write_json({"instance_id": instance_id, "deregistered": type_ is not None})
+
+
+class ServicesHandler(DiscoveryHandler):
+    async def get(self, type_: str) -> None:
+        if not TYPE_RE.match(type_):
+            raise BadRequest("type: must be lower-case letters, digits, '-' or '_'")
+        version = self.get_query_argument("version", None) or None
+        wait_s = self.query_float("wait", 0.0, minimum=0.0, maximum=self.config.max_wait_s)
+        listing = await wait_for_change(self.registry, self.watchers, type_, version, wait_s)
+        self.write_json(listing.as_dict())
+
+
+class AllServicesHandler(DiscoveryHandler):
+    async def get(self) -> None:
+        out = {}
+        for type_ in await self.registry.types():
+            out[type_] = (await self.registry.list(type_)).as_dict()
+        self.write_json({"services": out})
+
+
+class StatusHandler(DiscoveryHandler):
+    async def get(self) -> None:
+        redis_ok = await self.registry.ping()
+        types: dict[str, int] = {}
+        if redis_ok:
+            for type_ in await self.registry.types():
+                types[type_] = len((await self.registry.list(type_)).instances)
+        self.write_json(
+            {
+                "status": "ok" if redis_ok else "degraded",
+                "service": "discovery",
+                "instance": f"{self.config.advertise_host}:{self.config.port}",
+                "redis": "ok" if redis_ok else "unavailable",
+                "instance_ttl_s": self.registry.ttl_s,
+                "services": types,
+                "watching": dict(self.watchers.waiting),
+            }
+        )
+
+
+routes = [
+    (r"/register", RegisterHandler),
+    (r"/register/([A-Za-z0-9_.-]{1,100})", InstanceHandler),
+    (r"/services", AllServicesHandler),
+    (r"/services/([^/]+)", ServicesHandler),
+    (r"/status", StatusHandler),
+]

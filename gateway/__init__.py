@@ -1,0 +1,1 @@
+"""The API gateway: routing, balancing, limits, breakers, timeouts and WebSockets."""

@@ -1,0 +1,110 @@
+"""Builds the gateway Application.
+
+Plugins: a module named in :data:`PLUGINS` exposes ``async def mount(ctx: GatewayContext)
+-> Mount``; its routes are served by the gateway before the proxy routes, and its
+closers run at shutdown. The deletion coordinator mounts ``/admin/...`` this way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, Sequence
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from common.discovery import InstanceView
+from common.service import ServiceApp, make_app
+from gateway.breaker import BreakerConfig, State
+from gateway.config import GatewaySettings
+from gateway.context import GATEWAY, GatewayContext
+from gateway.handlers import WS_MAX_MESSAGE, routes
+from gateway.limiter import Limiter
+from gateway.metrics import GatewayMetrics
+from gateway.proxy import Proxy, make_session
+from gateway.upstreams import Breakers, Service
+
+log = logging.getLogger("barber.gateway")
+
+# Modules mounted into the gateway (e.g. "coordinator.plugin").
+PLUGINS: list[str] = ["coordinator.plugin"]
+
+
+@dataclass
+class Mount:
+    routes: list[Any] = field(default_factory=list)
+    on_stop: list[Callable[[], Awaitable[Any]]] = field(default_factory=list)
+
+
+def breaker_config(s: GatewaySettings) -> BreakerConfig:
+    return BreakerConfig(
+        failures=s.breaker_failures,
+        failure_rate=s.breaker_failure_rate,
+        window_s=s.breaker_window_s,
+        min_requests=s.breaker_min_requests,
+        open_s=s.breaker_open_ms / 1000,
+        open_max_s=max(s.breaker_open_ms, s.breaker_open_max_ms) / 1000,
+        half_open_trials=s.breaker_half_open_trials,
+    )
+
+
+async def build(settings: GatewaySettings, plugins: Sequence[str] | None = None) -> ServiceApp:
+    metrics = GatewayMetrics()
+    # No client-side retries: a Redis that is down must fail fast (the limiter falls back).
+    redis = aioredis.from_url(
+        settings.redis_url,
+        socket_timeout=settings.limiter_redis_timeout_ms / 1000,
+        socket_connect_timeout=settings.limiter_redis_timeout_ms / 1000,
+        retry=Retry(NoBackoff(), 0),
+    )
+    limiter = Limiter(redis, owner_ttl_ms=settings.limiter_owner_ttl_ms,
+                      timeout_s=settings.limiter_redis_timeout_ms / 1000,
+                      shared=settings.task_limit_scope == "shared")
+
+    def on_transition(address: str, old: State, new: State) -> None:
+        metrics.breaker_transitions.labels(address, old.value, new.value).inc()
+        metrics.breaker_open.labels(address).set(1 if new is State.OPEN else 0)
+        if new is State.OPEN:
+            log.warning("Tripped the circuit for %s (%s -> open)", address, old.value,
+                        extra={"event.action": "breaker-open", "labels.instance": address})
+        else:
+            log.info("circuit for %s: %s -> %s", address, old.value, new.value,
+                     extra={"event.action": f"breaker-{new.value}", "labels.instance": address})
+
+    breakers = Breakers(breaker_config(settings), on_transition)
+    services = {
+        name: Service(name, InstanceView(settings.discovery_url, name), breakers) for name in settings.services
+    }
+    await asyncio.gather(*(svc.view.start(initial_timeout_s=3.0) for svc in services.values()))
+    limiter.start()
+    session = make_session(settings)
+    proxy = Proxy(settings, services, limiter, metrics, session)
+    ctx = GatewayContext(settings, services, breakers, limiter, metrics, proxy, session, redis)
+
+    extra_routes: list[Any] = []
+    closers: list[Callable[[], Awaitable[Any]]] = []
+    for module_name in PLUGINS if plugins is None else plugins:
+        mount: Mount = await importlib.import_module(module_name).mount(ctx)
+        extra_routes += mount.routes
+        closers += mount.on_stop
+
+    if not settings.jwt_public_key_file.exists():
+        log.error("no JWT public key at %s: every path that needs a token will answer 401",
+                  settings.jwt_public_key_file)
+    app = make_app(settings, extra_routes + routes(settings.services),
+                   websocket_max_message_size=WS_MAX_MESSAGE, **{GATEWAY: ctx})
+
+    async def close() -> None:
+        for closer in closers:
+            await closer()
+        for svc in services.values():
+            await svc.view.stop()
+        await limiter.stop()
+        await session.close()
+        await redis.aclose()
+
+    return ServiceApp(app, on_stop=[close], register_as="gateway")

@@ -1,0 +1,367 @@
+"""The gateway's handlers: the HTTP and WebSocket proxy, /status and /metrics.
+
+Routes are built by :func:`routes` at the bottom, from the routed service names; the
+app mounts plugins' routes (e.g. the coordinator's ``/admin/...``) before them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+from typing import Any
+
+import tornado.httputil
+import tornado.web
+import tornado.websocket
+from tornado.httpclient import HTTPClientError, HTTPRequest
+from tornado.routing import PathMatches, Rule
+from tornado.httputil import HTTPServerRequest
+
+from common.errors import APIError, BadGateway, NotFound, Unauthorized
+from common.handler import VERIFIER, BaseHandler, bearer_token
+from common.logs import REQUEST_ID_HEADER, new_request_id, request_id_var
+from common.tokens import Claims, InvalidToken, TokenVerifier
+from gateway.context import GATEWAY, GatewayContext
+from gateway.limiter import RateCharge
+from gateway.metrics import CONTENT_TYPE_LATEST
+from gateway.policy import (
+    UnsafePath,
+    check_service_path,
+    downstream_response_headers,
+    is_public,
+    upstream_request_headers,
+    websocket_token,
+)
+
+log = logging.getLogger("barber.gateway")
+
+ROUTE_LABEL = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
+
+
+def _service_path(service: str, rest: str) -> str:
+    """The service path for ``/<service>/<rest>``; 404 for internal or unsafe paths."""
+    try:
+        return check_service_path(rest)
+    except PermissionError as e:
+        raise NotFound(f"no route for /{service}/{rest}") from e
+    except UnsafePath as e:
+        raise NotFound(f"no route for /{service}/{rest}: {e}") from e
+
+
+def _verify(verifier: TokenVerifier | None, token: str | None) -> Claims | None:
+    if token is None or verifier is None:
+        return None
+    try:
+        return verifier.verify(token)
+    except InvalidToken:
+        return None
+
+
+REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+def sane_request_id(presented: str | None) -> str:
+    """The client's X-Request-ID when it is a plain token, else a new one: it goes into
+    every service's logs and headers, so it must not carry anything else."""
+    return presented if presented and REQUEST_ID_RE.match(presented) else new_request_id()
+
+
+class GatewayHandler(BaseHandler):
+    @property
+    def gw(self) -> GatewayContext:
+        return self.settings[GATEWAY]
+
+    def prepare(self) -> None:
+        presented = self.request.headers.get(REQUEST_ID_HEADER)
+        if presented is not None and not REQUEST_ID_RE.match(presented):
+            del self.request.headers[REQUEST_ID_HEADER]
+        super().prepare()
+
+
+class ProxyHandler(GatewayHandler):
+    """``/<service>/<rest>`` -> ``/<rest>`` on an instance of ``<service>``."""
+
+    SUPPORTED_METHODS = ("GET", "HEAD", "POST", "DELETE", "PATCH", "PUT", "OPTIONS")
+
+    def compute_etag(self) -> None:
+        # The upstream's ETag (if any) is passed through; the gateway adds none.
+        return None
+
+    async def _proxy(self, service_name: str, rest: str) -> None:
+        gw = self.gw
+        started = time.perf_counter()
+        request = self.request
+        method = request.method or "GET"
+        public_path = f"/{service_name}/{rest}"
+        service = gw.services[service_name]
+        path = _service_path(service_name, rest)
+
+        token = bearer_token(request.headers.get("Authorization"))
+        claims = _verify(self.settings.get(VERIFIER), token)
+        if claims is None and not is_public(method, public_path):
+            gw.metrics.rejections.labels(service_name, "unauthorized").inc()
+            if token is None:
+                raise Unauthorized("authentication required: send Authorization: Bearer <token>")
+            raise Unauthorized("invalid or expired token")
+
+        charge = self._rate_charge(method, public_path, claims)
+        headers = upstream_request_headers(
+            request.headers.get_all(),
+            request_id=self.request_id,
+            client_ip=request.remote_ip or "",
+            host=request.host,
+            proto=request.protocol,
+            user_id=claims.user_id if claims else None,
+            user_type=claims.user_type if claims else None,
+        )
+        path_qs = path + (f"?{request.query}" if request.query else "")
+        body = request.body if (request.body or method in ("POST", "PUT", "PATCH")) else None
+        deadline = asyncio.get_running_loop().time() + gw.settings.timeout_ms / 1000
+        status = 0
+        instance = "none"
+        try:
+            resp = await gw.proxy.forward(service, method, path_qs, headers, body, deadline=deadline, charge=charge)
+            status, instance = resp.status, resp.instance
+        except APIError as e:
+            status = e.status_code
+            raise
+        finally:
+            route = rest.split("/", 1)[0]
+            # Route labels only for paths that exist (or passed the token check), so that
+            # random paths cannot grow the label set without bound.
+            label = f"/{service_name}/{route}" if status not in (401, 404) and ROUTE_LABEL.match(route) else "other"
+            m = gw.metrics
+            m.child(m.requests, service_name, label, method, str(status), instance).inc()
+            m.child(m.latency, service_name).observe(time.perf_counter() - started)
+
+        self.set_status(resp.status, resp.reason or None)
+        for name in ("Content-Type", "Server", "Date"):
+            self.clear_header(name)
+        for name, value in downstream_response_headers(resp.headers):
+            self.add_header(name, value)
+        if method == "HEAD":
+            length = next((v for k, v in resp.headers if k.lower() == "content-length"), None)
+            if length is not None:
+                self.set_header("Content-Length", length)
+        self.set_header(REQUEST_ID_HEADER, self.request_id)
+        if resp.status in (204, 304) or method == "HEAD":
+            self.finish()
+        else:
+            self.finish(resp.body)
+
+    def _rate_charge(self, method: str, public_path: str, claims: Claims | None) -> RateCharge | None:
+        for rule in self.gw.settings.rate_limits:
+            if rule.matches(method, public_path):
+                client = f"u:{claims.user_id}" if claims else f"ip:{self.request.remote_ip}"
+                # Gateways configured with the same rule share its buckets.
+                return RateCharge(f"{rule.key}:{client}", rule.rate_per_s, rule.burst)
+        return None
+
+    get = post = put = patch = delete = head = options = _proxy
+
+
+class WebSocketMatches(PathMatches):
+    """Matches only WebSocket upgrade requests, so one path serves both kinds."""
+
+    def match(self, request: HTTPServerRequest) -> dict[str, Any] | None:
+        if request.headers.get("Upgrade", "").lower() != "websocket":
+            return None
+        return super().match(request)
+
+
+class WebSocketProxyHandler(tornado.websocket.WebSocketHandler):
+    """A client socket joined to a socket on an instance; frames and close codes pass
+    both ways. The token comes from ``?token=`` or ``Sec-WebSocket-Protocol``; without
+    a valid one the socket is accepted and closed with 4401, as the chat protocol says."""
+
+    request_id: str
+    _upstream: tornado.websocket.WebSocketClientConnection | None = None
+    _reject: tuple[int, str] | None = None
+    _pump: asyncio.Task[None] | None = None
+    _service_name = ""
+
+    @property
+    def gw(self) -> GatewayContext:
+        return self.settings[GATEWAY]
+
+    def check_origin(self, origin: str) -> bool:
+        # Any origin: the credential is the bearer token, never a cookie.
+        return True
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        self.set_header("Content-Type", "application/json; charset=UTF-8")
+        self.set_header(REQUEST_ID_HEADER, self.request_id)
+        if isinstance(exc, APIError):
+            for k, v in exc.headers.items():
+                self.set_header(k, v)
+            detail = exc.detail
+        else:
+            detail = self._reason
+        self.finish(json.dumps({"detail": detail}))
+
+    async def prepare(self) -> None:
+        self.request_id = sane_request_id(self.request.headers.get(REQUEST_ID_HEADER))
+        request_id_var.set(self.request_id)
+        self.set_header(REQUEST_ID_HEADER, self.request_id)
+        service_name, rest = self.path_args
+        self._service_name = service_name
+        path = _service_path(service_name, rest)
+        offered = [p.strip() for p in self.request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
+        token = websocket_token(self.get_query_argument("token", None), offered)
+        if token is None:
+            token = bearer_token(self.request.headers.get("Authorization"))
+        claims = _verify(self.settings.get(VERIFIER), token)
+        if claims is None:
+            self.gw.metrics.rejections.labels(service_name, "unauthorized").inc()
+            self._reject = (4401, "not authenticated")
+            return
+        headers = upstream_request_headers(
+            self.request.headers.get_all(),
+            request_id=self.request_id,
+            client_ip=self.request.remote_ip or "",
+            host=self.request.host,
+            proto=self.request.protocol,
+            user_id=claims.user_id,
+            user_type=claims.user_type,
+            websocket=True,
+        )
+        self._upstream = await self._connect(service_name, path, headers, offered)
+
+    async def _connect(self, service_name: str, path: str, headers: list[tuple[str, str]],
+                       subprotocols: list[str]) -> tornado.websocket.WebSocketClientConnection:
+        gw = self.gw
+        service = gw.services[service_name]
+        query = f"?{self.request.query}" if self.request.query else ""
+        tried: set[str] = set()
+        deadline = time.monotonic() + gw.settings.timeout_ms / 1000
+        last_error = ""
+        for _ in range(gw.settings.max_retries + 1):
+            chosen = gw.proxy.pick_for_socket(service, tried)
+            inst = chosen.instance
+            tried.add(inst.address)
+            hdrs = tornado.httputil.HTTPHeaders()
+            for k, v in headers:
+                hdrs.add(k, v)
+            request = HTTPRequest(
+                f"ws://{inst.address}{path}{query}",
+                headers=hdrs,
+                connect_timeout=gw.settings.upstream_connect_timeout_ms / 1000,
+                request_timeout=max(0.001, deadline - time.monotonic()),
+            )
+            try:
+                conn = await tornado.websocket.websocket_connect(
+                    request, subprotocols=subprotocols or None, max_message_size=WS_MAX_MESSAGE
+                )
+            except HTTPClientError as e:
+                if e.code == 599:  # never reached an answer: connect failure or timeout
+                    gw.proxy.socket_outcome(service, chosen, ok=False)
+                    last_error = str(e)
+                    if time.monotonic() >= deadline:
+                        break
+                    continue
+                # The instance answered the handshake with an HTTP error: pass it on.
+                gw.proxy.socket_outcome(service, chosen, ok=e.code < 500)
+                raise APIError(_detail_of(e), status=e.code) from e
+            except OSError as e:
+                gw.proxy.socket_outcome(service, chosen, ok=False)
+                last_error = str(e)
+                continue
+            gw.proxy.socket_outcome(service, chosen, ok=True)
+            return conn
+        raise BadGateway(f"cannot open a socket to {service_name}: {last_error or 'no instance answered'}.")
+
+    def select_subprotocol(self, subprotocols: list[str]) -> str | None:
+        if self._upstream is not None:
+            return self._upstream.selected_subprotocol
+        # Rejecting (4401): browsers fail a handshake that selects none of their offers,
+        # and the close code would never reach the client.
+        return subprotocols[0] if subprotocols else None
+
+    def get_compression_options(self) -> None:
+        return None
+
+    def open(self, *args: str) -> None:
+        if self._reject is not None:
+            self.close(*self._reject)
+            return
+        self.gw.metrics.websockets.labels(self._service_name).inc()
+        self._pump = asyncio.create_task(self._pump_upstream())
+
+    async def _pump_upstream(self) -> None:
+        upstream = self._upstream
+        assert upstream is not None
+        try:
+            while True:
+                message = await upstream.read_message()
+                if message is None:
+                    break
+                await self.write_message(message, binary=isinstance(message, bytes))
+        except tornado.websocket.WebSocketClosedError:
+            pass
+        finally:
+            if self.ws_connection is not None and not self.ws_connection.is_closing():
+                self.close(*_close_to_client(upstream.close_code, upstream.close_reason))
+            upstream.close()
+
+    async def on_message(self, message: str | bytes) -> None:
+        if self._upstream is None:
+            return
+        try:
+            await self._upstream.write_message(message, binary=isinstance(message, bytes))
+        except tornado.websocket.WebSocketClosedError:
+            self.close(1011, "upstream closed")
+
+    def on_close(self) -> None:
+        if self._reject is None:
+            self.gw.metrics.websockets.labels(self._service_name).dec()
+        if self._upstream is not None:
+            code = self.close_code
+            self._upstream.close(code if code and code not in (1005, 1006) else 1000, self.close_reason)
+
+
+WS_MAX_MESSAGE = 1024 * 1024
+
+
+def _close_to_client(code: int | None, reason: str | None) -> tuple[int, str | None]:
+    """The close frame for the client when the instance's socket ended."""
+    if code is None or code == 1006:
+        return 1011, "upstream connection lost"  # dropped without a close frame
+    if code == 1005:
+        return 1000, None  # closed without a code: 1005 itself may not be sent
+    return code, reason
+
+
+def _detail_of(e: HTTPClientError) -> str:
+    try:
+        body = json.loads(e.response.body) if e.response is not None and e.response.body else {}
+        if isinstance(body, dict) and isinstance(body.get("detail"), str):
+            return body["detail"]
+    except ValueError:
+        pass
+    return f"upstream refused the socket ({e.code})"
+
+
+class StatusHandler(GatewayHandler):
+    async def get(self) -> None:
+        self.write_json(await self.gw.status())
+
+
+class MetricsHandler(GatewayHandler):
+    def get(self) -> None:
+        self.gw.refresh_gauges()
+        self.set_header("Content-Type", CONTENT_TYPE_LATEST)
+        self.finish(self.gw.metrics.render())
+
+
+def routes(services: list[str]) -> list[Any]:
+    names = "|".join(re.escape(s) for s in services)
+    return [
+        (r"/status", StatusHandler),
+        (r"/metrics", MetricsHandler),
+        Rule(WebSocketMatches(rf"/({names})/(.*)"), WebSocketProxyHandler),
+        (rf"/({names})/(.*)", ProxyHandler),
+    ]

@@ -1,0 +1,468 @@
+"""Admission: the per-instance task limit, per-client rate limits and load counts.
+
+One Redis round trip per request, at most. Every admission (choose an instance that is
+under ``TASK_LIMIT_PER_SERVICE``, take a token from the client's bucket, count the
+instance's load this second) is one Lua script, and the scripts of requests that arrive
+while one is in flight are batched into the next call. So the hot path costs one round
+trip, usually less.
+
+Task counts are owned per gateway, so a gateway killed mid-request leaks nothing:
+``barber:gw:tasks:<instance>`` is a hash ``{gateway id: its in-flight count}``, and
+``barber:gw:alive:<gateway id>`` lives ``LIMITER_OWNER_TTL_MS`` unless renewed. The
+script sums only the fields of live gateways (and deletes the others). Each call also
+writes this gateway's *absolute* counts for the instances it passes (not increments), and
+calls are strictly one at a time, so a release needs no round trip of its own (it is
+carried by the next call or the periodic heartbeat), a lost reply heals on the next
+call, and a Redis that restarted empty is refilled at once. Other gateways may see a
+count some milliseconds high after a release, never low: the limit is never exceeded.
+
+With ``TASK_LIMIT_SCOPE=local`` each gateway admits by its own counts (no round trip
+unless a rate limit applies: then the script only takes the token) and still publishes
+its counts. When Redis is unreachable, admission falls back to this gateway's own counts
+(limits become local), rate limits fail open, and both are logged once per outage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+log = logging.getLogger("barber.gateway.limiter")
+
+PREFIX = "barber:gw:"
+RELEASE_SYNC_DELAY_S = 0.02
+
+ADMIT_LUA = """
+-- ARGV: prefix, gateway id, owner ttl ms, n_own, (instance, count) * n_own,
+--       n_req, per request: policy, limit, rl_key, rl_rate_per_s, rl_burst, n_cand, cand * n_cand
+-- Returns per request: {code, value, load}: code 1 admitted (value = instance, load = its
+-- requests this second), 2 every candidate full, 3 rate limited (value = retry ms),
+-- 4 within the rate limit (policy 'none': the caller admits by its own counts).
+local p, gw = ARGV[1], ARGV[2]
+local task_ttl = tonumber(ARGV[3]) * 10
+redis.call('SET', p .. 'alive:' .. gw, '1', 'PX', ARGV[3])
+local i = 4
+local n_own = tonumber(ARGV[i]); i = i + 1
+for _ = 1, n_own do
+  local key = p .. 'tasks:' .. ARGV[i]
+  if tonumber(ARGV[i + 1]) > 0 then
+    redis.call('HSET', key, gw, ARGV[i + 1])
+    redis.call('PEXPIRE', key, task_ttl)
+  else
+    redis.call('HDEL', key, gw)
+  end
+  i = i + 2
+end
+local t = redis.call('TIME')
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local sec = t[1]
+local totals = {}
+local alive = {[gw] = true}
+local function total(inst)
+  if totals[inst] then return totals[inst] end
+  local key = p .. 'tasks:' .. inst
+  local flat = redis.call('HGETALL', key)
+  local sum = 0
+  for j = 1, #flat, 2 do
+    local owner = flat[j]
+    if alive[owner] == nil then
+      alive[owner] = redis.call('EXISTS', p .. 'alive:' .. owner) == 1
+    end
+    if alive[owner] then
+      sum = sum + tonumber(flat[j + 1])
+    else
+      redis.call('HDEL', key, owner)
+    end
+  end
+  totals[inst] = sum
+  return sum
+end
+local out = {}
+local n_req = tonumber(ARGV[i]); i = i + 1
+for _ = 1, n_req do
+  local policy, limit = ARGV[i], tonumber(ARGV[i + 1])
+  local rl_key, rl_rate, rl_burst = ARGV[i + 2], tonumber(ARGV[i + 3]), tonumber(ARGV[i + 4])
+  local n_cand = tonumber(ARGV[i + 5])
+  local first = i + 6
+  i = first + n_cand
+  local limited = false
+  if rl_key ~= '' then
+    local key = p .. 'rl:' .. rl_key
+    local b = redis.call('HMGET', key, 'tokens', 'ts')
+    local tokens = tonumber(b[1]) or rl_burst
+    local ts = tonumber(b[2]) or now_ms
+    tokens = math.min(rl_burst, tokens + math.max(0, now_ms - ts) * rl_rate / 1000)
+    if tokens >= 1 then
+      tokens = tokens - 1
+    else
+      limited = true
+      table.insert(out, {3, math.ceil((1 - tokens) * 1000 / rl_rate), 0})
+    end
+    redis.call('HSET', key, 'tokens', tostring(tokens), 'ts', now_ms)
+    redis.call('PEXPIRE', key, math.ceil(rl_burst / rl_rate * 1000) + 1000)
+  end
+  if not limited and policy == 'none' then
+    table.insert(out, {4, '', 0})  -- rate limit only; this gateway admits locally
+  elseif not limited then
+    local chosen, best = nil, nil
+    for c = first, first + n_cand - 1 do
+      local inst = ARGV[c]
+      local n = total(inst)
+      if n < limit then
+        if policy == 'rr' then chosen = inst break end
+        if best == nil or n < best then chosen, best = inst, n end
+      end
+    end
+    if chosen then
+      totals[chosen] = totals[chosen] + 1
+      local key = p .. 'tasks:' .. chosen
+      redis.call('HINCRBY', key, gw, 1)
+      redis.call('PEXPIRE', key, task_ttl)
+      local lkey = p .. 'load:' .. chosen .. ':' .. sec
+      local load = redis.call('INCR', lkey)
+      if load == 1 then redis.call('EXPIRE', lkey, 2) end
+      table.insert(out, {1, chosen, load})
+    else
+      table.insert(out, {2, '', 0})
+    end
+  end
+end
+return out
+"""
+
+
+COUNT_LUA = """
+-- ARGV: prefix, instance * n. The in-flight count of each, over live gateways.
+local p = ARGV[1]
+local out = {}
+for i = 2, #ARGV do
+  local flat = redis.call('HGETALL', p .. 'tasks:' .. ARGV[i])
+  local sum = 0
+  for j = 1, #flat, 2 do
+    if redis.call('EXISTS', p .. 'alive:' .. flat[j]) == 1 then sum = sum + tonumber(flat[j + 1]) end
+  end
+  table.insert(out, sum)
+end
+return out
+"""
+
+
+class Full(Exception):
+    """Every candidate instance is at the task limit."""
+
+
+class RateLimited(Exception):
+    def __init__(self, retry_after_s: float) -> None:
+        super().__init__(f"retry after {retry_after_s:.3f}s")
+        self.retry_after_s = retry_after_s
+
+
+@dataclass(frozen=True, slots=True)
+class RateCharge:
+    """Take one token from ``key``'s bucket (``rate_per_s`` refill, ``burst`` size)."""
+
+    key: str
+    rate_per_s: float
+    burst: int
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    instance: str
+    # Requests this instance received in the current second (all gateways, or this one
+    # when Redis is down), for load alerts.
+    load: int
+    shared: bool
+
+
+@dataclass
+class _Pending:
+    candidates: Sequence[str]
+    least_outstanding: bool
+    limit: int
+    charge: RateCharge | None
+    future: asyncio.Future[Admission]
+
+
+@dataclass
+class LocalLoad:
+    """Requests per instance per second, counted here (the fallback, and /status)."""
+
+    second: int = 0
+    count: int = 0
+    history: deque[tuple[int, int]] = field(default_factory=lambda: deque(maxlen=10))
+
+    def hit(self, now: float) -> int:
+        sec = int(now)
+        if sec != self.second:
+            if self.count:
+                self.history.append((self.second, self.count))
+            self.second, self.count = sec, 0
+        self.count += 1
+        return self.count
+
+    def recent(self, now: float) -> dict[str, float]:
+        sec = int(now)
+        last = self.count if self.second == sec - 1 else next((c for s, c in self.history if s == sec - 1), 0)
+        window = [c for s, c in self.history if s >= sec - 10] + ([self.count] if self.second >= sec - 10 else [])
+        return {"last_s": last, "avg_10s": round(sum(window) / 10, 2)}
+
+
+class Limiter:
+    def __init__(self, redis: aioredis.Redis | None, *, owner_ttl_ms: int, timeout_s: float,
+                 gateway_id: str | None = None, shared: bool = True) -> None:
+        self.redis = redis
+        # shared: admissions are decided in Redis over every gateway's counts (exact across
+        # gateways). Not shared: each gateway decides by its own counts (exact for itself,
+        # no Redis on the hot path unless a rate limit applies), still publishing them.
+        self.shared = shared
+        self.gateway_id = gateway_id or uuid.uuid4().hex[:16]
+        self.owner_ttl_ms = owner_ttl_ms
+        self.timeout_s = timeout_s
+        # This gateway's in-flight requests per instance: the truth it publishes.
+        self.in_flight: dict[str, int] = {}
+        self.load: dict[str, LocalLoad] = {}
+        self._dirty: set[str] = set()
+        self._queue: list[_Pending] = []
+        self._sync_requested = False
+        self._sync_timer: asyncio.TimerHandle | None = None
+        self._drainer: asyncio.Task[None] | None = None
+        self._heartbeat: asyncio.Task[None] | None = None
+        self._script = redis.register_script(ADMIT_LUA) if redis is not None else None
+        self._count = redis.register_script(COUNT_LUA) if redis is not None else None
+        self.redis_ok = redis is not None
+        self._retry_redis_at = 0.0
+        self.round_trips = 0
+
+    # -- public ----------------------------------------------------------------------
+    async def admit(self, candidates: Sequence[str], *, limit: int, least_outstanding: bool = False,
+                    charge: RateCharge | None = None) -> Admission:
+        """Choose the first (round robin) or least loaded candidate under ``limit``.
+
+        Raises :class:`Full` or :class:`RateLimited`. The caller must :meth:`release`
+        the returned admission's instance when the request is over.
+        """
+        if (self._script is None or (not self.shared and charge is None)
+                or (not self.redis_ok and time.monotonic() < self._retry_redis_at)):
+            return self._admit_locally(candidates, limit, least_outstanding)
+        future: asyncio.Future[Admission] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Pending(candidates, least_outstanding, limit, charge, future))
+        self._kick()
+        return await future
+
+    def release(self, instance: str) -> None:
+        n = self.in_flight.get(instance, 0) - 1
+        if n > 0:
+            self.in_flight[instance] = n
+        else:
+            self.in_flight.pop(instance, None)
+        self._dirty.add(instance)
+        if self._script is not None and self._sync_timer is None:
+            # Other gateways learn of the release with the next call; when no request
+            # comes to carry it, a sync shortly after does (coalescing many releases).
+            self._sync_timer = asyncio.get_running_loop().call_later(RELEASE_SYNC_DELAY_S, self._release_sync)
+
+    def _release_sync(self) -> None:
+        self._sync_timer = None
+        if self._dirty and (self.redis_ok or time.monotonic() >= self._retry_redis_at):
+            self._sync_requested = True
+            self._kick()
+
+    def start(self, heartbeat_s: float | None = None) -> None:
+        if self._script is not None:
+            interval = heartbeat_s if heartbeat_s is not None else self.owner_ttl_ms / 3000
+            self._heartbeat = asyncio.create_task(self._beat(interval))
+
+    async def stop(self) -> None:
+        """Publish the final counts (zero after a drained shutdown) and give up ownership,
+        so another gateway need not wait for the TTL to see these slots free."""
+        if self._sync_timer is not None:
+            self._sync_timer.cancel()
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            try:
+                await self._heartbeat
+            except asyncio.CancelledError:
+                pass
+        if self._script is not None and self.redis_ok:
+            self._dirty |= set(self.load) | set(self.in_flight)
+            try:
+                await asyncio.wait_for(self.flush(), self.timeout_s * 2)
+                if not self.in_flight:
+                    await self.redis.delete(PREFIX + "alive:" + self.gateway_id)
+            except (RedisError, OSError, TimeoutError) as e:
+                log.warning("could not release this gateway's task counts (%s); they expire with its TTL", e)
+        if self._drainer is not None:
+            self._drainer.cancel()
+            try:
+                await self._drainer
+            except asyncio.CancelledError:
+                pass
+
+    async def shared_counts(self, instances: Sequence[str]) -> dict[str, int] | None:
+        """In-flight requests per instance over every live gateway (for /status), or None
+        while Redis is unreachable. Off the hot path."""
+        if self._count is None or not self.redis_ok or not instances:
+            return None
+        try:
+            counts = await asyncio.wait_for(self._count(keys=[], args=[PREFIX, *instances]), self.timeout_s)
+        except (RedisError, OSError, TimeoutError):
+            return None
+        return {inst: int(n) for inst, n in zip(instances, counts)}
+
+    def local_load(self, instance: str) -> LocalLoad:
+        ll = self.load.get(instance)
+        if ll is None:
+            ll = self.load[instance] = LocalLoad()
+        return ll
+
+    # -- local -----------------------------------------------------------------------
+    def _take(self, instance: str) -> int:
+        self.in_flight[instance] = self.in_flight.get(instance, 0) + 1
+        return self.local_load(instance).hit(time.time())
+
+    def _admit_locally(self, candidates: Sequence[str], limit: int, least_outstanding: bool) -> Admission:
+        chosen: str | None = None
+        best = limit
+        for inst in candidates:
+            n = self.in_flight.get(inst, 0)
+            if n < limit:
+                if not least_outstanding:
+                    chosen = inst
+                    break
+                if n < best:
+                    chosen, best = inst, n
+        if chosen is None:
+            raise Full()
+        return Admission(chosen, self._take(chosen), shared=False)
+
+    # -- Redis -----------------------------------------------------------------------
+    def _own_counts(self, batch: list[_Pending]) -> list[str | int]:
+        """Absolute counts of this gateway for every instance the call touches or released."""
+        names = set(self._dirty)
+        for p in batch:
+            names.update(p.candidates)
+        self._dirty.clear()
+        args: list[str | int] = [len(names)]
+        for name in names:
+            args += [name, self.in_flight.get(name, 0)]
+        return args
+
+    async def _call(self, batch: list[_Pending]) -> list:
+        assert self._script is not None
+        dirty_before = set(self._dirty)
+        args: list[str | int | float] = [PREFIX, self.gateway_id, self.owner_ttl_ms]
+        args += self._own_counts(batch)
+        args.append(len(batch))
+        for p in batch:
+            c = p.charge
+            policy = ("lo" if p.least_outstanding else "rr") if self.shared else "none"
+            args += [policy, p.limit,
+                     c.key if c else "", c.rate_per_s if c else 0, c.burst if c else 0, len(p.candidates)]
+            args += list(p.candidates)
+        try:
+            self.round_trips += 1
+            async with asyncio.timeout(self.timeout_s):
+                result = await self._script(keys=[], args=args)
+        except (RedisError, OSError, TimeoutError) as e:
+            # Whatever did not reach Redis is published on the next successful call.
+            self._dirty |= dirty_before | {n for p in batch for n in p.candidates}
+            self._mark_down(e)
+            raise
+        self._mark_up()
+        return result
+
+    def _kick(self) -> None:
+        if self._drainer is None:
+            self._drainer = asyncio.create_task(self._drain())
+
+    async def _drain(self) -> None:
+        """The only sender: calls go strictly one after another, which keeps the absolute
+        counts each call writes in order with the admissions it makes."""
+        try:
+            while self._queue or self._sync_requested:
+                batch, self._queue = self._queue, []
+                self._sync_requested = False
+                try:
+                    result = await self._call(batch)
+                except (RedisError, OSError, TimeoutError):
+                    for p in batch:
+                        self._settle_locally(p)
+                    continue
+                for p, (code, value, load) in zip(batch, result):
+                    if p.future.done():
+                        # The request gave up (deadline) while the call was out: the slot
+                        # Redis counted is taken back by the next call's absolute count.
+                        if code == 1:
+                            self._dirty.add(_s(value))
+                        continue
+                    if code == 1:
+                        inst = _s(value)
+                        self.in_flight[inst] = self.in_flight.get(inst, 0) + 1
+                        self.local_load(inst).hit(time.time())
+                        p.future.set_result(Admission(inst, int(load), shared=True))
+                    elif code == 2:
+                        p.future.set_exception(Full())
+                    elif code == 4:
+                        self._settle_locally(p)
+                    else:
+                        p.future.set_exception(RateLimited(int(value) / 1000))
+        finally:
+            self._drainer = None
+
+    def _settle_locally(self, p: _Pending) -> None:
+        if p.future.done():
+            return
+        try:
+            p.future.set_result(self._admit_locally(p.candidates, p.limit, p.least_outstanding))
+        except Full as e:
+            p.future.set_exception(e)
+
+    def _mark_down(self, e: BaseException) -> None:
+        # Do not try Redis on every request while it is down: once per short interval.
+        self._retry_redis_at = time.monotonic() + 0.5
+        if self.redis_ok:
+            self.redis_ok = False
+            log.error(
+                "Redis unavailable (%s): task limits are now local to this gateway and rate limiting fails open",
+                e or type(e).__name__,
+                extra={"event.action": "limiter-degraded"},
+            )
+
+    def _mark_up(self) -> None:
+        if not self.redis_ok:
+            self.redis_ok = True
+            log.warning("Redis reachable again: task limits are shared and rate limiting is on",
+                        extra={"event.action": "limiter-restored"})
+
+    async def _beat(self, interval_s: float) -> None:
+        """Keep this gateway's ownership alive and publish releases that no request carried."""
+        while True:
+            await asyncio.sleep(interval_s)
+            if not self.redis_ok and time.monotonic() < self._retry_redis_at:
+                continue
+            # Republish every count we hold, so a Redis that restarted empty learns them.
+            self._dirty |= set(self.in_flight)
+            self._sync_requested = True
+            self._kick()
+
+    async def flush(self) -> None:
+        """Publish pending releases now and wait for it (tests, shutdown)."""
+        if self._script is None:
+            return
+        self._sync_requested = True
+        self._kick()
+        while self._drainer is not None:
+            await asyncio.sleep(0.002)
+
+
+def _s(v: bytes | str) -> str:
+    return v.decode() if isinstance(v, bytes) else v

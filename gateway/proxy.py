@@ -1,0 +1,266 @@
+"""Forwarding one request: choose an instance, admit it, send, retry where safe.
+
+One overall deadline (``TIMEOUT_MS``) covers admission, every attempt and every backoff,
+so retries never multiply it. A request is sent again, on another instance, after a
+connect failure (it never reached the instance, any method), or after a timeout or a
+502/503/504 for idempotent methods only: a POST that an instance received is never
+replayed. Every outcome feeds that instance's circuit breaker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import aiohttp
+from yarl import URL
+
+from common.errors import BadGateway, GatewayTimeout, ServiceUnavailable, TooManyRequests
+from gateway.config import GatewaySettings
+from gateway.limiter import Admission, Full, Limiter, RateCharge, RateLimited
+from gateway.metrics import GatewayMetrics
+from gateway.policy import IDEMPOTENT_METHODS
+from gateway.upstreams import Candidate, Service
+
+log = logging.getLogger("barber.gateway.proxy")
+
+RETRYABLE_STATUS = frozenset({502, 503, 504})
+
+
+@dataclass(slots=True)
+class UpstreamResponse:
+    status: int
+    reason: str | None
+    headers: list[tuple[str, str]]
+    body: bytes
+    instance: str
+    attempts: int
+
+
+class _AttemptFailed(Exception):
+    def __init__(self, instance: str, *, reached: bool, timed_out: bool, cause: str) -> None:
+        super().__init__(cause)
+        self.instance = instance
+        self.reached = reached
+        self.timed_out = timed_out
+        self.cause = cause
+
+
+def make_session(settings: GatewaySettings) -> aiohttp.ClientSession:
+    """One pooled, keep-alive client for every upstream call."""
+    connector = aiohttp.TCPConnector(
+        limit=0,
+        limit_per_host=settings.upstream_max_connections,
+        keepalive_timeout=30,
+        # Upstream servers close idle connections after 60 s; we close ours first.
+        enable_cleanup_closed=False,
+        ttl_dns_cache=300,
+    )
+    return aiohttp.ClientSession(
+        connector=connector,
+        auto_decompress=False,
+        cookie_jar=aiohttp.DummyCookieJar(),
+        skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept", "Content-Type"),
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=settings.upstream_connect_timeout_ms / 1000),
+    )
+
+
+class Proxy:
+    def __init__(self, settings: GatewaySettings, services: dict[str, Service], limiter: Limiter,
+                 metrics: GatewayMetrics, session: aiohttp.ClientSession) -> None:
+        self.settings = settings
+        self.services = services
+        self.limiter = limiter
+        self.metrics = metrics
+        self.session = session
+        self.least_outstanding = settings.lb_policy == "least_outstanding"
+
+    # -- the whole request -----------------------------------------------------------
+    async def forward(self, service: Service, method: str, path_qs: str, headers: Sequence[tuple[str, str]],
+                      body: bytes | None, *, deadline: float, charge: RateCharge | None = None) -> UpstreamResponse:
+        idempotent = method in IDEMPOTENT_METHODS
+        tried: set[str] = set()
+        last: _AttemptFailed | UpstreamResponse | None = None
+        loop = asyncio.get_running_loop()
+        attempt = 0
+        while True:
+            candidates, known = service.candidates(tried)
+            if not candidates:
+                if last is not None:
+                    return self._give_up(service, last, attempt)
+                raise self._unavailable(service, known)
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                service.give_back(candidates, None)
+                raise self._timeout(service, last)
+            admission: Admission | None = None
+            try:
+                async with asyncio.timeout(remaining):
+                    admission = await self.limiter.admit(
+                        [c.instance.address for c in candidates],
+                        limit=self.settings.task_limit_per_service,
+                        least_outstanding=self.least_outstanding,
+                        charge=charge if attempt == 0 else None,
+                    )
+            except Full:
+                if last is not None:
+                    return self._give_up(service, last, attempt)
+                self.metrics.rejections.labels(service.name, "task_limit").inc()
+                raise ServiceUnavailable(
+                    f"All {service.name} instances are busy (task limit {self.settings.task_limit_per_service} "
+                    f"reached); try again later.",
+                    headers={"Retry-After": "1"},
+                ) from None
+            except RateLimited as e:
+                self.metrics.rejections.labels(service.name, "rate_limit").inc()
+                raise TooManyRequests("Too many requests; slow down.", retry_after_s=e.retry_after_s) from None
+            except TimeoutError:
+                raise self._timeout(service, last) from None
+            finally:
+                # Trial slots of half-open breakers that this request will not use go back.
+                service.give_back(candidates, admission.instance if admission is not None else None)
+            chosen = next(c for c in candidates if c.instance.address == admission.instance)
+            self._alert_on_load(service, admission)
+            attempt += 1
+            tried.add(admission.instance)
+            try:
+                result: _AttemptFailed | UpstreamResponse = await self._attempt(
+                    chosen, method, path_qs, headers, body, deadline, attempt
+                )
+            except BaseException:
+                service.breakers.get(admission.instance).release_unused(chosen.breaker_state)
+                raise
+            finally:
+                self.limiter.release(admission.instance)
+            breaker = service.breakers.get(admission.instance)
+            if isinstance(result, UpstreamResponse):
+                if result.status >= 500:
+                    breaker.record_failure(chosen.breaker_state)
+                else:
+                    breaker.record_success(chosen.breaker_state)
+                    return result
+                if result.status not in RETRYABLE_STATUS or not idempotent:
+                    return result
+            else:
+                breaker.record_failure(chosen.breaker_state)
+                if result.reached and not idempotent:
+                    return self._give_up(service, result, attempt)
+            last = result
+            if attempt > self.settings.max_retries or all(i.address in tried for i in service.instances):
+                # Out of retries, or no other instance to try ("on another instance").
+                return self._give_up(service, last, attempt)
+            # Jittered backoff (full jitter), within what is left of the deadline.
+            delay = random.uniform(0, self.settings.retry_backoff_ms / 1000 * 2 ** (attempt - 1))
+            if loop.time() + delay >= deadline:
+                return self._give_up(service, last, attempt)
+            reason = "timeout" if isinstance(result, _AttemptFailed) and result.timed_out else (
+                "connect" if isinstance(result, _AttemptFailed) and not result.reached else
+                "status" if isinstance(result, UpstreamResponse) else "error")
+            self.metrics.retries.labels(service.name, reason).inc()
+            log.info("retrying %s %s on another %s instance after %s at %s", method, path_qs.split("?")[0],
+                     service.name, reason, admission.instance)
+            if delay > 0:
+                await asyncio.sleep(delay)
+
+    # -- one attempt -----------------------------------------------------------------
+    async def _attempt(self, chosen: Candidate, method: str, path_qs: str, headers: Sequence[tuple[str, str]],
+                       body: bytes | None, deadline: float, attempt: int) -> _AttemptFailed | UpstreamResponse:
+        inst = chosen.instance
+        loop = asyncio.get_running_loop()
+        budget = deadline - loop.time()
+        if self.settings.attempt_timeout_ms:
+            budget = min(budget, self.settings.attempt_timeout_ms / 1000)
+        started = time.perf_counter()
+        m = self.metrics
+        m.child(m.in_flight, inst.address).inc()
+        try:
+            async with asyncio.timeout(budget):
+                async with self.session.request(
+                    method, URL(inst.url + path_qs, encoded=True), headers=list(headers), data=body,
+                    allow_redirects=False,
+                ) as resp:
+                    data = await resp.read()
+                    return UpstreamResponse(resp.status, resp.reason, list(resp.headers.items()), data,
+                                            inst.address, attempt)
+        except TimeoutError:
+            return _AttemptFailed(inst.address, reached=True, timed_out=True, cause="timed out")
+        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as e:
+            return _AttemptFailed(inst.address, reached=False, timed_out=False, cause=_describe(e))
+        except (aiohttp.ClientError, OSError) as e:
+            return _AttemptFailed(inst.address, reached=True, timed_out=False, cause=_describe(e))
+        finally:
+            m.child(m.in_flight, inst.address).dec()
+            m.child(m.upstream_latency, inst.address).observe(time.perf_counter() - started)
+
+    # -- outcomes --------------------------------------------------------------------
+    def _give_up(self, service: Service, last: _AttemptFailed | UpstreamResponse, attempts: int) -> UpstreamResponse:
+        if isinstance(last, UpstreamResponse):
+            return last
+        if last.timed_out:
+            raise GatewayTimeout(f"Request passed to {last.instance} has timed out.")
+        self.metrics.rejections.labels(service.name, "upstream_error").inc()
+        raise BadGateway(f"{service.name} instance {last.instance} failed: {last.cause}.")
+
+    def _timeout(self, service: Service, last: _AttemptFailed | UpstreamResponse | None) -> GatewayTimeout:
+        target = last.instance if last is not None else service.name
+        return GatewayTimeout(f"Request passed to {target} has timed out.")
+
+    def _unavailable(self, service: Service, known: int) -> ServiceUnavailable:
+        if known == 0:
+            self.metrics.rejections.labels(service.name, "no_instance").inc()
+            return ServiceUnavailable(f"No {service.name} instances are available.", headers={"Retry-After": "1"})
+        self.metrics.rejections.labels(service.name, "breaker_open").inc()
+        return ServiceUnavailable(
+            f"No healthy {service.name} instances: the circuit is open for all {known}.",
+            headers={"Retry-After": "1"},
+        )
+
+    def _alert_on_load(self, service: Service, admission: Admission) -> None:
+        threshold = self.settings.load_threshold_per_s_per_service
+        # Once per instance per second: on the request that crosses the threshold.
+        if admission.load == threshold + 1:
+            self.metrics.load_alerts.labels(service.name, admission.instance).inc()
+            log.warning(
+                "ALERT: Load on %s [%s] has exceeded %d req/s",
+                service.name, admission.instance, threshold,
+                extra={
+                    "event.kind": "alert",
+                    "event.category": ["network"],
+                    "event.type": ["info"],
+                    "event.action": "load-threshold-exceeded",
+                    "labels.target_service": service.name,
+                    "labels.instance": admission.instance,
+                    "labels.threshold_per_s": threshold,
+                    "labels.shared_count": admission.shared,
+                },
+            )
+
+    # -- WebSocket: an instance for a long-lived connection --------------------------
+    def pick_for_socket(self, service: Service, exclude: set[str]) -> Candidate:
+        """An instance for a WebSocket: balanced and breaker-checked, but not counted against
+        the task limit (a socket would hold a slot for its whole life)."""
+        candidates, known = service.candidates(exclude)
+        if not candidates:
+            raise self._unavailable(service, known)
+        chosen = candidates[0]
+        service.give_back(candidates, chosen.instance.address)
+        return chosen
+
+    def socket_outcome(self, service: Service, chosen: Candidate, ok: bool) -> None:
+        breaker = service.breakers.get(chosen.instance.address)
+        if ok:
+            breaker.record_success(chosen.breaker_state)
+        else:
+            breaker.record_failure(chosen.breaker_state)
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, aiohttp.ClientConnectorError):
+        return f"cannot connect ({e.os_error.strerror or e.os_error})"
+    text = str(e) or type(e).__name__
+    return text[:200]
+
