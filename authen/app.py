@@ -13,9 +13,9 @@ from authen.guard import SigninGuard
 from authen.passwords import Passwords
 from authen.settings import AuthenSettings
 from authen.users import Deps
-from authen.participant import OutcomeWatcher
+from authen import participant
 from common import internal
-from common.participant import CoordinatorClient
+from common.participant import CoordinatorClient, OutcomeWatcher
 from common.service import ServiceApp, make_app
 from common.tokens import TokenSigner
 from replicas import ReadWriteRouter
@@ -74,8 +74,13 @@ async def build(settings: AuthenSettings) -> ServiceApp:
     app = make_app(settings, handlers.routes(settings), **{handlers.DEPS: deps, handlers.STATE: state})
     coordinator = CoordinatorClient(settings.discovery_url, internal.read_secret(settings.service_secret_file))
     await coordinator.start()
-    watcher = OutcomeWatcher(router, coordinator.outcome, after_s=settings.participant_outcome_after_s,
-                             interval_s=max(1.0, settings.participant_outcome_after_s / 3))
+    watcher = OutcomeWatcher(
+        stale=lambda after_s: participant.stale_prepared(router, after_s),
+        ask=coordinator.outcome,
+        commit=lambda gid: participant.commit(router, gid),
+        abort=lambda gid: participant.abort(router, gid),
+        after_s=settings.participant_outcome_after_s,
+    )
     watcher.start()
 
     async def close() -> None:

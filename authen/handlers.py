@@ -6,13 +6,11 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
-from pydantic import BaseModel, ConfigDict, Field
-
 from authen import participant, users
 from authen.settings import AuthenSettings
 from common.errors import BadRequest, NotFound
 from common.handler import BaseHandler
-from common.participant import crash_point
+from common.participant import PrepareRequest, crash_point
 
 DEPS = "authen.deps"
 STATE = "authen.state"
@@ -109,11 +107,6 @@ class SleepyHandler(AuthenHandler):
 
 
 # -- internal: the deletion coordinator's participant endpoints (service credential only) --
-class PrepareRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    user_id: int = Field(ge=1)
-
-
 class InternalHandler(AuthenHandler):
     def prepare(self) -> None:
         super().prepare()

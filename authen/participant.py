@@ -14,10 +14,9 @@ Every function here is idempotent: the coordinator repeats calls after crashes.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
-from typing import Any, Awaitable, Callable
+from typing import Any, Callable
 
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
@@ -184,53 +183,10 @@ async def delete_user(router: ReadWriteRouter, user_id: int) -> dict[str, Any]:
     return {"user_id": user_id, "deleted": deleted is not None}
 
 
-# -- asking the coordinator ---------------------------------------------------------------
-class OutcomeWatcher:
-    """A transaction left prepared here too long: ask the coordinator what was decided.
-
-    Protects against a coordinator that died for good (or lost its way) leaving the user
-    row locked: after ``after_s`` the participant asks, and applies the answer.
-    """
-
-    def __init__(self, router: ReadWriteRouter, ask: Callable[[str], Awaitable[str | None]], after_s: float,
-                 interval_s: float) -> None:
-        self.router = router
-        self.ask = ask
-        self.after_s = after_s
-        self.interval_s = interval_s
-        self._task: asyncio.Task[None] | None = None
-
-    async def check_once(self) -> None:
-        engine = self.router.primary.write_engine
-        async with engine.connect() as conn:
-            rows = (await conn.execute(text(
-                "SELECT gid FROM pg_prepared_xacts WHERE database = current_database() "
-                "AND prepared < now() - make_interval(secs => :after)"), {"after": self.after_s})).all()
-        for (gid,) in rows:
-            try:
-                decision = await self.ask(gid)
-            except Exception as e:  # coordinator unreachable: ask again next time
-                log.warning("cannot ask the coordinator about %s: %s", gid, e)
-                continue
-            if decision == "commit":
-                await commit(self.router, gid)
-            elif decision == "abort":
-                await abort(self.router, gid)
-
-    async def _loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval_s)
-            try:
-                await self.check_once()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("checking prepared transactions failed")
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._loop())
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+async def stale_prepared(router: ReadWriteRouter, older_than_s: float) -> list[str]:
+    engine = router.primary.write_engine
+    async with engine.connect() as conn:
+        rows = (await conn.execute(text(
+            "SELECT gid FROM pg_prepared_xacts WHERE database = current_database() "
+            "AND prepared < now() - make_interval(secs => :after)"), {"after": older_than_s})).all()
+    return [r[0] for r in rows]
