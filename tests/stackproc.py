@@ -9,11 +9,11 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from stack.control import ControlError, StackControl
 from stack.layout import Layout, service_env
+from tests.util import wait_until_sync
 
 ROOT = Path(__file__).resolve().parent.parent
 # The stack creates this admin account (the deletion coordinator's tests sign in with it).
@@ -51,18 +51,21 @@ class StackProcess:
                 [sys.executable, "-m", "stack", "up"], cwd=ROOT, env=self.command_env(),
                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent,
             )
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the stack exited with {self.process.returncode}:\n{self.tail()}")
+        def settled() -> bool:
+            if self.process is not None and self.process.poll() is not None:
+                return True
             try:
-                if self.control.status()["ready"]:
-                    return
+                return bool(self.control.status()["ready"])
             except (ControlError, OSError, ValueError):
-                pass
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"the stack was not ready in {timeout_s}s:\n{self.tail()}")
+                return False
+
+        try:
+            wait_until_sync(settled, timeout=timeout_s, poll_interval=0.2, message="the stack ready")
+        except AssertionError as e:
+            self.stop()
+            raise RuntimeError(f"the stack was not ready in {timeout_s}s:\n{self.tail()}") from e
+        if self.process.poll() is not None:
+            raise RuntimeError(f"the stack exited with {self.process.returncode}:\n{self.tail()}")
 
     def tail(self, lines: int = 40) -> str:
         try:

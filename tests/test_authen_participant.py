@@ -6,8 +6,9 @@ import uuid
 
 import psycopg
 
+from tests.http import call
 from tests.stackproc import StackProcess
-from tests.test_chat_support import call, make_user
+from tests.test_chat_support import make_user
 
 PASSWORD = "correct horse"
 

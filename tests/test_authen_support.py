@@ -3,42 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import uuid
 from typing import Any, AsyncIterator
 
 import psycopg
-from tornado.httpclient import AsyncHTTPClient
 
-
-class Reply:
-    def __init__(self, code: int, body: bytes, headers: Any) -> None:
-        self.code = code
-        self.raw = body
-        self.headers = headers
-        try:
-            self.json: Any = json.loads(body) if body else None
-        except ValueError:
-            self.json = None
-
-    def __repr__(self) -> str:
-        return f"<{self.code} {self.raw[:300]!r}>"
-
-
-async def call(method: str, url: str, body: Any = None, *, raw: bytes | None = None,
-               headers: dict[str, str] | None = None, timeout: float = 20.0) -> Reply:
-    hdrs = dict(headers or {})
-    data: bytes | None = raw
-    if body is not None:
-        data = json.dumps(body).encode()
-        hdrs.setdefault("Content-Type", "application/json")
-    if data is None and method in ("POST", "PUT"):
-        data = b""
-    resp = await AsyncHTTPClient().fetch(
-        url, method=method, body=data, headers=hdrs, request_timeout=timeout, raise_error=False,
-        allow_nonstandard_methods=True,
-    )
-    return Reply(resp.code, resp.body or b"", resp.headers)
+from tests.http import Reply, call  # noqa: F401  (re-exported for the tests)
 
 
 def new_username(prefix: str = "u") -> str:

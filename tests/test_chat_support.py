@@ -11,42 +11,12 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from tornado.httpclient import AsyncHTTPClient, HTTPRequest
+from tornado.httpclient import HTTPRequest
 from tornado.websocket import WebSocketClientConnection, websocket_connect
 
+from tests.http import Reply, call  # noqa: F401  (re-exported for the tests)
 from tests.stackproc import StackProcess
 from tests.util import wait_until
-
-
-class Reply:
-    def __init__(self, code: int, body: bytes) -> None:
-        self.code = code
-        self.raw = body
-        try:
-            self.json: Any = json.loads(body) if body else None
-        except ValueError:
-            self.json = None
-
-    def __repr__(self) -> str:
-        return f"<{self.code} {self.raw[:300]!r}>"
-
-
-async def call(method: str, url: str, body: Any = None, *, token: str | None = None,
-               headers: dict[str, str] | None = None, timeout: float = 20.0) -> Reply:
-    hdrs = dict(headers or {})
-    if token is not None:
-        hdrs["Authorization"] = f"Bearer {token}"
-    data: bytes | None = None
-    if body is not None:
-        data = json.dumps(body).encode()
-        hdrs.setdefault("Content-Type", "application/json")
-    elif method in ("POST", "PUT"):
-        data = b""
-    resp = await AsyncHTTPClient().fetch(
-        url, method=method, body=data, headers=hdrs, request_timeout=timeout, raise_error=False,
-        allow_nonstandard_methods=True,
-    )
-    return Reply(resp.code, resp.body or b"")
 
 
 @dataclass

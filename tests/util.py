@@ -35,7 +35,7 @@ async def wait_until(predicate: Predicate, timeout: float = 10.0, interval: floa
         await asyncio.sleep(interval)
 
 
-def wait_until_sync(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05,
+def wait_until_sync(predicate: Callable[[], Any], timeout: float = 10.0, poll_interval: float = 0.05,
                     message: str = "") -> Any:
     deadline = time.monotonic() + timeout
     last_error: BaseException | None = None
@@ -49,7 +49,7 @@ def wait_until_sync(predicate: Callable[[], Any], timeout: float = 10.0, interva
         if time.monotonic() >= deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {message or predicate}"
                                  + (f" (last error: {last_error!r})" if last_error else ""))
-        time.sleep(interval)
+        time.sleep(poll_interval)
 
 
 def free_port() -> int:
