@@ -140,11 +140,15 @@ async def abort(router: ReadWriteRouter, gid: str, attempts: int = 10) -> str:
                         raise
             try:
                 # A prepare still running holds this gid's row: wait briefly, then look again.
-                await conn.execute(text("SET lock_timeout = '1s'"))
+                # (SET LOCAL: the pooled connection must not keep the timeout.)
+                await conn.execute(text("BEGIN"))
+                await conn.execute(text("SET LOCAL lock_timeout = '1s'"))
                 await conn.execute(text(
                     "INSERT INTO participant_tx (gid, state) VALUES (:gid, 'aborted') ON CONFLICT (gid) DO NOTHING"),
                     {"gid": gid})
+                await conn.execute(text("COMMIT"))
             except DBAPIError as e:
+                await conn.execute(text("ROLLBACK"))
                 if _sqlstate(e) == _LOCK_NOT_AVAILABLE:
                     continue
                 raise
@@ -187,6 +191,6 @@ async def stale_prepared(router: ReadWriteRouter, older_than_s: float) -> list[s
     engine = router.primary.write_engine
     async with engine.connect() as conn:
         rows = (await conn.execute(text(
-            "SELECT gid FROM pg_prepared_xacts WHERE database = current_database() "
+            "SELECT gid FROM pg_prepared_xacts WHERE database = current_database() AND gid LIKE 'barber-tx-%' "
             "AND prepared < now() - make_interval(secs => :after)"), {"after": older_than_s})).all()
     return [r[0] for r in rows]

@@ -29,6 +29,11 @@ T = TypeVar("T")
 CACHE_ERRORS = (RedisError, RedisClusterException, OSError, TimeoutError)
 
 
+# Longer than any lookup can take from its authen call to its cache write.
+TOMBSTONE = "deleted"
+TOMBSTONE_TTL_S = 120
+
+
 class CacheError(Exception):
     """The cluster could not complete an operation that must not be skipped."""
 
@@ -128,7 +133,7 @@ class UserCache:
         except CACHE_ERRORS as e:
             self._failed("read", e)
             return None
-        if raw is None:
+        if raw is None or raw == TOMBSTONE:
             self.stats.misses += 1
             return None
         try:
@@ -145,7 +150,9 @@ class UserCache:
         if not self.available:
             return
         try:
-            await self._run(self._redis().set(user_key(user_id), json.dumps(data), ex=self.ttl_s))
+            # NX: never over a tombstone (a lookup that raced with a deletion must not
+            # bring the deleted user back); entries are only ever written on a miss anyway.
+            await self._run(self._redis().set(user_key(user_id), json.dumps(data), ex=self.ttl_s, nx=True))
         except CACHE_ERRORS as e:
             self._failed("write", e)
             return
@@ -153,9 +160,12 @@ class UserCache:
         log.info("Cached data for user#%d", user_id, extra={"user.id": user_id, "event.action": "cache-store"})
 
     async def invalidate(self, user_id: int) -> None:
-        """Remove ``user:<id>``; raises :class:`CacheError` if the cluster cannot confirm it."""
+        """Remove ``user:<id>``'s data; raises :class:`CacheError` if the cluster cannot confirm it.
+
+        What is left is a short-lived tombstone, so that a lookup which read the user from
+        authen just before the deletion committed cannot store it again afterwards."""
         try:
-            await self._run(self._redis().delete(user_key(user_id)))
+            await self._run(self._redis().set(user_key(user_id), TOMBSTONE, ex=TOMBSTONE_TTL_S))
         except CACHE_ERRORS as e:
             self._failed("invalidate", e)
             raise CacheError(f"could not invalidate user#{user_id}: {self.last_error}") from e

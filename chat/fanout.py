@@ -40,6 +40,7 @@ from typing import Any, Protocol
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from chat.chats import CLOSE_DELETING, CLOSE_NOT_FOUND
 from chat.store import Chat, ChatMessage, Store, StoreUnavailable, iso_now, message_id
 from chat.users import User
 from common.errors import Conflict
@@ -370,6 +371,8 @@ class Room:
         self.last_delivery = time.monotonic()
         self.needs_check = False
         self.closed = False
+        # Why the chat takes no more messages (being deleted, deleted), once known here.
+        self.refused: str | None = None
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         # Published while the room was opening; accepted once it knows where it stands.
         self.early: list[ChatMessage] = []
@@ -381,6 +384,12 @@ class Room:
             # is stored after this read is published after it and reaches us (held in
             # `early` until we know where we stand).
             top = await self.hub.store.max_seq(self.chat_id)
+            # The caller's copy of the chat may predate a deletion mark set meanwhile.
+            fresh = await self.hub.store.get_chat(self.chat_id)
+            if fresh is None:
+                self.refused = "chat deleted"
+            elif fresh.deleting:
+                self.refused = "chat is being deleted"
         except Exception as e:  # any failure must release the joiners waiting on `ready`
             if not isinstance(e, StoreUnavailable):
                 log.exception("opening room %s failed", self.chat_id)
@@ -604,6 +613,12 @@ class Writer:
             p.future.set_result(msg)  # type: ignore[arg-type]
 
     async def _write(self, batch: list[_PendingWrite]) -> None:
+        # A chat closed for deletion while its messages waited here takes none of them.
+        for p in [p for p in batch if p.room.refused]:
+            self._finish(p, error=Conflict(p.room.refused or "chat is being deleted"))
+        batch = [p for p in batch if not p.room.refused]
+        if not batch:
+            return
         for p in batch:
             if not p.seq_assigned:
                 p.doc["seq"] = p.room.next_seq()
@@ -768,6 +783,7 @@ class Hub:
         if room is None:
             return 0
         n = len(room.subs)
+        room.refused = reason
         room.close(code, reason)
         room.closed = True
         del self.rooms[chat_id]
@@ -786,8 +802,8 @@ class Hub:
         """Store a message from ``sub``'s user and deliver it. Raises StoreUnavailable,
         Conflict (chat being deleted)."""
         room = sub.room
-        if room.chat.deleting:
-            raise Conflict("chat is being deleted")
+        if room.chat.deleting or room.refused:
+            raise Conflict(room.refused or "chat is being deleted")
         now = time.time()
         doc: dict[str, Any] = {
             "_id": message_id(room.chat_id, sub.user.id, client_id),
@@ -812,11 +828,24 @@ class Hub:
             room.early.append(msg)
 
     def on_resubscribed(self) -> None:
-        """The pub/sub connection came back: every room re-reads its tail."""
+        """The pub/sub connection came back: every room re-reads its tail, and its chat
+        (a deletion's close broadcast may have been missed meanwhile)."""
         for room in self.rooms.values():
             self.stats.resyncs += 1
             room.needs_check = True
         self._tail_wake.set()
+        self.spawn(self._recheck_chats())
+
+    async def _recheck_chats(self) -> None:
+        for chat_id in list(self.rooms):
+            try:
+                chat = await self.store.get_chat(chat_id)
+            except StoreUnavailable:
+                return
+            if chat is None:
+                self.close_chat(chat_id, CLOSE_NOT_FOUND, "chat deleted")
+            elif chat.deleting:
+                self.close_chat(chat_id, CLOSE_DELETING, "chat is being deleted")
 
     async def _tail_loop(self) -> None:
         interval = self.config.tail_check_s

@@ -33,6 +33,8 @@ from common.errors import BadRequest, Conflict, ServiceUnavailable
 log = logging.getLogger("barber.chat.participant")
 
 _GID = re.compile(r"^[A-Za-z0-9_.:-]{1,190}$")
+# The coordinator's transaction ids (saga marks use another prefix).
+GID_PREFIX = "barber-tx-"
 
 
 def check_gid(gid: str) -> str:
@@ -64,22 +66,22 @@ class ChatParticipant:
         check_gid(gid)
         try:
             doc = await self._record(gid)
-            if doc is not None:
+            if doc is not None and doc["state"] != "prepared":
                 if doc["state"] == "aborted":
                     raise Conflict(f"transaction {gid} was already aborted here")
                 return doc["state"]
             chats = await self.store.chats_of(user_id)
-            held = [c.chat_id for c in chats if c.deleting and c.deleting != gid]
-            if held:
-                raise Conflict(f"chat {held[0]} is being deleted by another transaction")
-            try:
-                # Recorded first: an abort racing with this prepare then finds it.
-                await self.txs.insert_one({"_id": gid, "user_id": user_id, "state": "prepared",
-                                           "chat_ids": [c.chat_id for c in chats], "at": time.time()})
-            except DuplicateKeyError:
-                return await self.prepare(gid, user_id)
+            if doc is None:
+                try:
+                    # Recorded first: an abort racing with this prepare then finds it.
+                    await self.txs.insert_one({"_id": gid, "user_id": user_id, "state": "prepared",
+                                               "chat_ids": [c.chat_id for c in chats], "at": time.time()})
+                except DuplicateKeyError:
+                    return await self.prepare(gid, user_id, after_prepare)
+            # A repeated prepare (the first one may have died half-way) marks again: "yes"
+            # is only ever answered once every chat of the user carries the mark.
             for chat in chats:
-                await self.store.chats.update_one({"_id": {"$eq": chat.chat_id}}, {"$set": {"deleting": gid}})
+                await self._mark(chat.chat_id, gid)
             if (await self._record(gid) or {}).get("state") == "aborted":
                 # An abort overtook us: undo the marks it could not see.
                 await self._clear_marks(gid)
@@ -89,9 +91,19 @@ class ChatParticipant:
         for chat in chats:
             await self.hub.close_chat_everywhere(chat.chat_id, CLOSE_DELETING, "chat is being deleted")
         log.info("prepared %s: %d chat(s) of user %d marked", gid, len(chats), user_id)
-        if after_prepare is not None:
+        if doc is None and after_prepare is not None:
             after_prepare()
         return "prepared"
+
+    async def _mark(self, chat_id: str, gid: str) -> None:
+        """Mark a chat for ``gid`` unless another deletion holds it (then vote no)."""
+        result = await self.store.chats.update_one({"_id": {"$eq": chat_id}, "deleting": {"$eq": None}},
+                                                   {"$set": {"deleting": gid}})
+        if result.matched_count:
+            return
+        current = await self.store.get_chat(chat_id)
+        if current is not None and current.deleting not in (None, gid):
+            raise Conflict(f"chat {chat_id} is being deleted by another transaction")
 
     async def commit(self, gid: str) -> str:
         check_gid(gid)
@@ -104,13 +116,22 @@ class ChatParticipant:
             if doc["state"] == "committed":
                 return "committed"
             user_id = int(doc["user_id"])
+        except PyMongoError as e:
+            raise StoreUnavailable("chat storage unavailable") from e
+        # First, so that no new chat with the user can start from a cached entry (authen
+        # already answers 404: it commits before chat).
+        await self.invalidate(user_id)
+        try:
             # The marked chats, and any the user started since (commit removes them all).
             chat_ids = set(doc.get("chat_ids", [])) | {c.chat_id for c in await self.store.chats_of(user_id)}
             for chat_id in sorted(chat_ids):
                 await self._delete_chat(chat_id)
+            # A write already on its way when the chat was closed may land after the
+            # first sweep; the second takes it too.
+            for chat_id in sorted(chat_ids):
+                await self.store.messages.delete_many({"chat_id": {"$eq": chat_id}})
         except PyMongoError as e:
             raise StoreUnavailable("chat storage unavailable") from e
-        await self.invalidate(user_id)
         try:
             await self.txs.update_one({"_id": {"$eq": gid}}, {"$set": {"state": "committed", "at": time.time()}})
         except PyMongoError as e:
@@ -141,13 +162,22 @@ class ChatParticipant:
         await self.store.chats.update_many({"deleting": {"$eq": gid}}, {"$set": {"deleting": None}})
 
     async def prepared(self, older_than_s: float = 0.0) -> list[dict[str, Any]]:
+        """Transactions holding anything here: prepared records, and marks left on chats by
+        a prepare that died after its transaction was aborted (recovery's abort clears them)."""
         try:
             docs = await self.txs.find({"state": {"$eq": "prepared"}}).to_list()
+            marked = await self.store.chats.find(
+                {"deleting": {"$gte": GID_PREFIX, "$lt": GID_PREFIX[:-1] + chr(ord(GID_PREFIX[-1]) + 1)}},
+                {"deleting": 1}).to_list()
         except PyMongoError as e:
             raise StoreUnavailable("chat storage unavailable") from e
         cutoff = time.time() - older_than_s
-        return [{"gid": d["_id"], "user_id": d.get("user_id"), "prepared_at": d.get("at")}
-                for d in docs if d.get("at", 0) <= cutoff]
+        held = {d["_id"]: {"gid": d["_id"], "user_id": d.get("user_id"), "prepared_at": d.get("at")}
+                for d in docs if d.get("at", 0) <= cutoff}
+        for chat in marked:
+            if chat["deleting"] not in held and not older_than_s:
+                held[chat["deleting"]] = {"gid": chat["deleting"], "user_id": None, "prepared_at": None}
+        return list(held.values())
 
     async def stale_prepared(self, older_than_s: float) -> list[str]:
         return [t["gid"] for t in await self.prepared(older_than_s)]

@@ -87,14 +87,15 @@ class OutcomeWatcher:
         for gid in await self.stale(self.after_s):
             try:
                 decision = await self.ask(gid)
+                log.info("coordinator says %s for %s, left prepared here", decision or "wait", gid)
+                if decision == "commit":
+                    await self.commit(gid)
+                elif decision == "abort":
+                    await self.abort(gid)
             except ConnectionError as e:  # no coordinator reachable: ask again next time
                 log.warning("%s", e)
-                continue
-            log.info("coordinator says %s for %s, left prepared here", decision or "wait", gid)
-            if decision == "commit":
-                await self.commit(gid)
-            elif decision == "abort":
-                await self.abort(gid)
+            except Exception:  # one stuck transaction must not hold up the others
+                log.exception("resolving %s failed; trying again later", gid)
 
     async def _loop(self) -> None:
         while True:

@@ -60,19 +60,24 @@ class Coordinator:
     # -- entry point -----------------------------------------------------------------
     async def delete_user(self, user_id: int, mode: str) -> Transaction:
         await self._require_user(user_id)
+        tx_id = uuid.uuid4()
+        # Ours before it is in the log, so a recovery pass never takes it for an orphan.
+        self.active.add(tx_id)
         if mode == "2pc":
-            tx_id = await self.txlog.begin("2pc", user_id, self.owner, list(PARTICIPANTS), [])
-            log.info("2pc %s: deleting user %d", tx_id, user_id)
-            self.active.add(tx_id)
             try:
+                await self.txlog.begin(tx_id, "2pc", user_id, self.owner, list(PARTICIPANTS), [])
+                log.info("2pc %s: deleting user %d", tx_id, user_id)
                 self.crash("after_log_start")
                 await self._two_phase(tx_id, user_id)
             finally:
                 self.active.discard(tx_id)
         else:
-            tx_id = await self.txlog.begin("saga", user_id, self.owner, [], list(SAGA_STEPS))
+            try:
+                await self.txlog.begin(tx_id, "saga", user_id, self.owner, [], list(SAGA_STEPS))
+            except BaseException:
+                self.active.discard(tx_id)
+                raise
             log.info("saga %s: deleting user %d", tx_id, user_id)
-            self.active.add(tx_id)
             self._spawn(self._run_saga(tx_id, user_id))
         tx = await self.txlog.get(tx_id)
         assert tx is not None
@@ -206,6 +211,9 @@ class Coordinator:
         authen, chat = self.participants["authen"], self.participants["chat"]
         if name == "deactivate":
             await self._forever(tx_id, name, lambda: authen.call("POST", f"/internal/users/{user_id}/deactivate"))
+            # authen no longer shows the user; chat must not keep using a cached copy while
+            # its chats are purged (nor start new chats with it).
+            await self._forever(tx_id, name, lambda: chat.call("DELETE", f"/internal/cache/users/{user_id}"))
         elif name == "purge_chats":
             progress = dict(step["progress"] or {})
             progress.setdefault("chats_deleted", 0)

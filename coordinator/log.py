@@ -90,9 +90,8 @@ class TxLog:
         await self.engine.dispose()
 
     # -- writing ---------------------------------------------------------------------
-    async def begin(self, mode: str, user_id: int, owner: str, participants: list[str],
-                    steps: list[str]) -> uuid.UUID:
-        tx_id = uuid.uuid4()
+    async def begin(self, tx_id: uuid.UUID, mode: str, user_id: int, owner: str, participants: list[str],
+                    steps: list[str]) -> None:
         try:
             async with self.engine.begin() as conn:
                 await conn.execute(text(
@@ -110,7 +109,6 @@ class TxLog:
                         {"id": tx_id, "p": position, "name": name})
         except IntegrityError as e:
             raise Conflict(f"a deletion of user {user_id} is already running") from e
-        return tx_id
 
     async def set_participant(self, tx_id: uuid.UUID, name: str, state: str, detail: str | None = None) -> None:
         async with self.engine.begin() as conn:

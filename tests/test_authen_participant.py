@@ -40,7 +40,7 @@ async def check_code(stack: StackProcess, user_id: int, index: int) -> int:
 
 async def test_prepare_then_commit_from_the_other_instance(stack: StackProcess) -> None:
     user = await make_user(stack, "customer")
-    gid = f"barber-tx-{uuid.uuid4()}"
+    gid = f"test-tx-{uuid.uuid4()}"
     reply = await tx(stack, "prepare", gid, 0, user.id)
     assert reply.code == 200 and reply.json["state"] == "prepared", reply
     assert gid in prepared_gids(stack)
@@ -66,7 +66,7 @@ async def test_prepare_then_commit_from_the_other_instance(stack: StackProcess) 
 
 async def test_prepare_then_abort_keeps_the_user(stack: StackProcess) -> None:
     user = await make_user(stack, "employee")
-    gid = f"barber-tx-{uuid.uuid4()}"
+    gid = f"test-tx-{uuid.uuid4()}"
     assert (await tx(stack, "prepare", gid, 0, user.id)).code == 200
     reply = await tx(stack, "abort", gid, 1)
     assert reply.code == 200 and reply.json["state"] == "aborted", reply
@@ -79,18 +79,18 @@ async def test_prepare_then_abort_keeps_the_user(stack: StackProcess) -> None:
 
 async def test_votes_no_and_refuses_bad_calls(stack: StackProcess) -> None:
     user = await make_user(stack, "customer")
-    gid = f"barber-tx-{uuid.uuid4()}"
+    gid = f"test-tx-{uuid.uuid4()}"
     reply = await tx(stack, "prepare", gid, 0, 987_654_321)
     assert reply.code == 404 and "detail" in reply.json
     # A second transaction on a user already held by a prepared one votes no.
-    held = f"barber-tx-{uuid.uuid4()}"
+    held = f"test-tx-{uuid.uuid4()}"
     assert (await tx(stack, "prepare", held, 0, user.id)).code == 200
     try:
         reply = await tx(stack, "prepare", gid, 1, user.id)
         assert reply.code == 409 and "locked" in reply.json["detail"], reply
     finally:
         assert (await tx(stack, "abort", held, 0)).code == 200
-    assert (await tx(stack, "commit", f"barber-tx-{uuid.uuid4()}", 0)).code == 409
+    assert (await tx(stack, "commit", f"test-tx-{uuid.uuid4()}", 0)).code == 409
     base = stack.url("authen")
     assert (await call("POST", f"{base}/internal/tx/{gid}/prepare", {"user_id": user.id})).code == 403
     assert (await call("POST", f"{base}/internal/tx/{gid}/prepare", {"user_id": user.id},

@@ -260,11 +260,13 @@ async def test_invalidate_removes_the_entry(stack: StackProcess, c1: str, custom
         await cache.invalidate(barber.id)
         assert await cache.get(barber.id) is None
         await cache.invalidate(barber.id)  # idempotent
-        # The next lookup goes to authen again and stores a fresh entry.
+        # The next lookup goes to authen again, but stores nothing over the tombstone:
+        # invalidation means the user is being deleted, and a lookup racing with the
+        # deletion must not bring the user back into the cache.
         misses = (await status(c1))["cache"]["misses"]
         await start_chat(c1, customer, barber)
         assert (await status(c1))["cache"]["misses"] > misses
-        assert await cache.get(barber.id) is not None
+        assert await cache.get(barber.id) is None
     finally:
         await cache.close()
 

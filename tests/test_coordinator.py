@@ -14,9 +14,10 @@ from dataclasses import dataclass
 import psycopg
 import pytest
 from pymongo import AsyncMongoClient
-from tornado.httpclient import HTTPClientError
 from redis.asyncio.cluster import ClusterNode, RedisCluster
+from tornado.httpclient import HTTPClientError
 
+from chat.cache import TOMBSTONE
 from tests.http import call
 from tests.procs import ServiceProcess
 from tests.stackproc import ADMIN_PASSWORD, ADMIN_USERNAME, StackProcess
@@ -109,10 +110,11 @@ async def stored_messages(stack: StackProcess, chat_ids: list[str]) -> int:
 
 
 async def cached(stack: StackProcess, user_id: int) -> bool:
+    """Whether chat's cache holds the user's data (a deletion leaves only a tombstone)."""
     nodes = [ClusterNode(*n.split(":")) for n in stack.env["REDIS_CLUSTER_NODES"].split(",")]
-    client = RedisCluster(startup_nodes=nodes)
+    client = RedisCluster(startup_nodes=nodes, decode_responses=True)
     try:
-        return bool(await client.exists(f"user:{user_id}"))
+        return (await client.get(f"user:{user_id}")) not in (None, TOMBSTONE)
     finally:
         await client.aclose()
 
@@ -266,6 +268,28 @@ async def test_participant_abort_then_late_prepare_is_refused(stack: StackProces
         assert reply.json["state"] == "aborted"
     assert (await call("POST", stack.url("authen") + "/authen/signin",
                        {"username": user.username, "password": PASSWORD})).code == 200
+
+
+async def test_chat_mark_closes_sockets_everywhere_and_abort_releases(stack: StackProcess) -> None:
+    party = await make_party(stack, chats=1, messages=1)
+    chat_id, employee = party.chat_ids[0], party.others[0]
+    headers = {"X-Service-Token": service_secret(stack)}
+    # Connected to chat-2; the prepare is served by chat-1.
+    listener = await ChatClient.connect(socket_url(stack.url("chat", 1), chat_id, employee.token))
+    await listener.wait_messages(1)
+    # Not a coordinator id: its recovery must not resolve this one under the test.
+    gid = f"test-tx-{uuid.uuid4()}"
+    reply = await call("POST", f"{stack.url('chat', 0)}/internal/tx/{gid}/prepare", {"user_id": party.user.id},
+                       headers=headers)
+    assert reply.code == 200 and reply.json["state"] == "prepared", reply
+    assert await listener.wait_closed(10) == 4409
+    assert len(await chat_marks(stack, [chat_id])) == 1
+    assert (await call("GET", f"{stack.url('chat', 1)}/chats/connect?id={chat_id}", token=employee.token)).code == 409
+    late = await ChatClient.connect(socket_url(stack.url("chat", 1), chat_id, employee.token))
+    assert await late.wait_closed(10) == 4409
+    reply = await call("POST", f"{stack.url('chat', 1)}/internal/tx/{gid}/abort", headers=headers)
+    assert reply.code == 200 and reply.json["state"] == "aborted", reply
+    await assert_present(stack, party)
 
 
 async def test_orphan_prepared_transaction_is_resolved(stack: StackProcess) -> None:

@@ -37,9 +37,10 @@ def upgrade() -> None:
         sa.CheckConstraint("state IN ('running', 'committed', 'aborted')", name="ck_tx_state"),
         sa.CheckConstraint("decision IS NULL OR decision IN ('commit', 'abort')", name="ck_tx_decision"),
     )
-    # At most one deletion of a user runs at a time (the second gets 409).
-    op.create_index("ux_tx_running_user", "transactions", ["user_id"], unique=True,
-                    postgresql_where=sa.text("state = 'running'"))
+    # At most one deletion of a user is unfinished at a time (the second gets 409): a
+    # decided transaction still holds the user until every participant acknowledged it.
+    op.create_index("ux_tx_unfinished_user", "transactions", ["user_id"], unique=True,
+                    postgresql_where=sa.text("NOT completed"))
     op.create_index("ix_tx_unfinished", "transactions", ["completed"], postgresql_where=sa.text("NOT completed"))
     op.create_table(
         "tx_participants",
