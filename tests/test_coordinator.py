@@ -381,3 +381,31 @@ async def test_participant_killed_after_preparing(stack: StackProcess, admin_tok
         for proc in hooked:
             await proc.stop()
     await assert_gone(stack, party)
+
+
+async def test_participant_left_prepared_asks_the_coordinator(stack: StackProcess, admin_token: str) -> None:
+    """The gateway dies right after deciding commit and stays down: an authen instance
+    that finds the transaction prepared too long asks the coordinator (any gateway) and
+    commits it itself; the rest is finished by another gateway's recovery."""
+    party = await make_party(stack, chats=1)
+    watcher = ServiceProcess(stack, "authen", name="authen-watcher", extra_env={"PARTICIPANT_OUTCOME_AFTER_S": "1"})
+    await watcher.start()
+    crashing = ServiceProcess(stack, "gateway", name="gateway-crash-decision", health_path="/status",
+                              extra_env={"COORDINATOR_CRASH_AT": "after_decision", "BARBER_TEST_HOOKS": "1"})
+    await crashing.start()
+    try:
+        try:
+            await delete(stack, admin_token, party.user.id, base=crashing.url)
+        except (HTTPClientError, OSError):
+            pass
+        assert await crashing.wait_exit(30) == 70
+        tx = (await transactions_of(stack, admin_token, party.user.id))[0]
+        gid = f"barber-tx-{tx['transaction_id']}"
+        assert tx["decision"] == "commit" and not tx["completed"]
+        await wait_until(lambda: f"coordinator says commit for {gid}" in watcher.tail(200), timeout=30,
+                         interval=0.2, message="the authen instance asked the coordinator")
+        assert gid not in prepared_xacts(stack)
+    finally:
+        await watcher.stop()
+    await wait_finished(stack, admin_token, party.user.id, timeout=90)
+    await assert_gone(stack, party)
