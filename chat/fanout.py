@@ -44,6 +44,7 @@ from chat.chats import CLOSE_DELETING, CLOSE_NOT_FOUND
 from chat.store import Chat, ChatMessage, Store, StoreUnavailable, iso_now, message_id
 from chat.users import User
 from common.errors import Conflict
+from common.tasks import cancel_and_wait
 
 log = logging.getLogger("barber.chat.fanout")
 
@@ -140,13 +141,7 @@ class Bus:
         self._publish_task = asyncio.create_task(self._publish_loop())
 
     async def stop(self) -> None:
-        for task in (self._listen_task, self._publish_task):
-            if task is not None:
-                task.cancel()
-                try:
-                    await task
-                except asyncio.CancelledError:
-                    pass
+        await cancel_and_wait(self._listen_task, self._publish_task)
         await self._reset()
         await self._redis.aclose()
 
@@ -543,12 +538,7 @@ class Writer:
         self._task = asyncio.create_task(self._run())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(self._task)
         for queue in self._queues.values():
             for p in queue:
                 if not p.future.done():
@@ -724,12 +714,7 @@ class Hub:
             room.close(CLOSE_GOING_AWAY, "chat instance shutting down; reconnect")
             room.closed = True
         self.rooms.clear()
-        if self._tail_task is not None:
-            self._tail_task.cancel()
-            try:
-                await self._tail_task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(self._tail_task)
         await self.writer.stop()
         await self.bus.stop()
         for task in list(self._background):

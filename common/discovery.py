@@ -22,6 +22,7 @@ from typing import Callable
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 
 from common.internal import SERVICE_TOKEN_HEADER
+from common.tasks import cancel_and_wait
 
 log = logging.getLogger("barber.discovery.client")
 
@@ -108,12 +109,7 @@ class Registration:
         self._task = asyncio.create_task(self._loop())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(self._task)
         if self.instance_id is not None:
             try:
                 await self._call("DELETE", f"/register/{self.instance_id}")
@@ -232,10 +228,5 @@ class InstanceView:
             log.warning("no %s instances known yet; continuing", self.type)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(self._task)
         self._http.close()

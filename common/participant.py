@@ -20,6 +20,7 @@ from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 
 from common.discovery import InstanceView
 from common.internal import SERVICE_TOKEN_HEADER
+from common.tasks import cancel_and_wait
 
 log = logging.getLogger("barber.participant")
 
@@ -111,6 +112,4 @@ class OutcomeWatcher:
         self._task = asyncio.create_task(self._loop())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        await cancel_and_wait(self._task)

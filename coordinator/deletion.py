@@ -21,6 +21,7 @@ import uuid
 from typing import Any, Awaitable
 
 from common.errors import NotFound
+from common.tasks import cancel_and_wait
 from coordinator.log import Transaction, TxLog, gid_of, tx_of
 from coordinator.participants import Participant, Refused, Unreachable
 from coordinator.settings import CoordinatorSettings
@@ -318,7 +319,4 @@ class Coordinator:
         self._recovery = asyncio.create_task(self._recovery_loop())
 
     async def stop(self) -> None:
-        tasks = [t for t in [self._recovery, *self._tasks] if t is not None]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_and_wait(self._recovery, *self._tasks)

@@ -55,7 +55,7 @@ class TransactionListHandler(CoordinatorHandler):
         state = self.get_query_argument("state", None) or None
         if state is not None and state not in TX_STATES:
             raise BadRequest(f"state: must be one of {', '.join(TX_STATES)}")
-        user_id = self.query_int("user_id", -1, minimum=1) if self.get_query_argument("user_id", None) else None
+        user_id = self.query_int("user_id", minimum=1) if "user_id" in self.request.query_arguments else None
         limit = self.query_int("limit", 50, minimum=1, maximum=500)
         txs = await self.coordinator.txlog.list(state, user_id, limit)
         self.write_json({"transactions": [tx.to_json() for tx in txs]})

@@ -35,6 +35,8 @@ from typing import Sequence
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from common.tasks import cancel_and_wait
+
 log = logging.getLogger("barber.gateway.limiter")
 
 PREFIX = "barber:gw:"
@@ -300,12 +302,7 @@ class Limiter:
                     await self.redis.delete(PREFIX + "alive:" + self.gateway_id)
             except (RedisError, OSError, TimeoutError) as e:
                 log.warning("could not release this gateway's task counts (%s); they expire with its TTL", e)
-        if self._drainer is not None:
-            self._drainer.cancel()
-            try:
-                await self._drainer
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(self._drainer)
 
     async def shared_counts(self, instances: Sequence[str]) -> dict[str, int] | None:
         """In-flight requests per instance over every live gateway (for /status), or None
