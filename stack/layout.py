@@ -101,7 +101,6 @@ def service_env(layout: Layout) -> dict[str, str]:
         "AUTHEN_REPLICA_URLS": replicas,
         "COORDINATOR_DATABASE_URL": layout.pg_url("coordinator"),
         "WAREHOUSE_DATABASE_URL": layout.pg_url("warehouse"),
-        "WAREHOUSE_REPLICA_URLS": ",".join(layout.pg_url("authen", i) for i in (1, 2)),
         "GATEWAY_PUBLIC_URL": layout.gateway_url,
         "JWT_PUBLIC_KEY_FILE": str(layout.jwt_public_key.resolve()),
         "JWT_PRIVATE_KEY_FILE": str(layout.jwt_private_key.resolve()),
