@@ -15,28 +15,20 @@ Every function here is idempotent: the coordinator repeats calls after crashes.
 from __future__ import annotations
 
 import logging
-import re
 from typing import Any, Callable
 
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from common.errors import BadRequest, Conflict, NotFound
+from common.errors import Conflict, NotFound
+from common.participant import GID_PREFIX, check_gid
 from replicas import ReadWriteRouter
 
 log = logging.getLogger("barber.authen.participant")
 
-# The gid goes into PREPARE TRANSACTION as a literal (it cannot be a bind parameter).
-_GID = re.compile(r"^[A-Za-z0-9_.:-]{1,190}$")
 _LOCK_NOT_AVAILABLE = "55P03"
 _UNDEFINED_OBJECT = "42704"
-
-
-def check_gid(gid: str) -> str:
-    if not _GID.match(gid):
-        raise BadRequest("transaction id: 1-190 characters of letters, digits, _ . : -")
-    return gid
 
 
 def _sqlstate(e: BaseException) -> str | None:
@@ -50,6 +42,19 @@ async def _is_prepared(conn: AsyncConnection, gid: str) -> bool:
 
 async def _recorded(conn: AsyncConnection, gid: str) -> str | None:
     return (await conn.execute(text("SELECT state FROM participant_tx WHERE gid = :gid"), {"gid": gid})).scalar()
+
+
+async def _finish_prepared(conn: AsyncConnection, gid: str, verb: str) -> bool:
+    """COMMIT or ROLLBACK PREPARED, if it is still prepared; True if it was."""
+    if not await _is_prepared(conn, gid):
+        return False
+    try:
+        await conn.execute(text(f"{verb} PREPARED '{gid}'"))
+        log.info("%s PREPARED %s", verb, gid)
+    except DBAPIError as e:
+        if _sqlstate(e) != _UNDEFINED_OBJECT:  # another instance finished it just now
+            raise
+    return True
 
 
 async def state_of(router: ReadWriteRouter, gid: str) -> str:
@@ -108,13 +113,7 @@ async def commit(router: ReadWriteRouter, gid: str) -> str:
     engine = router.primary.write_engine
     async with engine.connect() as conn:
         await conn.execution_options(isolation_level="AUTOCOMMIT")
-        if await _is_prepared(conn, gid):
-            try:
-                await conn.execute(text(f"COMMIT PREPARED '{gid}'"))
-                log.info("committed %s", gid)
-            except DBAPIError as e:
-                if _sqlstate(e) != _UNDEFINED_OBJECT:  # another instance committed it just now
-                    raise
+        if await _finish_prepared(conn, gid, "COMMIT"):
             # Reads on any instance must not see the user any more, replicas included.
             await router.mark_written(conn)
         recorded = await _recorded(conn, gid)
@@ -131,13 +130,7 @@ async def abort(router: ReadWriteRouter, gid: str, attempts: int = 10) -> str:
     for _ in range(attempts):
         async with engine.connect() as conn:
             await conn.execution_options(isolation_level="AUTOCOMMIT")
-            if await _is_prepared(conn, gid):
-                try:
-                    await conn.execute(text(f"ROLLBACK PREPARED '{gid}'"))
-                    log.info("rolled back %s", gid)
-                except DBAPIError as e:
-                    if _sqlstate(e) != _UNDEFINED_OBJECT:
-                        raise
+            await _finish_prepared(conn, gid, "ROLLBACK")
             try:
                 # A prepare still running holds this gid's row: wait briefly, then look again.
                 # (SET LOCAL: the pooled connection must not keep the timeout.)
@@ -191,6 +184,7 @@ async def stale_prepared(router: ReadWriteRouter, older_than_s: float) -> list[s
     engine = router.primary.write_engine
     async with engine.connect() as conn:
         rows = (await conn.execute(text(
-            "SELECT gid FROM pg_prepared_xacts WHERE database = current_database() AND gid LIKE 'barber-tx-%' "
-            "AND prepared < now() - make_interval(secs => :after)"), {"after": older_than_s})).all()
+            "SELECT gid FROM pg_prepared_xacts WHERE database = current_database() AND gid LIKE :prefix "
+            "AND prepared < now() - make_interval(secs => :after)"),
+            {"after": older_than_s, "prefix": GID_PREFIX + "%"})).all()
     return [r[0] for r in rows]

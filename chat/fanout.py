@@ -30,7 +30,6 @@ import asyncio
 import itertools
 import json
 import logging
-import random
 import time
 import uuid
 from collections import deque
@@ -44,7 +43,7 @@ from chat.chats import CLOSE_DELETING, CLOSE_NOT_FOUND
 from chat.store import Chat, ChatMessage, Store, StoreUnavailable, iso_now, message_id
 from chat.users import User
 from common.errors import Conflict
-from common.tasks import cancel_and_wait
+from common.tasks import backoff_delay, cancel_and_wait
 
 log = logging.getLogger("barber.chat.fanout")
 
@@ -55,10 +54,6 @@ CATCH_UP_PAGE = 200
 CLOSE_TOO_SLOW = 4408
 CLOSE_UNAVAILABLE = 1013  # "try again later"
 CLOSE_GOING_AWAY = 1001
-
-
-def _backoff(attempt: int, cap: float = 2.0) -> float:
-    return random.uniform(0.5, 1.0) * min(cap, 0.05 * 2**attempt)
 
 
 @dataclass
@@ -170,7 +165,7 @@ class Bus:
                 raise
             except (RedisError, OSError) as e:
                 attempt += 1
-                delay = _backoff(attempt, cap=2.0)
+                delay = backoff_delay(attempt, cap=2.0)
                 if self.connected or attempt == 1:
                     log.warning("pub/sub connection lost (%s); reconnecting in %.2fs", e, delay)
                 await self._reset()
@@ -245,7 +240,7 @@ class Bus:
                     self._hub.stats.publish_failures += 1
                     if attempt == 1:
                         log.warning("publish failed (%s); %d message(s) wait for Redis", e, len(self._outbox))
-                    await asyncio.sleep(_backoff(attempt, cap=2.0))
+                    await asyncio.sleep(backoff_delay(attempt, cap=2.0))
                     continue
                 if attempt:
                     log.info("publishing again after %d failed attempt(s)", attempt)
@@ -317,7 +312,7 @@ class Subscription:
                         self.transport.close_with(CLOSE_UNAVAILABLE, "storage unavailable; reconnect with since")
                         self.closed = True
                         return
-                    await asyncio.sleep(_backoff(attempt))
+                    await asyncio.sleep(backoff_delay(attempt))
                     continue
                 attempt = 0
                 if not batch:
@@ -459,7 +454,7 @@ class Room:
                 found = await hub.store.messages_after(self.chat_id, self.delivered, CATCH_UP_PAGE, upto=first_held - 1)
             except StoreUnavailable:
                 attempt += 1
-                await asyncio.sleep(_backoff(attempt))
+                await asyncio.sleep(backoff_delay(attempt))
                 continue
             attempt = 0
             for msg in found:
@@ -625,7 +620,7 @@ class Writer:
                 if now >= p.deadline:
                     self._finish(p, error=StoreUnavailable("message not stored (storage unavailable); resend it"))
             log.warning("storing %d message(s) failed: %s; retrying", len(batch), e)
-            await asyncio.sleep(_backoff(batch[0].attempts))
+            await asyncio.sleep(backoff_delay(batch[0].attempts))
             return
         took = time.monotonic() - started
         self.hub.stats.write_batches += 1

@@ -17,7 +17,6 @@ Every function is idempotent: the coordinator repeats calls after crashes. Queri
 from __future__ import annotations
 
 import logging
-import re
 import time
 from typing import Any, Callable
 
@@ -28,19 +27,11 @@ from chat.cache import CacheError, UserCache
 from chat.chats import CLOSE_DELETING, CLOSE_NOT_FOUND
 from chat.fanout import Hub
 from chat.store import Store, StoreUnavailable
-from common.errors import BadRequest, Conflict, ServiceUnavailable
+from common.errors import Conflict, ServiceUnavailable
+from common.participant import GID_PREFIX, check_gid
 
 log = logging.getLogger("barber.chat.participant")
 
-_GID = re.compile(r"^[A-Za-z0-9_.:-]{1,190}$")
-# The coordinator's transaction ids (saga marks use another prefix).
-GID_PREFIX = "barber-tx-"
-
-
-def check_gid(gid: str) -> str:
-    if not _GID.match(gid):
-        raise BadRequest("transaction id: 1-190 characters of letters, digits, _ . : -")
-    return gid
 
 
 class ChatParticipant:

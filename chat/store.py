@@ -170,6 +170,8 @@ class Store:
             await self.messages.create_index([("chat_id", ASCENDING), ("seq", ASCENDING)], unique=True)
             await self.chats.create_index([("customer_id", ASCENDING), ("employee_id", ASCENDING)], unique=True)
             await self.chats.create_index([("employee_id", ASCENDING)])
+            # Recovery looks for chats left marked by a deletion (a range on the mark).
+            await self.chats.create_index([("deleting", ASCENDING)])
         except PyMongoError as e:
             raise StoreUnavailable(f"cannot create indexes: {e}") from e
 

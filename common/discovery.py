@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import random
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -22,7 +21,7 @@ from typing import Callable
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 
 from common.internal import SERVICE_TOKEN_HEADER
-from common.tasks import cancel_and_wait
+from common.tasks import backoff_delay, cancel_and_wait
 
 log = logging.getLogger("barber.discovery.client")
 
@@ -40,11 +39,6 @@ class Instance:
     def __post_init__(self) -> None:
         object.__setattr__(self, "address", f"{self.host}:{self.port}")
         object.__setattr__(self, "url", f"http://{self.host}:{self.port}")
-
-
-def _backoff(attempt: int, cap: float = 2.0) -> float:
-    # Full jitter, capped low: after an outage every instance is back within ~cap seconds.
-    return random.uniform(0.05, max(0.05, min(cap, 0.25 * 2**attempt)))
 
 
 class Registration:
@@ -99,7 +93,7 @@ class Registration:
                 raise
             except Exception as e:  # discovery down or answering oddly: keep trying, with backoff
                 attempt += 1
-                delay = _backoff(attempt)
+                delay = backoff_delay(attempt, base=0.25)
                 # One warning per outage; the retries that follow are debug noise.
                 log.log(logging.WARNING if attempt == 1 else logging.DEBUG,
                         "discovery unreachable (%s); retrying in %.1fs", e, delay)
@@ -215,7 +209,7 @@ class InstanceView:
             except Exception as e:  # keep the last view; try again with backoff
                 self.reachable = False
                 attempt += 1
-                delay = _backoff(attempt)
+                delay = backoff_delay(attempt, base=0.25)
                 log.log(logging.WARNING if attempt == 1 else logging.DEBUG,
                         "cannot refresh %s instances (%s); keeping last view, retry in %.1fs", self.type, e, delay)
                 await asyncio.sleep(delay)

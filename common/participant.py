@@ -13,18 +13,32 @@ import asyncio
 import json
 import logging
 import os
+import re
 from typing import Awaitable, Callable
 
 from pydantic import BaseModel, ConfigDict, Field
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 
 from common.discovery import InstanceView
+from common.errors import BadRequest
 from common.internal import SERVICE_TOKEN_HEADER
 from common.tasks import cancel_and_wait
 
 log = logging.getLogger("barber.participant")
 
 PARTICIPANT_CRASH_POINTS = ("after_prepare",)
+
+# The coordinator's global transaction ids start with this.
+GID_PREFIX = "barber-tx-"
+# A gid goes into PREPARE TRANSACTION as a literal (it cannot be a bind parameter).
+_GID = re.compile(r"^[A-Za-z0-9_.:-]{1,190}$")
+
+
+def check_gid(gid: str) -> str:
+    """A transaction id every participant accepts; else 400."""
+    if not _GID.match(gid):
+        raise BadRequest("transaction id: 1-190 characters of letters, digits, _ . : -")
+    return gid
 
 
 class PrepareRequest(BaseModel):

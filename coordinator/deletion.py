@@ -15,13 +15,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import random
 import time
 import uuid
 from typing import Any, Awaitable
 
 from common.errors import NotFound
-from common.tasks import cancel_and_wait
+from common.tasks import backoff_delay, cancel_and_wait
 from coordinator.log import Transaction, TxLog, gid_of, tx_of
 from coordinator.participants import Participant, Refused, Unreachable
 from coordinator.settings import CoordinatorSettings
@@ -32,10 +31,6 @@ PARTICIPANTS = ("authen", "chat")
 SAGA_STEPS = ("deactivate", "purge_chats", "delete_user", "invalidate_cache")
 # Steps before this position can be compensated; from it on, the saga only goes forward.
 SAGA_PIVOT = SAGA_STEPS.index("purge_chats")
-
-
-def _backoff(attempt: int, cap: float = 2.0) -> float:
-    return random.uniform(0.5, 1.0) * min(cap, 0.05 * 2**attempt)
 
 
 class Coordinator:
@@ -158,7 +153,7 @@ class Coordinator:
                 log.warning("2pc %s: %s not yet acknowledged by all; recovery will finish it", tx_id, decision)
                 return False
             attempt += 1
-            await asyncio.sleep(_backoff(attempt))
+            await asyncio.sleep(backoff_delay(attempt))
 
     # -- saga ------------------------------------------------------------------------
     async def _run_saga(self, tx_id: uuid.UUID, user_id: int) -> None:
@@ -204,7 +199,7 @@ class Coordinator:
                 attempt += 1
                 log.warning("saga %s: %s: %s; retrying", tx_id, what, e)
                 await self.txlog.renew(tx_id)
-                await asyncio.sleep(_backoff(attempt, cap=5.0))
+                await asyncio.sleep(backoff_delay(attempt, cap=5.0))
 
     async def _saga_step(self, tx_id: uuid.UUID, user_id: int, step: dict[str, Any]) -> None:
         name, position = step["name"], step["position"]

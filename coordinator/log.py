@@ -14,8 +14,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from common.errors import Conflict
+from common.participant import GID_PREFIX
 
-GID_PREFIX = "barber-tx-"
 
 
 def gid_of(tx_id: uuid.UUID) -> str:

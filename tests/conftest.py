@@ -30,3 +30,15 @@ def stack() -> Iterator[StackProcess]:
             print(f"stack exited with {code}:\n{proc.tail()}")
         if not keep_dir and code == 0:
             proc.remove()
+
+
+@pytest.fixture(scope="module")
+def c1(stack: StackProcess) -> str:
+    """The first chat instance's base URL."""
+    return stack.url("chat", 0)
+
+
+@pytest.fixture(scope="module")
+def c2(stack: StackProcess) -> str:
+    """The second chat instance's base URL."""
+    return stack.url("chat", 1)

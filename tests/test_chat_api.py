@@ -13,16 +13,6 @@ from tests.test_chat_support import ChatClient, ChatUser, call, make_user, socke
 
 
 @pytest.fixture(scope="module")
-def c1(stack: StackProcess) -> str:
-    return stack.url("chat", 0)
-
-
-@pytest.fixture(scope="module")
-def c2(stack: StackProcess) -> str:
-    return stack.url("chat", 1)
-
-
-@pytest.fixture(scope="module")
 async def customer(stack: StackProcess) -> ChatUser:
     return await make_user(stack, "customer", "Cora", "Client")
 

@@ -21,16 +21,6 @@ from tests.test_chat_support import ChatClient, ChatUser, call, make_user, socke
 from tests.util import wait_until
 
 
-@pytest.fixture(scope="module")
-def c1(stack: StackProcess) -> str:
-    return stack.url("chat", 0)
-
-
-@pytest.fixture(scope="module")
-def c2(stack: StackProcess) -> str:
-    return stack.url("chat", 1)
-
-
 def _has_process(stack: StackProcess, name: str) -> bool:
     return name in stack.control.status()["processes"]
 

@@ -29,16 +29,6 @@ from tests.util import wait_until
 
 
 @pytest.fixture(scope="module")
-def c1(stack: StackProcess) -> str:
-    return stack.url("chat", 0)
-
-
-@pytest.fixture(scope="module")
-def c2(stack: StackProcess) -> str:
-    return stack.url("chat", 1)
-
-
-@pytest.fixture(scope="module")
 async def store(stack: StackProcess) -> Store:
     s = Store.connect(stack.env["MONGO_URL"], "chat")
     yield s
