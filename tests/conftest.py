@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterator
+from typing import AsyncIterator, Iterator
 
+import aiohttp
 import pytest
 
 from tests.stackproc import StackProcess
@@ -42,3 +43,21 @@ def c1(stack: StackProcess) -> str:
 def c2(stack: StackProcess) -> str:
     """The second chat instance's base URL."""
     return stack.url("chat", 1)
+
+
+@pytest.fixture(scope="module")
+def a1(stack: StackProcess) -> str:
+    """The first authen instance's base URL."""
+    return stack.url("authen", 0)
+
+
+@pytest.fixture(scope="module")
+def a2(stack: StackProcess) -> str:
+    """The second authen instance's base URL."""
+    return stack.url("authen", 1)
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session

@@ -4,7 +4,6 @@ with the stack's environment plus the test's overrides."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import subprocess

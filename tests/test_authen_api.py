@@ -11,20 +11,11 @@ import pytest
 
 from authen.handlers import SLEEPY_MAX_S, sleepy_seconds
 from common.tokens import TokenVerifier
+from tests.http import call
 from tests.procs import start_service
 from tests.stackproc import ROOT, StackProcess
-from tests.test_authen_support import call, new_username, signup, status, user_body
+from tests.test_authen_support import new_username, signup, status, user_body
 from tests.util import free_port, wait_until
-
-
-@pytest.fixture(scope="module")
-def a1(stack: StackProcess) -> str:
-    return stack.url("authen", 0)
-
-
-@pytest.fixture(scope="module")
-def a2(stack: StackProcess) -> str:
-    return stack.url("authen", 1)
 
 
 @pytest.fixture(scope="module")

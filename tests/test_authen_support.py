@@ -8,7 +8,7 @@ from typing import Any, AsyncIterator
 
 import psycopg
 
-from tests.http import Reply, call  # noqa: F401  (re-exported for the tests)
+from tests.http import Reply, call
 
 
 def new_username(prefix: str = "u") -> str:

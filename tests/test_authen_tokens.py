@@ -15,8 +15,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from common.tokens import InvalidToken, TokenSigner, TokenVerifier
+from tests.http import call
 from tests.stackproc import StackProcess
-from tests.test_authen_support import call, signup
+from tests.test_authen_support import signup
 
 
 def _b64(data: bytes) -> str:

@@ -8,8 +8,9 @@ import json
 import pytest
 
 from chat.cache import UserCache
+from tests.http import call
 from tests.stackproc import StackProcess
-from tests.test_chat_support import ChatClient, ChatUser, call, make_user, socket_url, start_chat, status
+from tests.test_chat_support import ChatClient, ChatUser, make_user, socket_url, start_chat, status
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,9 @@ from tornado.httpclient import HTTPClientError
 from tornado.websocket import WebSocketClosedError, WebSocketError
 
 from chat.cache import parse_nodes
+from tests.http import call
 from tests.stackproc import StackProcess
-from tests.test_chat_support import ChatClient, ChatUser, call, make_user, socket_url, start_chat, status
+from tests.test_chat_support import ChatClient, ChatUser, make_user, socket_url, start_chat, status
 from tests.util import wait_until
 
 

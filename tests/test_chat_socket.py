@@ -12,13 +12,13 @@ from typing import AsyncIterator
 import pytest
 
 from chat.store import Store, iso_now
+from tests.http import call
 from tests.procs import ServiceProcess, start_service
 from tests.stackproc import StackProcess
 from tests.test_chat_support import (
     ChatClient,
     ChatUser,
     RawSocket,
-    call,
     make_user,
     refused_with,
     socket_url,

@@ -14,7 +14,7 @@ from typing import Any
 from tornado.httpclient import HTTPRequest
 from tornado.websocket import WebSocketClientConnection, websocket_connect
 
-from tests.http import Reply, call  # noqa: F401  (re-exported for the tests)
+from tests.http import call
 from tests.stackproc import StackProcess
 from tests.util import wait_until
 

@@ -21,12 +21,6 @@ def secret(stack) -> str:
     return read_secret(stack.layout.service_secret)
 
 
-@pytest.fixture
-async def http():
-    async with aiohttp.ClientSession() as s:
-        yield s
-
-
 def svc_type() -> str:
     # A type of our own per test: the stack's real services are registered beside us.
     return f"t{uuid.uuid4().hex[:10]}"

@@ -30,12 +30,6 @@ from tests.util import wait_until
 
 
 @pytest.fixture
-async def http():
-    async with aiohttp.ClientSession() as s:
-        yield s
-
-
-@pytest.fixture
 def gw(stack) -> str:
     return stack.url("gateway")
 

@@ -28,12 +28,6 @@ from tests.test_gateway_support import (
 from tests.util import wait_until
 
 
-@pytest.fixture
-async def http():
-    async with aiohttp.ClientSession() as s:
-        yield s
-
-
 async def test_killed_instance_breaker_opens_no_client_error_and_it_returns(stack, http) -> None:
     victim = authen_addresses(stack)[0]
     async with await start_gateway(stack, breaker_open_ms=500, breaker_open_max_ms=2000) as g:

@@ -6,22 +6,12 @@ from __future__ import annotations
 import asyncio
 
 import psycopg
-import pytest
 
+from tests.http import call
 from tests.procs import start_service
 from tests.stackproc import StackProcess
-from tests.test_authen_support import call, on_replica, replay_paused, signup, status
+from tests.test_authen_support import on_replica, replay_paused, signup, status
 from tests.util import wait_until
-
-
-@pytest.fixture(scope="module")
-def a1(stack: StackProcess) -> str:
-    return stack.url("authen", 0)
-
-
-@pytest.fixture(scope="module")
-def a2(stack: StackProcess) -> str:
-    return stack.url("authen", 1)
 
 
 async def reads(base: str) -> dict[str, int]:
