@@ -5,9 +5,10 @@ everywhere -> log completion. Presumed abort: a transaction without a logged dec
 aborted by recovery; one with a decision has it re-driven until every participant
 acknowledges. Every participant call is idempotent, so repeating one is always safe.
 
-Saga: deactivate the user (compensation: reactivate) -> delete chats and messages in
-batches, saving progress after each -> delete the user -> invalidate the cache. From the
-first deleted batch on there is no way back, so later steps are retried until done.
+Saga: deactivate the user and drop chat's cache entry (compensation: reactivate) ->
+delete chats and messages in batches, saving progress after each -> delete the user ->
+drop the cache entry again. From the first deleted batch on there is no way back, so
+later steps are retried until done.
 """
 
 from __future__ import annotations
