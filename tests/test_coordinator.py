@@ -73,8 +73,8 @@ async def delete(stack: StackProcess, token: str, user_id: int, mode: str = "2pc
                       timeout=60)
 
 
-async def transactions_of(stack: StackProcess, token: str, user_id: int) -> list[dict]:
-    reply = await call("GET", f"{stack.url('gateway')}/admin/transactions?user_id={user_id}", token=token)
+async def transactions_of(stack: StackProcess, token: str, user_id: int, base: str | None = None) -> list[dict]:
+    reply = await call("GET", f"{base or stack.url('gateway')}/admin/transactions?user_id={user_id}", token=token)
     assert reply.code == 200, reply
     return reply.json["transactions"]
 
@@ -384,22 +384,32 @@ async def test_participant_killed_after_preparing(stack: StackProcess, admin_tok
 
 
 async def test_participant_left_prepared_asks_the_coordinator(stack: StackProcess, admin_token: str) -> None:
-    """The gateway dies right after deciding commit and stays down: an authen instance
-    that finds the transaction prepared too long asks the coordinator (any gateway) and
-    commits it itself; the rest is finished by another gateway's recovery."""
+    """The gateway dies right after deciding commit: an authen instance that finds the
+    transaction prepared too long asks the coordinator (any gateway) and commits it
+    itself; the rest is finished by another gateway's recovery.
+
+    The stack's own gateway would resolve the orphan by its periodic recovery, racing the
+    participant; while the participant is on trial, the only live coordinator is one
+    whose recovery ran once at its start, before the deletion, and not again.
+    """
     party = await make_party(stack, chats=1)
     watcher = ServiceProcess(stack, "authen", name="authen-watcher", extra_env={"PARTICIPANT_OUTCOME_AFTER_S": "1"})
-    await watcher.start()
+    answering = ServiceProcess(stack, "gateway", name="gateway-answering", health_path="/status",
+                               extra_env={"COORDINATOR_RECOVERY_INTERVAL_S": "3600"})
     crashing = ServiceProcess(stack, "gateway", name="gateway-crash-decision", health_path="/status",
-                              extra_env={"COORDINATOR_CRASH_AT": "after_decision", "BARBER_TEST_HOOKS": "1"})
-    await crashing.start()
+                              extra_env={"COORDINATOR_CRASH_AT": "after_decision", "BARBER_TEST_HOOKS": "1",
+                                         "COORDINATOR_RECOVERY_INTERVAL_S": "3600"})
+    stack.control.stop("gateway")
     try:
+        await watcher.start()
+        await answering.start()
+        await crashing.start()
         try:
             await delete(stack, admin_token, party.user.id, base=crashing.url)
         except (HTTPClientError, OSError):
             pass
         assert await crashing.wait_exit(30) == 70
-        tx = (await transactions_of(stack, admin_token, party.user.id))[0]
+        tx = (await transactions_of(stack, admin_token, party.user.id, base=answering.url))[0]
         gid = f"barber-tx-{tx['transaction_id']}"
         assert tx["decision"] == "commit" and not tx["completed"]
         await wait_until(lambda: f"coordinator says commit for {gid}" in watcher.tail(200), timeout=30,
@@ -407,5 +417,7 @@ async def test_participant_left_prepared_asks_the_coordinator(stack: StackProces
         assert gid not in prepared_xacts(stack)
     finally:
         await watcher.stop()
+        await answering.stop()
+        stack.control.start("gateway")
     await wait_finished(stack, admin_token, party.user.id, timeout=90)
     await assert_gone(stack, party)
