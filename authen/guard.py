@@ -1,7 +1,10 @@
 """Brute-force guard for sign-in, shared by every instance through Redis.
 
-Failures are counted per (case-folded) username in a fixed window that starts at the
-first failure; at the limit the username is refused with 429 until the window ends.
+Every sign-in attempt for a (case-folded) username first takes one of the window's
+``max_failures`` slots, atomically, before the password is checked; a failure keeps its
+slot, a success clears the window. So parallel guesses cannot slip past the count: at
+most ``max_failures`` guesses are checked per window, however many arrive at once. The
+window starts at the first attempt; when it is full the username gets 429 until it ends.
 When Redis is down the guard fails open (sign-in keeps working) and says so in the log.
 """
 
@@ -16,12 +19,16 @@ from common.errors import TooManyRequests
 
 log = logging.getLogger("barber.authen.guard")
 
-# INCR, and start the window on the first failure only (atomic, so it never leaks a key
-# without expiry).
-_FAIL_SCRIPT = """
-local n = redis.call('INCR', KEYS[1])
-if n == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
-return n
+# Take a slot if one is free (starting the window on the first), else report the time
+# left: one round trip, atomic, and never a key without an expiry.
+_RESERVE_SCRIPT = """
+local n = tonumber(redis.call('GET', KEYS[1]) or '0')
+if n >= tonumber(ARGV[1]) then
+  return {0, redis.call('PTTL', KEYS[1])}
+end
+n = redis.call('INCR', KEYS[1])
+if n == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return {n, 0}
 """
 
 
@@ -31,34 +38,26 @@ class SigninGuard:
         self.max_failures = max_failures
         self.window_s = window_s
         self._prefix = prefix
-        self._fail = redis.register_script(_FAIL_SCRIPT)
+        self._reserve = redis.register_script(_RESERVE_SCRIPT)
 
     def _key(self, username: str) -> str:
         return self._prefix + username.casefold()
 
-    async def check(self, username: str) -> None:
-        """Raise 429 when ``username`` is locked out."""
+    async def attempt(self, username: str) -> int | None:
+        """Take a slot for one attempt; returns attempts in the window so far (None: Redis
+        down, failing open). Raises 429 when the username is locked out."""
         try:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                pipe.get(self._key(username))
-                pipe.pttl(self._key(username))
-                count, ttl_ms = await pipe.execute()
+            taken, ttl_ms = await self._reserve(keys=[self._key(username)],
+                                                args=[self.max_failures, self.window_s * 1000])
         except RedisError as e:
             log.warning("sign-in guard unavailable (%s): failing open", e)
-            return
-        if count is not None and int(count) >= self.max_failures:
-            retry_after = max(ttl_ms, 0) / 1000 if ttl_ms and ttl_ms > 0 else self.window_s
+            return None
+        if int(taken) == 0:
+            retry_after = int(ttl_ms) / 1000 if int(ttl_ms) > 0 else self.window_s
             raise TooManyRequests(
                 "too many failed sign-ins for this username; try again later", retry_after_s=retry_after
             )
-
-    async def failed(self, username: str) -> int | None:
-        """Count one failure; returns the count so far (None if Redis is down)."""
-        try:
-            return int(await self._fail(keys=[self._key(username)], args=[self.window_s * 1000]))
-        except RedisError as e:
-            log.warning("sign-in guard unavailable (%s): failure not counted", e)
-            return None
+        return int(taken)
 
     async def succeeded(self, username: str) -> None:
         try:

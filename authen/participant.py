@@ -29,6 +29,7 @@ log = logging.getLogger("barber.authen.participant")
 
 _LOCK_NOT_AVAILABLE = "55P03"
 _UNDEFINED_OBJECT = "42704"
+_UNIQUE_VIOLATION = "23505"
 
 
 def _sqlstate(e: BaseException) -> str | None:
@@ -60,8 +61,7 @@ async def _finish_prepared(conn: AsyncConnection, gid: str, verb: str) -> bool:
 async def state_of(router: ReadWriteRouter, gid: str) -> str:
     """unknown | prepared | committed | aborted, as the primary sees it."""
     check_gid(gid)
-    engine = router.primary.write_engine
-    async with engine.connect() as conn:
+    async with router.on_primary() as conn:
         if await _is_prepared(conn, gid):
             return "prepared"
         return await _recorded(conn, gid) or "unknown"
@@ -71,8 +71,7 @@ async def prepare(router: ReadWriteRouter, gid: str, user_id: int,
                   after_prepare: Callable[[], None] | None = None) -> str:
     """Vote yes (returns "prepared") or no (raises Conflict/NotFound)."""
     check_gid(gid)
-    engine = router.primary.write_engine
-    async with engine.connect() as conn:
+    async with router.on_primary() as conn:
         if await _is_prepared(conn, gid):
             return "prepared"
         recorded = await _recorded(conn, gid)
@@ -99,10 +98,13 @@ async def prepare(router: ReadWriteRouter, gid: str, user_id: int,
         except DBAPIError as e:
             if _sqlstate(e) == _LOCK_NOT_AVAILABLE:
                 # Perhaps our own earlier attempt prepared it meanwhile (a retried call).
-                async with engine.connect() as check:
+                async with router.on_primary() as check:
                     if await _is_prepared(check, gid):
                         return "prepared"
                 raise Conflict(f"user {user_id} is locked by another transaction") from e
+            if _sqlstate(e) == _UNIQUE_VIOLATION:
+                # An abort of this gid committed its record while we prepared: it stands.
+                raise Conflict(f"transaction {gid} was already aborted here") from e
             raise
     log.info("prepared %s (delete user %d)", gid, user_id)
     return "prepared"
@@ -110,8 +112,7 @@ async def prepare(router: ReadWriteRouter, gid: str, user_id: int,
 
 async def commit(router: ReadWriteRouter, gid: str) -> str:
     check_gid(gid)
-    engine = router.primary.write_engine
-    async with engine.connect() as conn:
+    async with router.on_primary() as conn:
         await conn.execution_options(isolation_level="AUTOCOMMIT")
         if await _finish_prepared(conn, gid, "COMMIT"):
             # Reads on any instance must not see the user any more, replicas included.
@@ -126,9 +127,8 @@ async def commit(router: ReadWriteRouter, gid: str) -> str:
 
 async def abort(router: ReadWriteRouter, gid: str, attempts: int = 10) -> str:
     check_gid(gid)
-    engine = router.primary.write_engine
     for _ in range(attempts):
-        async with engine.connect() as conn:
+        async with router.on_primary() as conn:
             await conn.execution_options(isolation_level="AUTOCOMMIT")
             await _finish_prepared(conn, gid, "ROLLBACK")
             try:
@@ -153,8 +153,7 @@ async def abort(router: ReadWriteRouter, gid: str, attempts: int = 10) -> str:
 
 
 async def prepared(router: ReadWriteRouter) -> list[dict[str, Any]]:
-    engine = router.primary.write_engine
-    async with engine.connect() as conn:
+    async with router.on_primary() as conn:
         rows = (await conn.execute(text(
             "SELECT gid, prepared FROM pg_prepared_xacts WHERE database = current_database() ORDER BY prepared"
         ))).all()
@@ -181,8 +180,7 @@ async def delete_user(router: ReadWriteRouter, user_id: int) -> dict[str, Any]:
 
 
 async def stale_prepared(router: ReadWriteRouter, older_than_s: float) -> list[str]:
-    engine = router.primary.write_engine
-    async with engine.connect() as conn:
+    async with router.on_primary() as conn:
         rows = (await conn.execute(text(
             "SELECT gid FROM pg_prepared_xacts WHERE database = current_database() AND gid LIKE :prefix "
             "AND prepared < now() - make_interval(secs => :after)"),

@@ -162,16 +162,15 @@ async def signin(deps: Deps, req: SigninRequest) -> SigninResult:
     """A token for the right password; 401 otherwise (same message, similar time, whether
     the user exists or not); 429 once the username is locked out by the guard."""
     assert deps.signer is not None, "signing key not loaded"
-    if deps.guard is not None:
-        await deps.guard.check(req.username)
+    # The attempt takes its slot before the password is checked (parallel guesses count).
+    attempts = await deps.guard.attempt(req.username) if deps.guard is not None else None
     user = await find_by_username(deps, req.username)
     ok = await deps.passwords.verify(user["password_hash"] if user else None, req.password)
     if not ok or user is None or not user["is_active"]:
-        failures = await deps.guard.failed(req.username) if deps.guard is not None else None
-        if deps.guard is not None and failures == deps.guard.max_failures:
-            log.warning("sign-in locked for username %r after %d failures", req.username, failures)
+        if deps.guard is not None and attempts == deps.guard.max_failures:
+            log.warning("sign-in locked for username %r after %d failures", req.username, attempts)
         else:
-            log.info("failed sign-in (%s failures in window)", failures if failures is not None else "?")
+            log.info("failed sign-in (%s failures in window)", attempts if attempts is not None else "?")
         raise Unauthorized("invalid username or password")
     if deps.guard is not None:
         await deps.guard.succeeded(req.username)

@@ -39,7 +39,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from stack.layout import Layout, service_env  # noqa: E402
+from stack.layout import Layout, service_env, signing_env  # noqa: E402
 
 
 # -- a minimal keep-alive HTTP/1.1 client (low overhead, so the server is what we measure) --
@@ -150,7 +150,7 @@ def fmt(name: str, r: dict[str, float]) -> str:
 
 
 async def run(args: argparse.Namespace, layout: Layout) -> None:
-    env = service_env(layout)
+    env = {**service_env(layout), **signing_env(layout)}
     logdir = Path(tempfile.mkdtemp(prefix="bench-authen-"))
     rep_port, pri_port = free_port(), free_port()
     procs = [

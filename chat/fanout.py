@@ -627,9 +627,15 @@ class Writer:
         self.hub.stats.write_seconds += took
         if took > 0.25:
             log.warning("storing %d message(s) took %.0f ms", len(batch), took * 1000)
+        landed = [p for p, out in zip(batch, outcomes) if out.ok]
+        deleted = await self._chats_deleted_meanwhile({p.room.chat_id for p in landed})
+        if deleted:
+            await self._remove_orphans([p for p in landed if p.room.chat_id in deleted], deleted)
         stored: list[ChatMessage] = []
         for p, out in zip(batch, outcomes):
-            if out.ok:
+            if out.ok and p.room.chat_id in deleted:
+                self._finish(p, error=Conflict("chat deleted"))
+            elif out.ok:
                 msg = ChatMessage.from_doc(p.doc)
                 self.hub.stats.stored += 1
                 stored.append(msg)
@@ -642,6 +648,40 @@ class Writer:
                 self._finish(p, error=StoreUnavailable(f"message not stored: {out.error}"))
         if stored:
             self.hub.bus.publish(stored)
+
+    async def _chats_deleted_meanwhile(self, chat_ids: set[str]) -> set[str]:
+        """Chats deleted while their messages were being written.
+
+        This instance may not have heard that a chat was marked (the broadcast rides on
+        pub/sub), so a write can land after the deletion swept the chat's messages. A
+        message whose insert is visible before this read sees its chat either still
+        present (then the deletion's final sweep, which comes after the chat's removal,
+        takes it) or gone (then it is removed here): either way nothing is left behind.
+        """
+        if not chat_ids:
+            return set()
+        try:
+            return chat_ids - await self.hub.store.existing_chats(chat_ids)
+        except StoreUnavailable as e:
+            log.warning("could not re-check %d chat(s) after writing: %s", len(chat_ids), e)
+            return set()
+
+    async def _remove_orphans(self, writes: list[_PendingWrite], chat_ids: set[str]) -> None:
+        """Remove what was written to deleted chats, then close their sockets (4404), so
+        that a sender who sees the close knows nothing of theirs was left behind."""
+        ids = [p.doc["_id"] for p in writes]
+        for attempt in range(1, 6):
+            try:
+                await self.hub.store.delete_messages(ids)
+                log.warning("removed %d message(s) written to deleted chat(s) %s", len(ids), sorted(chat_ids))
+                break
+            except StoreUnavailable as e:
+                log.warning("removing %d message(s) of deleted chats failed (%s); retrying", len(ids), e)
+                await asyncio.sleep(backoff_delay(attempt))
+        else:
+            log.error("could not remove %d message(s) of deleted chat(s) %s", len(ids), sorted(chat_ids))
+        for chat_id in chat_ids:
+            self.hub.close_chat(chat_id, CLOSE_NOT_FOUND, "chat deleted")
 
     async def _resolve_duplicate(self, p: _PendingWrite, stored: list[ChatMessage]) -> None:
         try:

@@ -26,7 +26,7 @@ from chat.participant import ChatParticipant
 from chat.store import StoreUnavailable
 from chat.users import AuthenUnavailable
 from common.errors import BadRequest, Conflict
-from common.handler import VERIFIER, BaseHandler
+from common.handler import VERIFIER, BaseHandler, decode_json_object
 from common.participant import PrepareRequest, crash_point
 from common.logs import REQUEST_ID_HEADER, new_request_id, request_id_var
 from common.tokens import Claims, InvalidToken, TokenVerifier
@@ -276,12 +276,9 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
             self._error("rate_limited", f"too many messages: at most {self.flood.rate:g} per second")
             return
         try:
-            obj = json.loads(data)
-        except (ValueError, UnicodeDecodeError):
-            self._error("malformed", "frame is not valid JSON")
-            return
-        if not isinstance(obj, dict):
-            self._error("malformed", "frame must be a JSON object")
+            obj = decode_json_object(data, "frame")
+        except BadRequest as e:
+            self._error("malformed", e.detail)
             return
         client_id = obj.get("client_id")
         if obj.get("type") != "chat_message":

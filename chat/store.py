@@ -281,6 +281,20 @@ class Store:
             raise StoreUnavailable("message storage unavailable") from e
         return ChatMessage.from_doc(doc) if doc else None
 
+    async def existing_chats(self, chat_ids: set[str]) -> set[str]:
+        """Which of ``chat_ids`` still exist (one indexed query)."""
+        try:
+            docs = await self.chats.find({"_id": {"$in": sorted(chat_ids)}}, {"_id": 1}).to_list()
+        except PyMongoError as e:
+            raise StoreUnavailable("chat storage unavailable") from e
+        return {str(d["_id"]) for d in docs}
+
+    async def delete_messages(self, message_ids: list[str]) -> None:
+        try:
+            await self.messages.delete_many({"_id": {"$in": message_ids}})
+        except PyMongoError as e:
+            raise StoreUnavailable("message storage unavailable") from e
+
     async def insert_messages(self, docs: list[dict[str, Any]]) -> list[InsertOutcome]:
         """Insert a batch (unordered); one outcome per document, in order.
 

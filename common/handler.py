@@ -50,6 +50,42 @@ def describe_validation_error(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
+def _has_nul(data: Any) -> bool:
+    """Whether any string in decoded JSON holds U+0000 (iteratively: nesting is unbounded)."""
+    pending = [data]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                return True
+        elif isinstance(item, dict):
+            pending.extend(item.keys())
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+    return False
+
+
+def decode_json_object(raw: bytes | str, what: str = "body") -> dict[str, Any]:
+    """A JSON object from a request body (or a socket frame: ``what``); anything else is a 400.
+
+    Refused as well: nesting too deep for the decoder (RecursionError, which json raises
+    instead of ValueError) and U+0000 in any string, which PostgreSQL text cannot hold,
+    so that it is a clear 400 here rather than a database error later.
+    """
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BadRequest(f"{what} is not valid JSON") from e
+    except RecursionError as e:
+        raise BadRequest(f"{what} is nested too deeply") from e
+    if not isinstance(data, dict):
+        raise BadRequest(f"{what} must be a JSON object")
+    if _has_nul(data):
+        raise BadRequest(f"{what}: text must not contain U+0000")
+    return data
+
+
 def validate(model: type[M], data: Any) -> M:
     """Validate plain data into ``model``, turning failures into a 400 naming the field."""
     try:
@@ -130,13 +166,7 @@ class BaseHandler(tornado.web.RequestHandler):
         ctype = self.request.headers.get("Content-Type", "").split(";")[0].strip().lower()
         if ctype != "application/json":
             raise BadRequest("Content-Type must be application/json")
-        try:
-            data = json.loads(self.request.body or b"")
-        except (ValueError, UnicodeDecodeError) as e:
-            raise BadRequest("body is not valid JSON") from e
-        if not isinstance(data, dict):
-            raise BadRequest("body must be a JSON object")
-        return validate(model, data)
+        return validate(model, decode_json_object(self.request.body or b""))
 
     def query_int(self, name: str, default: int | None = None, *, minimum: int | None = None,
                   maximum: int | None = None) -> int:

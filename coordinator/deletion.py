@@ -20,7 +20,7 @@ import time
 import uuid
 from typing import Any, Awaitable
 
-from common.errors import NotFound
+from common.errors import BadGateway, Conflict, NotFound, ServiceUnavailable
 from common.tasks import backoff_delay, cancel_and_wait
 from coordinator.log import Transaction, TxLog, gid_of, tx_of
 from coordinator.participants import Participant, Refused, Unreachable
@@ -56,6 +56,10 @@ class Coordinator:
 
     # -- entry point -----------------------------------------------------------------
     async def delete_user(self, user_id: int, mode: str) -> Transaction:
+        # First, since a running saga has deactivated the user, whom authen then hides.
+        running = await self.txlog.unfinished_for(user_id)
+        if running is not None:
+            raise Conflict(f"a deletion of user {user_id} is already running (transaction {running})")
         await self._require_user(user_id)
         tx_id = uuid.uuid4()
         # Ours before it is in the log, so a recovery pass never takes it for an orphan.
@@ -86,7 +90,9 @@ class Coordinator:
         except Refused as e:
             if e.status == 404:
                 raise NotFound(f"no user with id {user_id}") from e
-            raise
+            raise BadGateway(f"authen refused the user lookup: {e.detail}") from e
+        except Unreachable as e:
+            raise ServiceUnavailable("authen is unreachable; nothing was changed, try again") from e
 
     def _spawn(self, coro: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(coro)
@@ -237,10 +243,17 @@ class Coordinator:
         tx = await self.txlog.get(tx_id)
         assert tx is not None
         for step in reversed(tx.steps):
-            if step["name"] == "deactivate" and step["state"] in ("done", "running"):
-                await self._forever(tx_id, "reactivate",
-                                    lambda: self.participants["authen"].call(
-                                        "POST", f"/internal/users/{user_id}/reactivate"))
+            # "failed" too: the step may have deactivated the user before its second call
+            # (the cache entry) was refused. Reactivating is idempotent.
+            if step["name"] == "deactivate" and step["state"] in ("done", "running", "failed"):
+                try:
+                    await self._forever(tx_id, "reactivate",
+                                        lambda: self.participants["authen"].call(
+                                            "POST", f"/internal/users/{user_id}/reactivate"))
+                except Refused as e:
+                    if e.status != 404:
+                        raise
+                    log.info("saga %s: user %d no longer exists; nothing to reactivate", tx_id, user_id)
                 await self.txlog.set_step(tx_id, step["position"], "compensated")
         await self.txlog.complete(tx_id)
         log.warning("saga %s: compensated (%s)", tx_id, detail)

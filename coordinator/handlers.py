@@ -7,6 +7,7 @@ import uuid
 from common.errors import BadRequest, NotFound
 from common.handler import BaseHandler
 from coordinator.deletion import Coordinator
+from coordinator.log import log_reachable
 
 TX_STATES = ("running", "committed", "aborted")
 
@@ -29,7 +30,8 @@ class DeleteUserHandler(CoordinatorHandler):
         mode = self.get_query_argument("mode", "2pc")
         if mode not in ("2pc", "saga"):
             raise BadRequest("mode: must be 2pc or saga")
-        tx = await self.coordinator.delete_user(int(user_id), mode)
+        with log_reachable():
+            tx = await self.coordinator.delete_user(int(user_id), mode)
         body = {"transaction_id": str(tx.id), "state": tx.state}
         if tx.mode == "saga":
             self.set_header("Location", f"/admin/transactions/{tx.id}")
@@ -43,7 +45,8 @@ class DeleteUserHandler(CoordinatorHandler):
 class TransactionHandler(CoordinatorHandler):
     async def get(self, raw_id: str) -> None:
         self.require_user("admin")
-        tx = await self.coordinator.txlog.get(_tx_id(raw_id))
+        with log_reachable():
+            tx = await self.coordinator.txlog.get(_tx_id(raw_id))
         if tx is None:
             raise NotFound(f"no transaction {raw_id}")
         self.write_json(tx.to_json())
@@ -57,7 +60,8 @@ class TransactionListHandler(CoordinatorHandler):
             raise BadRequest(f"state: must be one of {', '.join(TX_STATES)}")
         user_id = self.query_int("user_id", minimum=1) if "user_id" in self.request.query_arguments else None
         limit = self.query_int("limit", 50, minimum=1, maximum=500)
-        txs = await self.coordinator.txlog.list(state, user_id, limit)
+        with log_reachable():
+            txs = await self.coordinator.txlog.list(state, user_id, limit)
         self.write_json({"transactions": [tx.to_json() for tx in txs]})
 
 
@@ -66,7 +70,9 @@ class OutcomeHandler(CoordinatorHandler):
 
     async def get(self, gid: str) -> None:
         self.require_service()
-        self.write_json({"gid": gid, "decision": await self.coordinator.outcome(gid)})
+        with log_reachable():
+            decision = await self.coordinator.outcome(gid)
+        self.write_json({"gid": gid, "decision": decision})
 
 
 def routes(coordinator: Coordinator) -> list:

@@ -3,17 +3,18 @@ the message that depends on it."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Iterator
 
 from sqlalchemy import text
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from common.errors import Conflict
+from common.errors import Conflict, ServiceUnavailable
 from common.participant import GID_PREFIX
 
 
@@ -78,6 +79,16 @@ _TX_COLUMNS = ("id, kind, mode, user_id, state, decision, completed, detail, own
                "finished_at")
 
 
+@contextlib.contextmanager
+def log_reachable() -> Iterator[None]:
+    """The coordinator's log database down: 503, not 500. What was already logged stays;
+    recovery finishes it once the log is back."""
+    try:
+        yield
+    except (OperationalError, InterfaceError, OSError) as e:
+        raise ServiceUnavailable("the coordinator's log is unavailable; try again shortly") from e
+
+
 class TxLog:
     def __init__(self, database_url: str, lease_s: float) -> None:
         self.engine: AsyncEngine = create_async_engine(
@@ -109,6 +120,11 @@ class TxLog:
                         {"id": tx_id, "p": position, "name": name})
         except IntegrityError as e:
             raise Conflict(f"a deletion of user {user_id} is already running") from e
+
+    async def unfinished_for(self, user_id: int) -> uuid.UUID | None:
+        async with self.engine.connect() as conn:
+            return (await conn.execute(text(
+                "SELECT id FROM transactions WHERE user_id = :u AND NOT completed LIMIT 1"), {"u": user_id})).scalar()
 
     async def set_participant(self, tx_id: uuid.UUID, name: str, state: str, detail: str | None = None) -> None:
         async with self.engine.begin() as conn:

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
-from typing import Any
 
 from pydantic import BaseModel, Field
 
 from common.errors import BadRequest, NotFound
-from common.handler import BaseHandler, validate
+from common.handler import BaseHandler, decode_json_object, validate
 from discovery.config import DiscoverySettings
 from discovery.registry import TYPE_RE, Registry, Watchers, wait_for_change
 
@@ -27,12 +25,7 @@ class RegisterBody(BaseModel):
 
 def parse_register(raw: bytes) -> RegisterBody:
     """The seed's contract first (type and host present), then the field rules."""
-    try:
-        data: Any = json.loads(raw or b"{}")
-    except (ValueError, UnicodeDecodeError) as e:
-        raise BadRequest("body is not valid JSON") from e
-    if not isinstance(data, dict):
-        raise BadRequest("body must be a JSON object")
+    data = decode_json_object(raw or b"{}")
     if not data.get("type") or not data.get("host"):
         raise BadRequest(SEED_MISSING)
     if data.get("port") in (None, ""):

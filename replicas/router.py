@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import itertools
 import logging
 import math
 import time
-from typing import Any, Awaitable, Callable, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 
 import psycopg
 from redis.asyncio import Redis
@@ -450,19 +451,15 @@ class ReadWriteRouter:
             return result
         raise NoReadableNode("the user database is unavailable: no node could serve the read") from last
 
-    async def write(self, fn: Callable[[AsyncConnection], Awaitable[T]]) -> T:
-        """Run ``fn(conn)`` in one transaction on the primary, commit, publish the mark.
-
-        Raises :class:`PrimaryUnavailable` when the primary cannot be reached (or is
-        read-only); errors of the statements themselves propagate unchanged.
-        """
+    @contextlib.asynccontextmanager
+    async def on_primary(self) -> AsyncIterator[AsyncConnection]:
+        """A connection to the primary, for work that runs its own transactions (prepared
+        transactions); failures of the primary itself become :class:`PrimaryUnavailable`."""
         engine = self.primary.write_engine
         assert engine is not None
         try:
             async with engine.connect() as conn:
-                async with conn.begin():
-                    result = await fn(conn)
-                await self._record_write(conn)
+                yield conn
         except (DBAPIError, OSError, PoolTimeout) as e:
             if is_node_failure(e):
                 self.primary.mark_down(describe(e))
@@ -474,6 +471,17 @@ class ReadWriteRouter:
             if _sqlstate(e) == "25006":
                 raise PrimaryUnavailable("the user database primary is read-only: writes are refused") from e
             raise
+
+    async def write(self, fn: Callable[[AsyncConnection], Awaitable[T]]) -> T:
+        """Run ``fn(conn)`` in one transaction on the primary, commit, publish the mark.
+
+        Raises :class:`PrimaryUnavailable` when the primary cannot be reached (or is
+        read-only); errors of the statements themselves propagate unchanged.
+        """
+        async with self.on_primary() as conn:
+            async with conn.begin():
+                result = await fn(conn)
+            await self._record_write(conn)
         return result
 
     async def _record_write(self, conn: AsyncConnection) -> None:

@@ -18,7 +18,7 @@ from tornado.httpclient import AsyncHTTPClient
 from common import internal, tokens
 from stack import datatier
 from stack.control import serve_control, socket_path
-from stack.layout import Layout, service_env
+from stack.layout import Layout, service_env, signing_env
 from stack.services import SERVICES, ServiceSpec
 from stack.supervisor import ProcSpec, StartFailed, Supervisor
 
@@ -43,7 +43,8 @@ def service_specs(layout: Layout, spec: ServiceSpec, base_env: dict[str, str]) -
     ports = layout.ports(spec.port_key)
     procs = []
     for name, port in zip(spec.instance_names(len(ports)), ports):
-        env = {**base_env, **spec.env, "PORT": str(port), "ADVERTISE_HOST": "127.0.0.1"}
+        env = {**base_env, **(signing_env(layout) if spec.signs_tokens else {}), **spec.env,
+               "PORT": str(port), "ADVERTISE_HOST": "127.0.0.1"}
 
         def health(port: int = port, path: str = spec.health_path) -> "asyncio.Future[bool]":
             async def check() -> bool:

@@ -89,8 +89,14 @@ class Layout:
         return f"http://127.0.0.1:{self.port('gateway')}"
 
 
+def signing_env(layout: Layout) -> dict[str, str]:
+    """What only authen gets: the path of the private key that signs tokens."""
+    return {"JWT_PRIVATE_KEY_FILE": str(layout.jwt_private_key.resolve())}
+
+
 def service_env(layout: Layout) -> dict[str, str]:
-    """The environment every service process gets: every URL and key path, explicitly."""
+    """The environment every service process gets: every URL and public key path,
+    explicitly (the private key's path only through :func:`signing_env`)."""
     replicas = ",".join(layout.pg_url("authen", i) for i in (1, 2))
     return {
         "DISCOVERY_URL": layout.discovery_url,
@@ -103,6 +109,5 @@ def service_env(layout: Layout) -> dict[str, str]:
         "WAREHOUSE_DATABASE_URL": layout.pg_url("warehouse"),
         "GATEWAY_PUBLIC_URL": layout.gateway_url,
         "JWT_PUBLIC_KEY_FILE": str(layout.jwt_public_key.resolve()),
-        "JWT_PRIVATE_KEY_FILE": str(layout.jwt_private_key.resolve()),
         "SERVICE_SECRET_FILE": str(layout.service_secret.resolve()),
     }

@@ -22,6 +22,8 @@ class ServiceSpec:
     setup: tuple[tuple[str, ...], ...] = ()
     # An HTTP GET that answers 200 once an instance is ready.
     health_path: str = "/utilities/status"
+    # Whether it signs tokens (gets the private key's path); only authen does.
+    signs_tokens: bool = False
 
     def instance_names(self, count: int) -> list[str]:
         return [self.name] if count == 1 else [f"{self.name}-{i + 1}" for i in range(count)]
@@ -29,7 +31,7 @@ class ServiceSpec:
 
 SERVICES: list[ServiceSpec] = [
     ServiceSpec("discovery", "discovery", "discovery", health_path="/status"),
-    ServiceSpec("authen", "authen", "authen", env={"ENABLE_SLEEPY": "1"},
+    ServiceSpec("authen", "authen", "authen", env={"ENABLE_SLEEPY": "1"}, signs_tokens=True,
                 setup=(("migrate",), ("create-admin", "--if-configured"))),
     ServiceSpec("chat", "chat", "chat"),
     ServiceSpec("gateway", "gateway", "gateway", health_path="/status"),

@@ -12,6 +12,7 @@ from typing import Any
 
 from tornado.httpclient import AsyncHTTPClient
 
+from stack.layout import signing_env
 from tests.stackproc import ROOT, StackProcess, _die_with_parent
 from tests.util import free_port, wait_until
 
@@ -25,7 +26,8 @@ class ServiceProcess:
         self.port = port or free_port()
         self.name = name or f"{module}-{self.port}"
         self.health_path = health_path
-        self.env = {**os.environ, **stack.env, "PORT": str(self.port), "ADVERTISE_HOST": "127.0.0.1",
+        signing = signing_env(stack.layout) if module == "authen" else {}
+        self.env = {**os.environ, **stack.env, **signing, "PORT": str(self.port), "ADVERTISE_HOST": "127.0.0.1",
                     **(extra_env or {})}
         self.process: subprocess.Popen[bytes] | None = None
         self.log_path = stack.layout.logs_dir / f"test-{self.name}.log"

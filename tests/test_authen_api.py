@@ -91,12 +91,25 @@ async def test_signup_rejects_missing_field(a1: str, missing: str) -> None:
         (b"", "application/json", "JSON"),
         (b'{"username": "abc"}', "text/plain", "Content-Type"),
         (b"\xff\xfe", "application/json", "JSON"),
+        # json raises RecursionError, not ValueError, on this; it fits under the body limit.
+        (b"[" * 60_000, "application/json", "nested"),
+        # PostgreSQL text cannot hold U+0000: refused before it reaches the database.
+        (b'{"username": "nul\\u0000name", "password": "long enough", "first_name": "A", "last_name": "B",'
+         b' "type": "customer"}', "application/json", "U+0000"),
+        (b'{"username": "nulname", "password": "long enough", "first_name": "A\\u0000", "last_name": "B",'
+         b' "type": "customer"}', "application/json", "U+0000"),
     ],
 )
 async def test_signup_rejects_malformed_bodies(a1: str, raw: bytes, ctype: str, needle: str) -> None:
     reply = await call("POST", a1 + "/authen/signup", raw=raw, headers={"Content-Type": ctype})
     assert reply.code == 400, reply
     assert needle in reply.json["detail"]
+
+
+async def test_signin_refuses_nul_in_the_username(a1: str) -> None:
+    reply = await call("POST", a1 + "/authen/signin", raw=b'{"username": "a\\u0000b", "password": "whatever1"}',
+                       headers={"Content-Type": "application/json"})
+    assert reply.code == 400 and "U+0000" in reply.json["detail"], reply
 
 
 async def test_oversize_body_is_413(a1: str) -> None:
@@ -171,6 +184,19 @@ async def test_repeated_failures_lock_the_username_across_instances(a1: str, a2:
     assert made.code == 201
     ok = await call("POST", a1 + "/authen/signin", {"username": other["username"], "password": other["password"]})
     assert ok.code == 200
+
+
+async def test_parallel_guesses_cannot_outrun_the_lockout(a1: str, a2: str) -> None:
+    """Each attempt takes its slot before the (slow) password check, so twenty guesses
+    at once get at most five checks, whichever instance they reach."""
+    body, created = await signup(a1)
+    assert created.code == 201
+    bad = {"username": body["username"], "password": "not the password"}
+    replies = await asyncio.gather(*(call("POST", (a1, a2)[i % 2] + "/authen/signin", bad) for i in range(20)))
+    codes = sorted(r.code for r in replies)
+    assert codes == [401] * 5 + [429] * 15, codes
+    right = await call("POST", a2 + "/authen/signin", {"username": body["username"], "password": body["password"]})
+    assert right.code == 429
 
 
 async def test_successful_signin_resets_the_failure_count(a1: str) -> None:

@@ -92,7 +92,7 @@ async def test_unsigned_and_hmac_tokens_are_rejected(issued: tuple[str, int], ve
 
 
 def test_expired_token_is_rejected(stack: StackProcess, verifier: TokenVerifier) -> None:
-    signer = TokenSigner.from_file(Path(stack.env["JWT_PRIVATE_KEY_FILE"]), 3600)
+    signer = TokenSigner.from_file(stack.layout.jwt_private_key, 3600)
     expired = signer.issue(1, "customer", ttl_s=-10)
     with pytest.raises(InvalidToken, match="expired"):
         verifier.verify(expired)
@@ -102,7 +102,7 @@ def test_expired_token_is_rejected(stack: StackProcess, verifier: TokenVerifier)
 
 @pytest.mark.parametrize("missing", ["sub", "typ", "iat", "exp", "jti"])
 def test_token_missing_a_claim_is_rejected(stack: StackProcess, verifier: TokenVerifier, missing: str) -> None:
-    key = serialization.load_pem_private_key(Path(stack.env["JWT_PRIVATE_KEY_FILE"]).read_bytes(), password=None)
+    key = serialization.load_pem_private_key(stack.layout.jwt_private_key.read_bytes(), password=None)
     now = int(time.time())
     claims = {"sub": "1", "typ": "customer", "iat": now, "exp": now + 60, "jti": "x"}
     del claims[missing]

@@ -350,6 +350,26 @@ async def test_a_gap_is_filled_from_the_database_before_later_messages(stack: St
         await b.close()
 
 
+async def test_a_write_to_a_chat_deleted_unbeknown_to_the_instance_leaves_nothing(stack: StackProcess, c1: str,
+                                                                                   store: Store) -> None:
+    """The deletion's broadcast can be lost (it rides on pub/sub): here the chat is
+    removed straight from MongoDB, so chat-1 still has it open. A message sent then must
+    not be left behind with no chat: the writer re-checks the chat after writing."""
+    customer, employee, chat_id = await pair(stack, c1)
+    a = await ChatClient.connect(socket_url(c1, chat_id, customer.token))
+    try:
+        await a.send("before")
+        await a.wait_messages(1)
+        await store.chats.delete_one({"_id": {"$eq": chat_id}})
+        await store.messages.delete_many({"chat_id": {"$eq": chat_id}})
+        await a.send("after the sweep")
+        assert await a.wait_closed() == 4404
+        assert [m["message"] for m in a.messages] == ["before"]
+        assert await store.messages.count_documents({"chat_id": {"$eq": chat_id}}) == 0
+    finally:
+        await a.close()
+
+
 async def test_an_unpublished_last_message_still_arrives(stack: StackProcess, c1: str, c2: str,
                                                          store: Store) -> None:
     customer, employee, chat_id = await pair(stack, c1)

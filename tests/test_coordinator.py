@@ -178,6 +178,19 @@ async def test_admin_api_errors(stack: StackProcess, admin_token: str) -> None:
     assert direct.code == 403
 
 
+async def test_delete_is_503_and_changes_nothing_when_authen_cannot_be_reached(stack: StackProcess,
+                                                                               admin_token: str) -> None:
+    customer = await make_user(stack, "customer")
+    # A gateway that cannot reach discovery knows no participant instance.
+    lost = ServiceProcess(stack, "gateway", name="gateway-no-discovery", health_path="/status",
+                          extra_env={"DISCOVERY_URL": f"http://127.0.0.1:{free_port()}"})
+    async with lost:
+        reply = await delete(stack, admin_token, customer.id, base=lost.url)
+        assert reply.code == 503 and "authen" in reply.json["detail"], reply
+    assert (await call("GET", f"{stack.url('authen')}/utilities/check?user_id={customer.id}")).code == 200
+    assert await transactions_of(stack, admin_token, customer.id) == []
+
+
 async def test_2pc_deletes_user_and_chats(stack: StackProcess, admin_token: str) -> None:
     party = await make_party(stack)
     reply = await delete(stack, admin_token, party.user.id)
@@ -335,6 +348,10 @@ async def test_coordinator_crash(stack: StackProcess, admin_token: str, mode: st
     if mode == "2pc":
         assert reply is None or reply.code == 599, f"the gateway should have crashed at {point}: {reply}"
     assert await crashing.wait_exit(30) == 70
+    # Unfinished (its owner's lease still runs): another deletion of the user is a 409,
+    # even for a saga that already deactivated the user.
+    again = await delete(stack, admin_token, party.user.id, mode=mode)
+    assert again.code == 409, again
     # Restarted normally (same address, so it finds its own unfinished transactions).
     restarted = ServiceProcess(stack, "gateway", port, name=f"gateway-after-{point}", health_path="/status")
     async with restarted:
@@ -414,7 +431,9 @@ async def test_participant_left_prepared_asks_the_coordinator(stack: StackProces
         assert tx["decision"] == "commit" and not tx["completed"]
         await wait_until(lambda: f"coordinator says commit for {gid}" in watcher.tail(200), timeout=30,
                          interval=0.2, message="the authen instance asked the coordinator")
-        assert gid not in prepared_xacts(stack)
+        # It logs the answer, then commits: wait for the commit, not for the log line.
+        await wait_until(lambda: gid not in prepared_xacts(stack), timeout=10, interval=0.1,
+                         message=f"{gid} committed by the authen instance")
     finally:
         await watcher.stop()
         await answering.stop()

@@ -224,7 +224,7 @@ async def test_task_limit_503_seed_demo(stack, http, scope: str) -> None:
     """Limit 1, TIMEOUT_MS 9000: a sleepy on each instance makes the third request 503."""
     async with await start_gateway(stack, task_limit_per_service=1, timeout_ms=9000, task_limit_scope=scope) as g:
         await wait_routed(http, g.url, "authen", 2)
-        sleepers = [asyncio.create_task(fetch(http, "GET", g.url + "/authen/utilities/sleepy?seconds=3"))
+        sleepers = [asyncio.create_task(fetch(http, "GET", g.url + "/authen/utilities/sleepy?seconds=5"))
                     for _ in range(2)]
 
         async def both_busy() -> bool:
@@ -244,7 +244,8 @@ async def test_task_limit_503_seed_demo(stack, http, scope: str) -> None:
 async def test_task_limit_exact_under_concurrency(stack, http) -> None:
     async with await start_gateway(stack, task_limit_per_service=2, timeout_ms=9000) as g:
         await wait_routed(http, g.url, "authen", 2)
-        replies = await asyncio.gather(*(fetch(http, "GET", g.url + "/authen/utilities/sleepy?seconds=1.5")
+        # Long enough that all twelve reach the gateway while the first four still run.
+        replies = await asyncio.gather(*(fetch(http, "GET", g.url + "/authen/utilities/sleepy?seconds=5")
                                          for _ in range(12)))
         statuses = sorted(r.status for r in replies)
         assert statuses == [200] * 4 + [503] * 8, statuses
@@ -283,7 +284,7 @@ async def test_post_never_replayed_get_retried(stack, http) -> None:
 async def test_least_outstanding_avoids_the_busy_instance(stack, http) -> None:
     async with await start_gateway(stack, lb_policy="least_outstanding", timeout_ms=9000) as g:
         await wait_routed(http, g.url, "authen", 2)
-        sleeper = asyncio.create_task(fetch(http, "GET", g.url + "/authen/utilities/sleepy?seconds=3"))
+        sleeper = asyncio.create_task(fetch(http, "GET", g.url + "/authen/utilities/sleepy?seconds=5"))
 
         async def one_busy() -> str | None:
             busy = [a for a, i in (await gateway_instances(http, g.url)).items() if i["in_flight"] == 1]
