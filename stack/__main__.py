@@ -18,6 +18,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from common.config import load_settings_or_exit
 from stack.control import ControlError, StackControl
 from stack.layout import Layout
+from stack.supervisor import kill_pidfile
 
 
 class StackSettings(BaseSettings):
@@ -74,12 +75,8 @@ def down(layout: Layout, timeout_s: float = 90.0) -> int:
             stopped_any = True
     # Anything a SIGKILLed supervisor left behind.
     for pidfile in (layout.state_dir / "pids").glob("*.pid"):
-        try:
-            os.killpg(int(pidfile.read_text()), signal.SIGKILL)
+        if kill_pidfile(pidfile):
             stopped_any = True
-        except (ValueError, ProcessLookupError, PermissionError):
-            pass
-        pidfile.unlink(missing_ok=True)
     print("stack stopped" if stopped_any else "no stack was running")
     return 0
 

@@ -20,7 +20,7 @@ from stack import datatier
 from stack.control import serve_control, socket_path
 from stack.layout import Layout, service_env, signing_env
 from stack.services import SERVICES, ServiceSpec
-from stack.supervisor import ProcSpec, StartFailed, Supervisor
+from stack.supervisor import ProcSpec, StartFailed, Supervisor, kill_pidfile
 
 log = logging.getLogger("stack")
 
@@ -93,13 +93,9 @@ class Stack:
     def _kill_leftovers(self) -> None:
         """Processes a previous, SIGKILLed supervisor may have left (normally none)."""
         for pidfile in (self.state_dir / "pids").glob("*.pid"):
-            try:
-                pid = int(pidfile.read_text())
-                os.killpg(pid, signal.SIGKILL)
-                log.warning("killed leftover %s (pid %d)", pidfile.stem, pid)
-            except (ValueError, ProcessLookupError, PermissionError):
-                pass
-            pidfile.unlink(missing_ok=True)
+            killed = kill_pidfile(pidfile)
+            if killed:
+                log.warning("killed leftover %s", killed)
 
     def check_ports(self, specs: list[ProcSpec]) -> None:
         for spec in specs:
@@ -156,8 +152,10 @@ class Stack:
         for spec, procs in groups:
             for step in spec.setup:
                 await datatier._run([sys.executable, "-m", spec.module, *step], env={**base_env, **spec.env})
-            await self._start_group(procs)
+            # Known before it starts: a failure or Ctrl-C part-way through must still stop
+            # the instances already up, before the data tier.
             self.service_groups.insert(0, [p.name for p in procs])
+            await self._start_group(procs)
 
     async def stop_all(self) -> None:
         self.sup.shutting_down = True

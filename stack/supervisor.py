@@ -28,6 +28,41 @@ log = logging.getLogger("stack")
 PR_SET_PDEATHSIG = 1
 _libc = ctypes.CDLL(None, use_errno=True)
 
+
+def _start_ticks(pid: int) -> str | None:
+    """The process's start time (clock ticks since boot), which tells a reused pid apart."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name (field 2) may hold spaces; the fields after its ")" are plain.
+    return stat.rpartition(")")[2].split()[19]
+
+
+def write_pidfile(path: Path, pid: int) -> None:
+    path.write_text(f"{pid} {_start_ticks(pid) or ''}".strip())
+
+
+def kill_pidfile(path: Path) -> str | None:
+    """SIGKILL the process group a pid file names, if that process still is the one the
+    file was written for (a pid reused by another program is left alone); removes the
+    file. Returns what was killed, for the log."""
+    try:
+        pid_text, _, ticks = path.read_text().strip().partition(" ")
+        pid = int(pid_text)
+    except (OSError, ValueError):
+        path.unlink(missing_ok=True)
+        return None
+    killed = None
+    if ticks and _start_ticks(pid) == ticks:
+        try:
+            os.killpg(pid, signal.SIGKILL)
+            killed = f"{path.stem} (pid {pid})"
+        except (ProcessLookupError, PermissionError):
+            pass
+    path.unlink(missing_ok=True)
+    return killed
+
 HealthCheck = Callable[[], Awaitable[bool]]
 
 
@@ -119,7 +154,7 @@ class Supervisor:
         proc.started_at = time.monotonic()
         proc.healthy.clear()
         proc.state = "starting"
-        (self.pids_dir / f"{spec.name}.pid").write_text(str(proc.process.pid))
+        write_pidfile(self.pids_dir / f"{spec.name}.pid", proc.process.pid)
 
     async def _wait_healthy(self, proc: Proc) -> bool:
         deadline = time.monotonic() + proc.spec.start_timeout_s

@@ -45,6 +45,25 @@ def test_only_authen_is_told_where_the_signing_key_is(stack: StackProcess) -> No
         assert public and private == name.startswith("authen"), (name, seen)
 
 
+def test_a_leftover_pid_file_kills_only_the_process_it_was_written_for(tmp_path) -> None:
+    from stack.supervisor import kill_pidfile, write_pidfile
+
+    proc = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        # The same pid with another start time: the pid was reused by an unrelated program.
+        reused = tmp_path / "reused.pid"
+        reused.write_text(f"{proc.pid} 1")
+        assert kill_pidfile(reused) is None and not reused.exists()
+        assert proc.poll() is None
+        real = tmp_path / "real.pid"
+        write_pidfile(real, proc.pid)
+        assert kill_pidfile(real) == f"real (pid {proc.pid})"
+        assert proc.wait(timeout=10) == -signal.SIGKILL
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 # -- PostgreSQL -------------------------------------------------------------------------
 def test_primary_write_reaches_both_replicas(stack: StackProcess, probe_table: str) -> None:
     key = uuid.uuid4().hex
