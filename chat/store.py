@@ -33,15 +33,17 @@ from typing import Any
 from pymongo import ASCENDING, DESCENDING, AsyncMongoClient
 from pymongo.errors import BulkWriteError, DuplicateKeyError, PyMongoError
 
-from common.errors import ServiceUnavailable
+from common.errors import DependencyUnavailable
 
 log = logging.getLogger("barber.chat.store")
 
 DUPLICATE_KEY = 11000
 
 
-class StoreUnavailable(ServiceUnavailable):
+class StoreUnavailable(DependencyUnavailable):
     """MongoDB did not answer or refused the operation."""
+
+    dependency = "mongodb"
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,14 +17,16 @@ from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 
 from chat.cache import UserCache
 from common.discovery import InstanceView
-from common.errors import ServiceUnavailable
+from common.errors import DependencyUnavailable
 from common.logs import REQUEST_ID_HEADER, request_id_var
 
 log = logging.getLogger("barber.chat.users")
 
 
-class AuthenUnavailable(ServiceUnavailable):
+class AuthenUnavailable(DependencyUnavailable):
     """No authen instance answered the lookup."""
+
+    dependency = "authen"
 
 
 @dataclass(frozen=True, slots=True)

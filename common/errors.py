@@ -59,5 +59,20 @@ class ServiceUnavailable(APIError):
     status = 503
 
 
+# Set on a 503 that an instance answers because something it depends on is down (its
+# database, another service): the instance itself is healthy, so the gateway's circuit
+# breaker does not count it against the instance (every instance would say the same).
+DEPENDENCY_HEADER = "X-Dependency-Unavailable"
+
+
+class DependencyUnavailable(ServiceUnavailable):
+    """503: a dependency of this instance is down; ``dependency`` names it."""
+
+    dependency = "dependency"
+
+    def __init__(self, detail: str, *, headers: dict[str, str] | None = None) -> None:
+        super().__init__(detail, headers={DEPENDENCY_HEADER: self.dependency, **(headers or {})})
+
+
 class GatewayTimeout(APIError):
     status = 504

@@ -19,7 +19,7 @@ from typing import Sequence
 import aiohttp
 from yarl import URL
 
-from common.errors import BadGateway, GatewayTimeout, ServiceUnavailable, TooManyRequests
+from common.errors import DEPENDENCY_HEADER, BadGateway, GatewayTimeout, ServiceUnavailable, TooManyRequests
 from gateway.config import GatewaySettings
 from gateway.limiter import Admission, Full, Limiter, RateCharge, RateLimited
 from gateway.metrics import GatewayMetrics
@@ -29,6 +29,7 @@ from gateway.upstreams import Candidate, Service
 log = logging.getLogger("barber.gateway.proxy")
 
 RETRYABLE_STATUS = frozenset({502, 503, 504})
+_DEPENDENCY_HEADER = DEPENDENCY_HEADER.lower()
 
 
 @dataclass(slots=True)
@@ -39,6 +40,11 @@ class UpstreamResponse:
     body: bytes
     instance: str
     attempts: int
+
+    @property
+    def dependency_refusal(self) -> bool:
+        """A 503 the instance answered because a dependency of its is down: it is healthy."""
+        return self.status == 503 and any(k.lower() == _DEPENDENCY_HEADER for k, _ in self.headers)
 
 
 class _AttemptFailed(Exception):
@@ -138,7 +144,7 @@ class Proxy:
                 self.limiter.release(admission.instance)
             breaker = service.breakers.get(admission.instance)
             if isinstance(result, UpstreamResponse):
-                if result.status >= 500:
+                if result.status >= 500 and not result.dependency_refusal:
                     breaker.record_failure(chosen.breaker_state)
                 else:
                     breaker.record_success(chosen.breaker_state)

@@ -34,7 +34,7 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from common.errors import ServiceUnavailable
+from common.errors import DependencyUnavailable
 from replicas.hwm import HighWaterMark, format_lsn
 
 log = logging.getLogger("barber.replicas")
@@ -66,12 +66,16 @@ _WRITE_LSN_SQL = text("SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint")
 _SAMPLE_HORIZON_S = 120.0
 
 
-class PrimaryUnavailable(ServiceUnavailable):
+class PrimaryUnavailable(DependencyUnavailable):
     """Writes are refused: the primary is unreachable (or read-only)."""
 
+    dependency = "postgresql-primary"
 
-class NoReadableNode(ServiceUnavailable):
+
+class NoReadableNode(DependencyUnavailable):
     """Neither the primary nor any replica could serve a read."""
+
+    dependency = "postgresql"
 
 
 def normalize_url(url: str) -> str:

@@ -188,3 +188,32 @@ async def test_gateway_killed_mid_request_leaks_no_count(stack, http) -> None:
             await b.stop()
     finally:
         await redis.aclose()
+
+
+async def test_a_dependency_outage_opens_no_breaker(stack, http) -> None:
+    """With the PostgreSQL primary stopped, authen refuses writes with a 503 marked as a
+    dependency outage: the instances are healthy, so their breakers stay closed and the
+    reads that the replicas serve still go through the gateway."""
+    async with await start_gateway(stack, breaker_failures=2, breaker_min_requests=2) as g:
+        await wait_routed(http, g.url, "authen", 2)
+        await asyncio.to_thread(stack.control.stop, "postgres-primary")
+        try:
+            body = {"username": "", "password": "long enough", "first_name": "A", "last_name": "B",
+                    "type": "customer"}
+            for i in range(6):
+                body["username"] = f"dep_{os.getpid()}_{i}_{time.monotonic_ns()}"
+                r = await fetch(http, "POST", g.url + "/authen/authen/signup", body=body)
+                assert r.status == 503 and "primary" in r.json["detail"], r
+                assert r.headers.get("X-Dependency-Unavailable") == "postgresql-primary"
+            instances = await gateway_instances(http, g.url)
+            assert {i["breaker"]["state"] for i in instances.values()} == {"closed"}, instances
+            for _ in range(4):
+                assert (await fetch(http, "GET", g.url + "/authen/list/employee")).status == 200
+        finally:
+            await asyncio.to_thread(stack.control.start, "postgres-primary")
+
+        async def writable() -> bool:
+            body["username"] = f"dep_{os.getpid()}_back_{time.monotonic_ns()}"
+            return (await fetch(http, "POST", g.url + "/authen/authen/signup", body=body)).status == 201
+
+        await wait_until(writable, timeout=30, interval=0.2, message="writes accepted again")
