@@ -188,8 +188,7 @@ class Stack:
         lay = self.layout
         lines = [
             "Barber is up:",
-            f"  gateway            {lay.gateway_url}",
-            f"  discovery          {lay.discovery_url}",
+            f"  gateway (public)   {lay.gateway_url}",
             f"  PostgreSQL         {lay.pg_dsn('authen')} (primary); replicas on "
             f"{', '.join(str(p) for p in lay.ports('postgres')[1:])}",
             f"  Redis              {lay.redis_url}",
@@ -197,6 +196,8 @@ class Stack:
             f"  MongoDB (wire)     {lay.mongo_url}",
         ]
         for spec in SERVICES:
+            if spec.name == "gateway":
+                continue  # the first line
             lines.append(f"  {spec.name:<18} " + ", ".join(f"http://127.0.0.1:{p}" for p in lay.ports(spec.port_key)))
         lines.append(f"  logs               {lay.logs_dir}/")
         lines.append("Ctrl-C stops everything.")
