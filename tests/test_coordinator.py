@@ -307,18 +307,25 @@ async def test_chat_mark_closes_sockets_everywhere_and_abort_releases(stack: Sta
 
 async def test_orphan_prepared_transaction_is_resolved(stack: StackProcess) -> None:
     """A prepare the coordinator never logged (e.g. sent by a coordinator whose log was
-    lost): recovery presumes abort and rolls it back."""
-    user = await make_user(stack, "customer")
+    lost), at both participants: recovery presumes abort, rolls authen's back and clears
+    chat's marks."""
+    party = await make_party(stack, chats=1, messages=2)
     gid = f"barber-tx-{uuid.uuid4()}"
     headers = {"X-Service-Token": service_secret(stack)}
-    reply = await call("POST", f"{stack.url('authen')}/internal/tx/{gid}/prepare", {"user_id": user.id},
-                       headers=headers)
-    assert reply.code == 200, reply
+    for name in ("authen", "chat"):
+        reply = await call("POST", f"{stack.url(name)}/internal/tx/{gid}/prepare", {"user_id": party.user.id},
+                           headers=headers)
+        assert reply.code == 200, reply
     assert gid in prepared_xacts(stack)
+    assert [m["deleting"] for m in await chat_marks(stack, party.chat_ids)] == [gid]
     await wait_until(lambda: gid not in prepared_xacts(stack), timeout=30, interval=0.3,
                      message="orphan prepared transaction rolled back")
-    assert (await call("POST", stack.url("authen") + "/authen/signin",
-                       {"username": user.username, "password": PASSWORD})).code == 200
+
+    async def unmarked() -> bool:
+        return await chat_marks(stack, party.chat_ids) == []
+
+    await wait_until(unmarked, timeout=30, interval=0.3, message="orphan chat marks cleared")
+    await assert_present(stack, party)
 
 
 # -- crashes of the coordinator --------------------------------------------------------------
@@ -411,6 +418,7 @@ async def test_participant_left_prepared_asks_the_coordinator(stack: StackProces
     """
     party = await make_party(stack, chats=1)
     watcher = ServiceProcess(stack, "authen", name="authen-watcher", extra_env={"PARTICIPANT_OUTCOME_AFTER_S": "1"})
+    chat_watcher = ServiceProcess(stack, "chat", name="chat-watcher", extra_env={"PARTICIPANT_OUTCOME_AFTER_S": "1"})
     answering = ServiceProcess(stack, "gateway", name="gateway-answering", health_path="/status",
                                extra_env={"COORDINATOR_RECOVERY_INTERVAL_S": "3600"})
     crashing = ServiceProcess(stack, "gateway", name="gateway-crash-decision", health_path="/status",
@@ -419,6 +427,7 @@ async def test_participant_left_prepared_asks_the_coordinator(stack: StackProces
     stack.control.stop("gateway")
     try:
         await watcher.start()
+        await chat_watcher.start()
         await answering.start()
         await crashing.start()
         try:
@@ -434,8 +443,17 @@ async def test_participant_left_prepared_asks_the_coordinator(stack: StackProces
         # It logs the answer, then commits: wait for the commit, not for the log line.
         await wait_until(lambda: gid not in prepared_xacts(stack), timeout=10, interval=0.1,
                          message=f"{gid} committed by the authen instance")
+        # chat's instances do the same with their marks (any of them: the marks are shared).
+        await wait_until(lambda: f"coordinator says commit for {gid}" in chat_watcher.tail(200), timeout=30,
+                         interval=0.2, message="the chat instance asked the coordinator")
+
+        async def chat_committed() -> bool:
+            return await stored_messages(stack, party.chat_ids) == 0 and await chat_marks(stack, party.chat_ids) == []
+
+        await wait_until(chat_committed, timeout=10, interval=0.1, message=f"{gid} committed by the chat instance")
     finally:
         await watcher.stop()
+        await chat_watcher.stop()
         await answering.stop()
         stack.control.start("gateway")
     await wait_finished(stack, admin_token, party.user.id, timeout=90)
