@@ -390,3 +390,23 @@ async def test_migrate_is_idempotent(stack: StackProcess) -> None:
     run = await run_authen(stack, "migrate")
     assert run.returncode == 0, run.stderr
     assert "head" in run.stdout
+
+
+async def test_sigterm_lets_a_request_in_flight_finish(stack: StackProcess) -> None:
+    """Graceful stop (common.service): deregister, stop accepting, finish what is in
+    flight, then exit 0."""
+    svc = await start_service(stack, "authen", extra_env={"ENABLE_SLEEPY": "1"}, name="authen-graceful")
+    try:
+        slow = asyncio.create_task(call("GET", svc.url + "/utilities/sleepy?seconds=2", timeout=30))
+
+        async def in_flight() -> bool:
+            return (await status(svc.url))["sleepy"]["active"] == 1
+
+        await wait_until(in_flight, timeout=10, message="the sleepy request in flight")
+        svc.terminate()
+        reply = await slow
+        assert reply.code == 200, reply
+        assert await svc.wait_exit(20) == 0
+        assert "draining in-flight requests" in svc.tail(50)
+    finally:
+        await svc.stop()

@@ -364,6 +364,12 @@ async def test_coordinator_crash(stack: StackProcess, admin_token: str, mode: st
     async with restarted:
         tx = await wait_finished(stack, admin_token, party.user.id, timeout=90)
     assert tx["state"] == ("committed" if outcome == "gone" else "aborted"), tx
+    if mode == "saga":
+        # Resumed from the progress saved before the crash (batches of 2): the counts of
+        # the run that crashed and of the one that finished add up to every message.
+        purge = next(s for s in tx["steps"] if s["name"] == "purge_chats")
+        assert purge["progress"]["messages_deleted"] == party.messages, purge
+        assert purge["progress"]["batches"] >= 2 and purge["attempts"] >= 2, purge
     if outcome == "gone":
         await assert_gone(stack, party)
     else:
