@@ -164,11 +164,21 @@ class UserCache:
 
         What is left is a short-lived tombstone, so that a lookup which read the user from
         authen just before the deletion committed cannot store it again afterwards."""
+        key = user_key(user_id)
+        # WAIT bounds itself below the operation timeout, so a slow replica is a clear "no".
+        wait_ms = max(1, int(self.op_timeout_s * 800))
         try:
-            await self._run(self._redis().set(user_key(user_id), TOMBSTONE, ex=TOMBSTONE_TTL_S))
+            client = self._redis()
+            await self._run(client.set(key, TOMBSTONE, ex=TOMBSTONE_TTL_S))
+            # On a replica too: a master that failed over before replicating the tombstone
+            # would otherwise hand the deleted user's entry back through its promoted replica.
+            replicated = await self._run(client.execute_command(
+                "WAIT", 1, wait_ms, target_nodes=client.get_node_from_key(key)))
         except CACHE_ERRORS as e:
             self._failed("invalidate", e)
             raise CacheError(f"could not invalidate user#{user_id}: {self.last_error}") from e
+        if int(replicated) < 1:
+            raise CacheError(f"invalidation of user#{user_id} not yet confirmed by a replica")
         self.stats.invalidations += 1
         log.info("Invalidated cached data for user#%d", user_id, extra={"user.id": user_id})
 

@@ -8,6 +8,7 @@ import asyncio
 import os
 import signal
 import time
+from typing import Awaitable
 
 import pytest
 from redis.asyncio import Redis
@@ -15,7 +16,7 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from tornado.httpclient import HTTPClientError
 from tornado.websocket import WebSocketClosedError, WebSocketError
 
-from chat.cache import parse_nodes
+from chat.cache import CacheError, UserCache, parse_nodes
 from tests.http import call
 from tests.stackproc import StackProcess
 from tests.test_chat_support import ChatClient, ChatUser, make_user, socket_url, start_chat, status
@@ -215,6 +216,57 @@ async def test_cache_master_killed_lookups_still_succeed(stack: StackProcess, c1
         return (await status(c1))["cache"]["hits"] > hits
 
     await wait_until(hit_again, timeout=30, interval=0.5, message="cache hits after recovery")
+
+
+async def test_invalidation_counts_only_once_a_replica_has_it(stack: StackProcess) -> None:
+    """An invalidation that only the master holds could come back undone through a
+    failover, so it is confirmed only once a replica has it (WAIT); with the shard's
+    replica down it is refused (the deletion retries), and it succeeds once it is back."""
+    user = await make_user(stack, "customer")
+    key = f"user:{user.id}"
+    seeds = parse_nodes(stack.env["REDIS_CLUSTER_NODES"])
+    rc = RedisCluster(startup_nodes=[ClusterNode(n.host, n.port) for n in seeds], decode_responses=True)
+    try:
+        slot = await rc.cluster_keyslot(key)
+        master = int(rc.nodes_manager.get_node_from_slot(slot).port)
+    finally:
+        await rc.aclose()
+
+    async def replication() -> dict:
+        r = Redis(host="127.0.0.1", port=master, socket_timeout=1, decode_responses=True)
+        try:
+            return await r.info("replication")
+        finally:
+            await r.aclose()
+
+    async def connected_replicas() -> int:
+        return int((await replication())["connected_slaves"])
+
+    info = await replication()
+    assert info["role"] == "master" and int(info["connected_slaves"]) == 1, info
+    replica = int(info["slave0"]["port"])
+    ports = stack.layout.ports("redis_cluster")
+    replica_name = f"redis-cluster-{ports.index(replica) + 1}"
+
+    cache = UserCache(stack.env["REDIS_CLUSTER_NODES"])
+    stack.control.stop(replica_name)
+    try:
+        await wait_until(lambda: _eq(connected_replicas(), 0), timeout=30, message="the replica gone")
+        with pytest.raises(CacheError):
+            await cache.invalidate(user.id)
+    finally:
+        stack.control.start(replica_name)
+    try:
+        await wait_until(lambda: _cluster_recovered(stack), timeout=90, interval=0.5, message="the cluster healed")
+        await wait_until(lambda: _eq(connected_replicas(), 1), timeout=30, message="the replica back")
+        await cache.invalidate(user.id)
+        assert await cache.get(user.id) is None
+    finally:
+        await cache.close()
+
+
+async def _eq(value: Awaitable[int], expected: int) -> bool:
+    return await value == expected
 
 
 async def test_whole_cache_cluster_down_lookups_still_succeed(stack: StackProcess, c1: str, c2: str) -> None:
