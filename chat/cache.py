@@ -32,6 +32,8 @@ CACHE_ERRORS = (RedisError, RedisClusterException, OSError, TimeoutError)
 # Longer than any lookup can take from its authen call to its cache write.
 TOMBSTONE = "deleted"
 TOMBSTONE_TTL_S = 120
+# How long an invalidation may take (set, then WAIT for a replica).
+INVALIDATE_TIMEOUT_S = 2.0
 
 
 class CacheError(Exception):
@@ -165,15 +167,16 @@ class UserCache:
         What is left is a short-lived tombstone, so that a lookup which read the user from
         authen just before the deletion committed cannot store it again afterwards."""
         key = user_key(user_id)
-        # WAIT bounds itself below the operation timeout, so a slow replica is a clear "no".
-        wait_ms = max(1, int(self.op_timeout_s * 800))
+        # Off the hot path (deletions only): more time than a lookup gets, and WAIT bounds
+        # itself below it, so a replica that does not confirm is a clear "not yet".
+        budget_s = max(self.op_timeout_s, INVALIDATE_TIMEOUT_S)
         try:
             client = self._redis()
-            await self._run(client.set(key, TOMBSTONE, ex=TOMBSTONE_TTL_S))
+            await asyncio.wait_for(client.set(key, TOMBSTONE, ex=TOMBSTONE_TTL_S), budget_s)
             # On a replica too: a master that failed over before replicating the tombstone
             # would otherwise hand the deleted user's entry back through its promoted replica.
-            replicated = await self._run(client.execute_command(
-                "WAIT", 1, wait_ms, target_nodes=client.get_node_from_key(key)))
+            replicated = await asyncio.wait_for(client.execute_command(
+                "WAIT", 1, int(budget_s * 500), target_nodes=client.get_node_from_key(key)), budget_s)
         except CACHE_ERRORS as e:
             self._failed("invalidate", e)
             raise CacheError(f"could not invalidate user#{user_id}: {self.last_error}") from e

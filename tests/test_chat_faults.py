@@ -259,7 +259,15 @@ async def test_invalidation_counts_only_once_a_replica_has_it(stack: StackProces
     try:
         await wait_until(lambda: _cluster_recovered(stack), timeout=90, interval=0.5, message="the cluster healed")
         await wait_until(lambda: _eq(connected_replicas(), 1), timeout=30, message="the replica back")
-        await cache.invalidate(user.id)
+
+        async def invalidated() -> bool:
+            try:
+                await cache.invalidate(user.id)
+            except CacheError:
+                return False  # e.g. the replica still resynchronising
+            return True
+
+        await wait_until(invalidated, timeout=30, interval=0.5, message="invalidation confirmed by the replica")
         assert await cache.get(user.id) is None
     finally:
         await cache.close()
