@@ -327,8 +327,12 @@ async def _slow_dropped(base: str) -> bool:
 
 
 # -- the database is the source of truth -------------------------------------------------------
-async def test_a_gap_is_filled_from_the_database_before_later_messages(stack: StackProcess, c1: str, c2: str,
+async def test_a_gap_is_filled_from_the_database_before_later_messages(stack: StackProcess, c1: str,
                                                                        store: Store) -> None:
+    # The receiving instance's idle-room tail check is off, so seq 2 can only reach it by
+    # the gap fill (a tail check in between would find it first).
+    receiver = await start_service(stack, "chat", extra_env={"CHAT_TAIL_CHECK_S": "3600"}, name="chat-no-tail")
+    c2 = receiver.url
     customer, employee, chat_id = await pair(stack, c1)
     a = await ChatClient.connect(socket_url(c1, chat_id, customer.token))
     b = await ChatClient.connect(socket_url(c2, chat_id, employee.token))
@@ -348,6 +352,7 @@ async def test_a_gap_is_filled_from_the_database_before_later_messages(stack: St
     finally:
         await a.close()
         await b.close()
+        await receiver.stop()
 
 
 async def test_a_write_to_a_chat_deleted_unbeknown_to_the_instance_leaves_nothing(stack: StackProcess, c1: str,
