@@ -20,9 +20,9 @@ import time
 import uuid
 from typing import Any, Awaitable
 
-from common.errors import BadGateway, Conflict, NotFound, ServiceUnavailable
+from common.errors import BadGateway, NotFound, ServiceUnavailable
 from common.tasks import backoff_delay, cancel_and_wait
-from coordinator.log import Transaction, TxLog, gid_of, tx_of
+from coordinator.log import Transaction, TxLog, already_running, gid_of, tx_of
 from coordinator.participants import Participant, Refused, Unreachable
 from coordinator.settings import CoordinatorSettings
 
@@ -56,10 +56,6 @@ class Coordinator:
 
     # -- entry point -----------------------------------------------------------------
     async def delete_user(self, user_id: int, mode: str) -> Transaction:
-        # First, since a running saga has deactivated the user, whom authen then hides.
-        running = await self.txlog.unfinished_for(user_id)
-        if running is not None:
-            raise Conflict(f"a deletion of user {user_id} is already running (transaction {running})")
         await self._require_user(user_id)
         tx_id = uuid.uuid4()
         # Ours before it is in the log, so a recovery pass never takes it for an orphan.
@@ -89,6 +85,11 @@ class Coordinator:
             await self.participants["authen"].call("GET", f"/utilities/check?user_id={user_id}")
         except Refused as e:
             if e.status == 404:
+                # A running saga deactivated the user, whom authen then hides: that is a
+                # deletion under way, not an unknown user (begin's unique index says the
+                # same for every other case).
+                if await self.txlog.unfinished_for(user_id) is not None:
+                    raise already_running(user_id) from e
                 raise NotFound(f"no user with id {user_id}") from e
             raise BadGateway(f"authen refused the user lookup: {e.detail}") from e
         except Unreachable as e:

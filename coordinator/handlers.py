@@ -7,7 +7,6 @@ import uuid
 from common.errors import BadRequest, NotFound
 from common.handler import BaseHandler
 from coordinator.deletion import Coordinator
-from coordinator.log import log_reachable
 
 TX_STATES = ("running", "committed", "aborted")
 
@@ -30,8 +29,7 @@ class DeleteUserHandler(CoordinatorHandler):
         mode = self.get_query_argument("mode", "2pc")
         if mode not in ("2pc", "saga"):
             raise BadRequest("mode: must be 2pc or saga")
-        with log_reachable():
-            tx = await self.coordinator.delete_user(int(user_id), mode)
+        tx = await self.coordinator.delete_user(int(user_id), mode)
         body = {"transaction_id": str(tx.id), "state": tx.state}
         if tx.mode == "saga":
             self.set_header("Location", f"/admin/transactions/{tx.id}")
@@ -45,8 +43,7 @@ class DeleteUserHandler(CoordinatorHandler):
 class TransactionHandler(CoordinatorHandler):
     async def get(self, raw_id: str) -> None:
         self.require_user("admin")
-        with log_reachable():
-            tx = await self.coordinator.txlog.get(_tx_id(raw_id))
+        tx = await self.coordinator.txlog.get(_tx_id(raw_id))
         if tx is None:
             raise NotFound(f"no transaction {raw_id}")
         self.write_json(tx.to_json())
@@ -60,8 +57,7 @@ class TransactionListHandler(CoordinatorHandler):
             raise BadRequest(f"state: must be one of {', '.join(TX_STATES)}")
         user_id = self.query_int("user_id", minimum=1) if "user_id" in self.request.query_arguments else None
         limit = self.query_int("limit", 50, minimum=1, maximum=500)
-        with log_reachable():
-            txs = await self.coordinator.txlog.list(state, user_id, limit)
+        txs = await self.coordinator.txlog.list(state, user_id, limit)
         self.write_json({"transactions": [tx.to_json() for tx in txs]})
 
 
@@ -70,9 +66,7 @@ class OutcomeHandler(CoordinatorHandler):
 
     async def get(self, gid: str) -> None:
         self.require_service()
-        with log_reachable():
-            decision = await self.coordinator.outcome(gid)
-        self.write_json({"gid": gid, "decision": decision})
+        self.write_json({"gid": gid, "decision": await self.coordinator.outcome(gid)})
 
 
 def routes(coordinator: Coordinator) -> list:

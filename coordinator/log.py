@@ -8,11 +8,11 @@ import json
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Iterator
+from typing import Any, AsyncIterator
 
 from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from common.errors import Conflict, ServiceUnavailable
 from common.participant import GID_PREFIX
@@ -79,14 +79,13 @@ _TX_COLUMNS = ("id, kind, mode, user_id, state, decision, completed, detail, own
                "finished_at")
 
 
-@contextlib.contextmanager
-def log_reachable() -> Iterator[None]:
-    """The coordinator's log database down: 503, not 500. What was already logged stays;
+class LogUnavailable(ServiceUnavailable):
+    """The coordinator's log database is down: 503. What was already logged stays;
     recovery finishes it once the log is back."""
-    try:
-        yield
-    except (OperationalError, InterfaceError, OSError) as e:
-        raise ServiceUnavailable("the coordinator's log is unavailable; try again shortly") from e
+
+
+def already_running(user_id: int) -> Conflict:
+    return Conflict(f"a deletion of user {user_id} is already running")
 
 
 class TxLog:
@@ -100,11 +99,21 @@ class TxLog:
     async def close(self) -> None:
         await self.engine.dispose()
 
+    @contextlib.asynccontextmanager
+    async def _connect(self, *, transaction: bool) -> AsyncIterator[AsyncConnection]:
+        """A connection (in a transaction that commits on exit, if asked); the database
+        being unreachable becomes :class:`LogUnavailable`."""
+        try:
+            async with (self.engine.begin() if transaction else self.engine.connect()) as conn:
+                yield conn
+        except (OperationalError, InterfaceError, OSError) as e:
+            raise LogUnavailable("the coordinator's log is unavailable; try again shortly") from e
+
     # -- writing ---------------------------------------------------------------------
     async def begin(self, tx_id: uuid.UUID, mode: str, user_id: int, owner: str, participants: list[str],
                     steps: list[str]) -> None:
         try:
-            async with self.engine.begin() as conn:
+            async with self._connect(transaction=True) as conn:
                 await conn.execute(text(
                     "INSERT INTO transactions (id, kind, mode, user_id, state, owner, lease_until) "
                     "VALUES (:id, 'delete_user', :mode, :user_id, 'running', :owner, "
@@ -119,15 +128,15 @@ class TxLog:
                         "INSERT INTO saga_steps (tx_id, position, name, state) VALUES (:id, :p, :name, 'pending')"),
                         {"id": tx_id, "p": position, "name": name})
         except IntegrityError as e:
-            raise Conflict(f"a deletion of user {user_id} is already running") from e
+            raise already_running(user_id) from e
 
     async def unfinished_for(self, user_id: int) -> uuid.UUID | None:
-        async with self.engine.connect() as conn:
+        async with self._connect(transaction=False) as conn:
             return (await conn.execute(text(
                 "SELECT id FROM transactions WHERE user_id = :u AND NOT completed LIMIT 1"), {"u": user_id})).scalar()
 
     async def set_participant(self, tx_id: uuid.UUID, name: str, state: str, detail: str | None = None) -> None:
-        async with self.engine.begin() as conn:
+        async with self._connect(transaction=True) as conn:
             await conn.execute(text(
                 "UPDATE tx_participants SET state = :state, detail = :detail, updated_at = now() "
                 "WHERE tx_id = :id AND name = :name"),
@@ -137,7 +146,7 @@ class TxLog:
     async def decide(self, tx_id: uuid.UUID, decision: str, detail: str | None = None) -> str:
         """Record the decision once; returns the decision in force (an earlier one wins)."""
         state = "committed" if decision == "commit" else "aborted"
-        async with self.engine.begin() as conn:
+        async with self._connect(transaction=True) as conn:
             row = (await conn.execute(text(
                 "UPDATE transactions SET decision = :d, state = :s, detail = coalesce(:detail, detail), "
                 "updated_at = now(), lease_until = now() + make_interval(secs => :lease) "
@@ -149,20 +158,20 @@ class TxLog:
                                        {"id": tx_id})).scalar_one()
 
     async def set_state(self, tx_id: uuid.UUID, state: str, detail: str | None = None) -> None:
-        async with self.engine.begin() as conn:
+        async with self._connect(transaction=True) as conn:
             await conn.execute(text(
                 "UPDATE transactions SET state = :s, detail = coalesce(:detail, detail), updated_at = now() "
                 "WHERE id = :id"), {"id": tx_id, "s": state, "detail": detail})
 
     async def complete(self, tx_id: uuid.UUID) -> None:
-        async with self.engine.begin() as conn:
+        async with self._connect(transaction=True) as conn:
             await conn.execute(text(
                 "UPDATE transactions SET completed = true, finished_at = now(), updated_at = now() "
                 "WHERE id = :id"), {"id": tx_id})
 
     async def set_step(self, tx_id: uuid.UUID, position: int, state: str,
                        progress: dict[str, Any] | None = None, attempt: bool = False) -> None:
-        async with self.engine.begin() as conn:
+        async with self._connect(transaction=True) as conn:
             await conn.execute(text(
                 "UPDATE saga_steps SET state = :state, progress = coalesce(CAST(:progress AS jsonb), progress), "
                 "attempts = attempts + :inc, updated_at = now() WHERE tx_id = :id AND position = :p"),
@@ -176,12 +185,12 @@ class TxLog:
             "WHERE id = :id"), {"id": tx_id, "lease": self.lease_s})
 
     async def renew(self, tx_id: uuid.UUID) -> None:
-        async with self.engine.begin() as conn:
+        async with self._connect(transaction=True) as conn:
             await self._touch(conn, tx_id)
 
     async def claim_unfinished(self, owner: str, exclude: set[uuid.UUID]) -> list[uuid.UUID]:
         """Take over unfinished transactions whose lease ran out, and our own."""
-        async with self.engine.begin() as conn:
+        async with self._connect(transaction=True) as conn:
             rows = (await conn.execute(text(
                 "UPDATE transactions SET owner = :owner, lease_until = now() + make_interval(secs => :lease) "
                 "WHERE NOT completed AND (lease_until < now() OR owner = :owner) "
@@ -190,7 +199,7 @@ class TxLog:
 
     # -- reading ---------------------------------------------------------------------
     async def get(self, tx_id: uuid.UUID) -> Transaction | None:
-        async with self.engine.connect() as conn:
+        async with self._connect(transaction=False) as conn:
             row = (await conn.execute(text(f"SELECT {_TX_COLUMNS} FROM transactions WHERE id = :id"),
                                       {"id": tx_id})).mappings().first()
             if row is None:
@@ -218,7 +227,7 @@ class TxLog:
             clauses.append("user_id = :user_id")
             params["user_id"] = user_id
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
-        async with self.engine.connect() as conn:
+        async with self._connect(transaction=False) as conn:
             ids = [r[0] for r in await conn.execute(text(
                 f"SELECT id FROM transactions {where} ORDER BY created_at DESC LIMIT :limit"), params)]
         return [tx for tx in [await self.get(i) for i in ids] if tx is not None]

@@ -18,7 +18,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from common.config import load_settings_or_exit
 from stack.control import ControlError, StackControl
 from stack.layout import Layout
-from stack.supervisor import kill_pidfile
+from stack.supervisor import kill_leftovers
 
 
 class StackSettings(BaseSettings):
@@ -74,9 +74,8 @@ def down(layout: Layout, timeout_s: float = 90.0) -> int:
                 os.kill(pid, signal.SIGKILL)
             stopped_any = True
     # Anything a SIGKILLed supervisor left behind.
-    for pidfile in (layout.state_dir / "pids").glob("*.pid"):
-        if kill_pidfile(pidfile):
-            stopped_any = True
+    if kill_leftovers(layout.state_dir / "pids"):
+        stopped_any = True
     print("stack stopped" if stopped_any else "no stack was running")
     return 0
 

@@ -20,7 +20,7 @@ from stack import datatier
 from stack.control import serve_control, socket_path
 from stack.layout import Layout, service_env, signing_env
 from stack.services import SERVICES, ServiceSpec
-from stack.supervisor import ProcSpec, StartFailed, Supervisor, kill_pidfile
+from stack.supervisor import ProcSpec, StartFailed, Supervisor, kill_leftovers
 
 log = logging.getLogger("stack")
 
@@ -92,10 +92,8 @@ class Stack:
 
     def _kill_leftovers(self) -> None:
         """Processes a previous, SIGKILLed supervisor may have left (normally none)."""
-        for pidfile in (self.state_dir / "pids").glob("*.pid"):
-            killed = kill_pidfile(pidfile)
-            if killed:
-                log.warning("killed leftover %s", killed)
+        for killed in kill_leftovers(self.state_dir / "pids"):
+            log.warning("killed leftover %s", killed)
 
     def check_ports(self, specs: list[ProcSpec]) -> None:
         for spec in specs:
@@ -187,8 +185,7 @@ class Stack:
     def print_urls(self) -> None:
         lay = self.layout
         lines = [
-            "Barber is up:",
-            f"  gateway (public)   {lay.gateway_url}",
+            f"Barber is up; the public entry is the gateway, {lay.gateway_url}",
             f"  PostgreSQL         {lay.pg_dsn('authen')} (primary); replicas on "
             f"{', '.join(str(p) for p in lay.ports('postgres')[1:])}",
             f"  Redis              {lay.redis_url}",
@@ -196,8 +193,6 @@ class Stack:
             f"  MongoDB (wire)     {lay.mongo_url}",
         ]
         for spec in SERVICES:
-            if spec.name == "gateway":
-                continue  # the first line
             lines.append(f"  {spec.name:<18} " + ", ".join(f"http://127.0.0.1:{p}" for p in lay.ports(spec.port_key)))
         lines.append(f"  logs               {lay.logs_dir}/")
         lines.append("Ctrl-C stops everything.")

@@ -29,6 +29,10 @@ class ServiceSpec:
         return [self.name] if count == 1 else [f"{self.name}-{i + 1}" for i in range(count)]
 
 
+def signs_tokens(module: str) -> bool:
+    return any(spec.signs_tokens for spec in SERVICES if spec.module == module)
+
+
 SERVICES: list[ServiceSpec] = [
     ServiceSpec("discovery", "discovery", "discovery", health_path="/status"),
     ServiceSpec("authen", "authen", "authen", env={"ENABLE_SLEEPY": "1"}, signs_tokens=True,

@@ -63,6 +63,11 @@ def kill_pidfile(path: Path) -> str | None:
     path.unlink(missing_ok=True)
     return killed
 
+
+def kill_leftovers(pids_dir: Path) -> list[str]:
+    """What a SIGKILLed supervisor left running (normally nothing): killed, and named."""
+    return [k for k in (kill_pidfile(p) for p in sorted(pids_dir.glob("*.pid"))) if k]
+
 HealthCheck = Callable[[], Awaitable[bool]]
 
 

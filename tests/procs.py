@@ -13,6 +13,7 @@ from typing import Any
 from tornado.httpclient import AsyncHTTPClient
 
 from stack.layout import signing_env
+from stack.services import signs_tokens
 from tests.stackproc import ROOT, StackProcess, _die_with_parent
 from tests.util import free_port, wait_until
 
@@ -26,7 +27,7 @@ class ServiceProcess:
         self.port = port or free_port()
         self.name = name or f"{module}-{self.port}"
         self.health_path = health_path
-        signing = signing_env(stack.layout) if module == "authen" else {}
+        signing = signing_env(stack.layout) if signs_tokens(module) else {}
         self.env = {**os.environ, **stack.env, **signing, "PORT": str(self.port), "ADVERTISE_HOST": "127.0.0.1",
                     **(extra_env or {})}
         self.process: subprocess.Popen[bytes] | None = None

@@ -191,6 +191,28 @@ async def test_delete_is_503_and_changes_nothing_when_authen_cannot_be_reached(s
     assert await transactions_of(stack, admin_token, customer.id) == []
 
 
+async def test_coordinator_log_down_is_503_and_changes_nothing(stack: StackProcess, admin_token: str) -> None:
+    """The log lives on the PostgreSQL primary: with it stopped, the admin API answers 503
+    (authen still answers reads from its replicas, so the DELETE gets as far as the log)."""
+    customer = await make_user(stack, "customer")
+    gw = stack.url("gateway")
+    await asyncio.to_thread(stack.control.stop, "postgres-primary")
+    try:
+        reply = await delete(stack, admin_token, customer.id)
+        assert reply.code == 503 and "log" in reply.json["detail"], reply
+        reply = await call("GET", f"{gw}/admin/transactions?user_id={customer.id}", token=admin_token)
+        assert reply.code == 503, reply
+    finally:
+        await asyncio.to_thread(stack.control.start, "postgres-primary")
+
+    async def log_back() -> bool:
+        return (await call("GET", f"{gw}/admin/transactions?user_id={customer.id}", token=admin_token)).code == 200
+
+    await wait_until(log_back, timeout=30, interval=0.3, message="the coordinator's log reachable again")
+    assert await transactions_of(stack, admin_token, customer.id) == []
+    assert (await call("GET", f"{stack.url('authen')}/utilities/check?user_id={customer.id}")).code == 200
+
+
 async def test_2pc_deletes_user_and_chats(stack: StackProcess, admin_token: str) -> None:
     party = await make_party(stack)
     reply = await delete(stack, admin_token, party.user.id)
