@@ -13,6 +13,9 @@
   replica that dies between two checks costs no error. When the primary is down, reads
   keep working from the replicas (the freshest first) and writes raise
   :class:`PrimaryUnavailable` (a 503).
+* Believing the primary down must not outlive its return: a write that succeeds there
+  marks it up, and a mark that rose since a read last failed on it proves some instance
+  wrote there since, so reads try it again before any replica behind the mark.
 """
 
 from __future__ import annotations
@@ -283,6 +286,9 @@ class ReadWriteRouter:
         self.check_interval_s = check_interval_s
         self.check_timeout_s = check_timeout_s
         self.degraded_reads = 0  # reads served by a replica behind the mark (primary down)
+        # The mark at which a read last failed to reach the primary (None: none failed
+        # since it was last seen up). A higher mark means a write committed there since.
+        self._primary_failed_at_hwm: int | None = None
         self._rr = itertools.count()
         self._samples: collections.deque[tuple[float, int]] = collections.deque()
         self._task: asyncio.Task[None] | None = None
@@ -421,11 +427,23 @@ class ReadWriteRouter:
             (r for r in self.replicas if r.healthy and r not in fresh), key=lambda r: r.lsn or 0, reverse=True
         )
         down = [r for r in self.replicas if not r.healthy]
-        if self.primary.healthy or not self.primary.checked:
+        if self.primary.healthy or not self.primary.checked or self._primary_may_be_back(hwm):
             return [*fresh, self.primary, *stale, *down]
         # The primary is known down: the freshest replicas serve (a degraded read) before
         # we spend a connect attempt on it; nodes believed down are the last resort.
         return [*fresh, *stale, self.primary, *down]
+
+    def _primary_may_be_back(self, hwm: int | None) -> bool:
+        """While the primary is believed down, whether a read should still try it first.
+
+        Yes until one read failed there, and again once the mark rose past the mark of
+        that failure: some instance has committed on the primary since, and a replica
+        behind the mark could return state older than that acknowledged write.
+        """
+        if hwm is None:
+            return False
+        failed_at = self._primary_failed_at_hwm
+        return failed_at is None or hwm > failed_at
 
     async def read(self, fn: Callable[[AsyncConnection], Awaitable[T]]) -> T:
         """Run ``fn(conn)`` (read-only, autocommit) on the best node; retry on another if
@@ -437,23 +455,43 @@ class ReadWriteRouter:
         last: BaseException | None = None
         for node in plan:
             try:
-                async with node.read_engine.connect() as conn:
-                    result = await fn(conn)
+                result = await self._read_on(node, fn)
             except (DBAPIError, OSError, PoolTimeout) as e:
                 if not is_retryable_read_error(e):
                     raise
                 last = e
                 if is_node_failure(e):
                     node.mark_down(describe(e))
+                    if node is self.primary:
+                        self._primary_failed_at_hwm = hwm if hwm is not None else 0
                 else:
                     log.warning("read on %s failed (%s); trying another node", node.name, describe(e))
                 continue
             node.reads += 1
+            if node is self.primary:
+                self._primary_failed_at_hwm = None
             if node.role == "replica" and id(node) not in fresh:
                 self.degraded_reads += 1
                 log.warning("read served by %s, which may be behind the last write (primary unavailable)", node.name)
             return result
         raise NoReadableNode("the user database is unavailable: no node could serve the read") from last
+
+    async def _read_on(self, node: Node, fn: Callable[[AsyncConnection], Awaitable[T]]) -> T:
+        """``fn`` on one node. A pooled connection that died (its server restarted since
+        it was opened) costs one more try on a new connection, not the node: SQLAlchemy
+        drops the pool's older connections on a disconnect, and a node that has just come
+        back, not yet seen by the monitor, must not be passed over for staler replicas."""
+        checked_out = False
+        try:
+            async with node.read_engine.connect() as conn:
+                checked_out = True
+                return await fn(conn)
+        except (DBAPIError, OSError) as e:
+            if not (checked_out and is_node_failure(e)):
+                raise
+            log.info("a pooled connection to %s had died (%s); trying a new one", node.name, describe(e))
+        async with node.read_engine.connect() as conn:
+            return await fn(conn)
 
     @contextlib.asynccontextmanager
     async def on_primary(self) -> AsyncIterator[AsyncConnection]:
@@ -488,8 +526,15 @@ class ReadWriteRouter:
             await self._record_write(conn)
         return result
 
+    async def _primary_answered(self) -> None:
+        """The primary just committed for us: it is up, whatever the monitor last saw."""
+        self._primary_failed_at_hwm = None
+        if not self.primary.healthy:
+            await self.primary.mark_up()
+
     async def _record_write(self, conn: AsyncConnection) -> None:
         """After a commit on ``conn``: publish the primary's WAL position as the mark."""
+        await self._primary_answered()
         try:
             lsn = (await conn.execute(_WRITE_LSN_SQL)).scalar_one()
             await conn.rollback()

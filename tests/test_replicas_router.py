@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from typing import AsyncIterator
 
@@ -33,14 +34,14 @@ async def redis(stack: StackProcess) -> AsyncIterator[Redis]:
 
 
 def make_router(stack: StackProcess, redis: Redis | None, key: str, *, replicas: list[str] | None = None,
-                primary: str | None = None) -> ReadWriteRouter:
+                primary: str | None = None, check_interval_s: float = 0.1) -> ReadWriteRouter:
     lay = stack.layout
     return ReadWriteRouter(
         primary or lay.pg_url("authen", 0),
         replicas if replicas is not None else [lay.pg_url("authen", 1), lay.pg_url("authen", 2)],
         redis=redis,
         hwm_key=key,
-        check_interval_s=0.1,
+        check_interval_s=check_interval_s,
     )
 
 
@@ -172,6 +173,44 @@ async def test_dead_primary_refuses_writes_and_replicas_still_read(stack: StackP
         assert sum(n.reads for n in r.replicas) == 1
     finally:
         await r.close()
+
+
+async def test_a_restarted_primary_is_read_again_before_any_monitor_sees_it_back(
+    stack: StackProcess, redis: Redis, hwm_key: str, router: ReadWriteRouter
+) -> None:
+    """Routers whose monitors do not look again after their first round stand for the
+    moment after a restart before the next probe: ``writer`` and ``saw_outage`` saw the
+    primary fail, ``idle`` holds a pooled connection to it from before the restart. With
+    replay paused, none of them may read a fresh write anywhere but on the primary."""
+    routers = [make_router(stack, redis, hwm_key, check_interval_s=3600) for _ in range(3)]
+    writer, saw_outage, idle = routers
+    for r in routers:
+        await r.start()
+    try:
+        before = uuid.uuid4().hex
+        await writer.write(lambda c: _insert(c, before))
+        # Their views of the replicas predate the write: these reads pool a primary connection.
+        for r in (saw_outage, idle):
+            assert await r.read(_finder(before)) == before and r.primary.reads == 1
+        await wait_until(lambda: len(router.fresh_replicas(writer.hwm.local)) == 2, timeout=15,
+                         message="both replicas replayed the first write")
+        async with replay_paused(stack):
+            await asyncio.to_thread(stack.control.stop, "postgres-primary")
+            try:
+                for r in (writer, saw_outage):
+                    assert await r.read(_finder(before)) == before  # a degraded read, from a replica
+                    assert r.primary.healthy is False and r.degraded_reads == 1
+            finally:
+                await asyncio.to_thread(stack.control.start, "postgres-primary")
+            key = uuid.uuid4().hex
+            await writer.write(lambda c: _insert(c, key))
+            assert writer.primary.healthy
+            for r in routers:
+                assert await r.read(_finder(key)) == key, f"router {routers.index(r)} read a replica behind the mark"
+            assert all(r.degraded_reads <= 1 for r in routers)
+    finally:
+        for r in routers:
+            await r.close()
 
 
 async def test_statement_errors_are_not_retried_elsewhere(router: ReadWriteRouter) -> None:
