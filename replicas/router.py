@@ -289,6 +289,9 @@ class ReadWriteRouter:
         # The mark at which a read last failed to reach the primary (None: none failed
         # since it was last seen up). A higher mark means a write committed there since.
         self._primary_failed_at_hwm: int | None = None
+        # When a committed write's position could not be read (None: every one was).
+        self._unpublished_since: float | None = None
+        self.write_position_sql = _WRITE_LSN_SQL
         self._rr = itertools.count()
         self._samples: collections.deque[tuple[float, int]] = collections.deque()
         self._task: asyncio.Task[None] | None = None
@@ -339,8 +342,16 @@ class ReadWriteRouter:
 
     async def check_once(self) -> None:
         """Probe every node concurrently, then derive lag and maintain the shared mark."""
+        round_started = time.monotonic()
         await asyncio.gather(*(self._check(node) for node in self.nodes))
         now = time.monotonic()
+        unpublished = self._unpublished_since
+        probed = self.primary.checked_at
+        if (unpublished is not None and unpublished < round_started and probed is not None
+                and probed >= round_started and self.primary.healthy and self.primary.lsn is not None):
+            # This round's probe of the primary began after that commit: its position covers it.
+            await self.hwm.publish(self.primary.lsn)
+            self._unpublished_since = None
         if self.primary.healthy and self.primary.lsn is not None:
             if not self._samples or self._samples[-1][1] != self.primary.lsn:
                 self._samples.append((now, self.primary.lsn))
@@ -379,19 +390,27 @@ class ReadWriteRouter:
         await node.mark_up()
 
     def _derive_lag(self, node: Node, now: float) -> None:
-        """Lag = the replica's own estimate, or how long ago the primary first had WAL the
-        replica still lacks, whichever is larger (the second one also catches a replica
-        whose WAL receiver lost the primary and so believes it is up to date)."""
+        """Lag = how long ago the primary first had WAL the replica still lacks, from our
+        samples of the primary's position (this also catches a replica whose WAL receiver
+        lost the primary and so believes it is up to date).
+
+        The replica's own estimate (the age of the last transaction it replayed, while it
+        has WAL left to replay) is used only when the gap began before our oldest sample:
+        on a quiet primary it counts the idle time since the last commit, so a replica
+        caught replaying a checkpoint record would look seconds behind for one probe.
+        """
         if not node.healthy or node.lsn is None:
             node.lag_s = None
             node.lag_bytes = None
             return
         behind_s = 0.0
-        for t, lsn in self._samples:
+        gap_predates_samples = not self._samples
+        for i, (t, lsn) in enumerate(self._samples):
             if lsn > node.lsn:
                 behind_s = now - t
+                gap_predates_samples = i == 0
                 break
-        node.lag_s = max(node.reported_lag_s or 0.0, behind_s)
+        node.lag_s = max(node.reported_lag_s or 0.0, behind_s) if gap_predates_samples else behind_s
         node.lag_bytes = max(0, self.primary.lsn - node.lsn) if self.primary.lsn is not None else None
         lagging = node.lag_s > self.max_lag_s
         if lagging != node.lagging:
@@ -449,7 +468,8 @@ class ReadWriteRouter:
         """Run ``fn(conn)`` (read-only, autocommit) on the best node; retry on another if
         that node fails. ``fn`` may therefore run more than once: keep it side-effect free."""
         # Without replicas there is nothing to choose: skip the mark's round trip.
-        hwm = await self.hwm.current() if self.replicas else None
+        # An acknowledged write whose position is not published yet: unknown, as if Redis were down.
+        hwm = await self.hwm.current() if self.replicas and self._unpublished_since is None else None
         plan = self.read_plan(hwm)
         fresh = set(map(id, self.fresh_replicas(hwm)))
         last: BaseException | None = None
@@ -533,16 +553,29 @@ class ReadWriteRouter:
             await self.primary.mark_up()
 
     async def _record_write(self, conn: AsyncConnection) -> None:
-        """After a commit on ``conn``: publish the primary's WAL position as the mark."""
+        """After a commit on ``conn``: publish the primary's WAL position as the mark.
+
+        The write is committed whatever happens here, so nothing is raised. When the
+        position cannot be read (on this connection nor on a new one), this instance reads
+        from the primary and the monitor publishes the primary's position from its next
+        probe, which is past the commit: other instances may miss the write for one
+        monitor round at most, and only while the replicas lag.
+        """
         await self._primary_answered()
         try:
-            lsn = (await conn.execute(_WRITE_LSN_SQL)).scalar_one()
+            lsn = (await conn.execute(self.write_position_sql)).scalar_one()
             await conn.rollback()
         except (DBAPIError, OSError) as e:
-            # The write is committed; only its position is unknown. Reads of other
-            # instances may briefly miss it if replicas lag (logged, not failed).
-            log.warning("committed, but could not read the primary's WAL position: %s", e)
-            return
+            log.warning("committed, but could not read the primary's WAL position: %s", describe(e))
+            try:
+                assert self.primary.write_engine is not None
+                async with self.primary.write_engine.connect() as fresh:
+                    lsn = (await fresh.execute(self.write_position_sql)).scalar_one()
+            except (DBAPIError, OSError, PoolTimeout) as again:
+                log.warning("the WAL position is still unreadable (%s): reads use the primary until the "
+                            "monitor publishes it", describe(again))
+                self._unpublished_since = time.monotonic()
+                return
         await self.hwm.publish(int(lsn))
 
     async def mark_written(self, conn: AsyncConnection) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from typing import AsyncIterator
 
@@ -68,6 +69,29 @@ def _finder(key: str):
         return (await conn.execute(text(f"SELECT id FROM {SCHEMA}.probe WHERE id = :k"), {"k": key})).scalar()
 
     return find
+
+
+# -- replica lag -----------------------------------------------------------------------------
+async def test_lag_is_dated_by_the_primary_samples_unless_the_gap_predates_them() -> None:
+    r = ReadWriteRouter("postgresql://barber@127.0.0.1:1/authen", ["postgresql://barber@127.0.0.1:2/authen"])
+    try:
+        now = 1000.0
+        r.primary.lsn = 1000
+        r._samples.extend([(now - 30, 500), (now - 10, 900), (now - 2, 1000)])
+        replica = r.replicas[0]
+        replica.healthy = True
+        # Replaying a record on a quiet primary: its own estimate is the idle time since the last commit.
+        replica.reported_lag_s = 40.0
+        for lsn, lag in ((1000, 0.0), (950, 2.0), (900, 2.0), (899, 10.0), (400, 40.0)):
+            replica.lsn = lsn
+            r._derive_lag(replica, now)
+            assert replica.lag_s == lag, (lsn, replica.lag_s)
+        assert replica.lagging  # 40 s, past the 5 s limit
+        replica.lsn = 950
+        r._derive_lag(replica, now)
+        assert not replica.lagging and replica.lag_bytes == 50
+    finally:
+        await r.close()
 
 
 # -- the high-water mark ----------------------------------------------------------------------
@@ -211,6 +235,33 @@ async def test_a_restarted_primary_is_read_again_before_any_monitor_sees_it_back
     finally:
         for r in routers:
             await r.close()
+
+
+async def test_a_write_whose_position_cannot_be_read_is_still_read_back_everywhere(
+    stack: StackProcess, redis: Redis, hwm_key: str, router: ReadWriteRouter, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The position query after a commit fails (a real error from the server, on this
+    connection and on a new one): the write stands, its writer reads from the primary,
+    and its monitor publishes a position past the commit for every other instance."""
+    writer = make_router(stack, redis, hwm_key)
+    await writer.start()
+    try:
+        async with replay_paused(stack):
+            writer.write_position_sql = text("SELECT no_such_position_function()")
+            key = uuid.uuid4().hex
+            with caplog.at_level(logging.WARNING, logger="barber.replicas"):
+                await writer.write(lambda c: _insert(c, key))
+            assert "still unreadable" in caplog.text
+            assert await writer.read(_finder(key)) == key
+            # ``router`` (another instance) learns of the write from the mark alone.
+            await wait_until(lambda: _reads_back(router, key), timeout=10,
+                             message="the other router reading the write back (replay paused)")
+    finally:
+        await writer.close()
+
+
+async def _reads_back(router: ReadWriteRouter, key: str) -> bool:
+    return await router.read(_finder(key)) == key
 
 
 async def test_statement_errors_are_not_retried_elsewhere(router: ReadWriteRouter) -> None:
