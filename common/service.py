@@ -22,6 +22,7 @@ import tornado.web
 from tornado.httpserver import HTTPServer
 
 from common import internal
+from common.bodylimit import BodyLimit
 from common.config import ServiceSettings
 from common.discovery import Registration
 from common.handler import INFLIGHT, MAX_BODY, SERVICE_SECRET, VERIFIER, Inflight, NotFoundHandler, log_request
@@ -30,7 +31,8 @@ from common.tokens import TokenVerifier
 
 log = logging.getLogger("barber.service")
 
-# Tornado reads a body up to this before our handler sees it and answers 413 by its own limit.
+# A body that declares its length is refused past the service's limit before it is read
+# (common.bodylimit); a chunked one is read up to this, then the handler answers 413.
 SERVER_MAX_BODY_BYTES = 16 * 1024 * 1024
 
 
@@ -63,7 +65,8 @@ def make_app(settings: ServiceSettings, routes: list, **extra: Any) -> tornado.w
 
 
 async def serve(settings: ServiceSettings, service: ServiceApp) -> None:
-    server = HTTPServer(service.app, max_body_size=SERVER_MAX_BODY_BYTES, idle_connection_timeout=60)
+    limited = BodyLimit(service.app, service.app.settings[MAX_BODY])
+    server = HTTPServer(limited, max_body_size=SERVER_MAX_BODY_BYTES, idle_connection_timeout=60)
     try:
         server.listen(settings.port, settings.host)
     except OSError as e:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from tornado.httpclient import AsyncHTTPClient
 
 from authen.handlers import SLEEPY_MAX_S, sleepy_seconds
 from common.tokens import TokenVerifier
@@ -117,6 +119,28 @@ async def test_oversize_body_is_413(a1: str) -> None:
                        headers={"Content-Type": "application/json"})
     assert reply.code == 413, reply
     assert "detail" in reply.json
+
+
+@pytest.mark.parametrize("size", [200_000, 20_000_000])
+async def test_declared_oversize_body_is_413_json_without_being_read(a1: str, size: int) -> None:
+    """Also past Tornado's own 16 MiB cap, which alone would answer a bare 400."""
+    reply = await call("POST", a1 + "/authen/signup", raw=b"x" * size,
+                       headers={"Content-Type": "application/json", "X-Request-ID": "oversize-1"}, timeout=60)
+    assert reply.code == 413, reply
+    assert "larger than" in reply.json["detail"]
+    assert reply.headers["X-Request-ID"] == "oversize-1"
+    assert (await call("GET", a1 + "/utilities/status")).code == 200
+
+
+async def test_chunked_oversize_body_is_413(a1: str) -> None:
+    async def produce(write) -> None:
+        for _ in range(4):
+            await write(b"y" * 50_000)
+
+    client = AsyncHTTPClient()
+    reply = await client.fetch(a1 + "/authen/signup", method="POST", body_producer=produce, raise_error=False,
+                               headers={"Content-Type": "application/json"})
+    assert reply.code == 413 and "larger than" in json.loads(reply.body)["detail"], reply
 
 
 async def test_concurrent_signups_of_one_name_give_one_201_and_one_409(a1: str, a2: str) -> None:
