@@ -104,8 +104,8 @@ class UserCache:
             )
         return self._client
 
-    async def _run(self, op: Awaitable[T]) -> T:
-        return await asyncio.wait_for(op, self.op_timeout_s)
+    async def _run(self, op: Awaitable[T], timeout_s: float | None = None) -> T:
+        return await asyncio.wait_for(op, timeout_s or self.op_timeout_s)
 
     def _failed(self, what: str, e: BaseException) -> None:
         self.stats.errors += 1
@@ -172,10 +172,10 @@ class UserCache:
         budget_s = max(self.op_timeout_s, INVALIDATE_TIMEOUT_S)
         try:
             client = self._redis()
-            await asyncio.wait_for(client.set(key, TOMBSTONE, ex=TOMBSTONE_TTL_S), budget_s)
+            await self._run(client.set(key, TOMBSTONE, ex=TOMBSTONE_TTL_S), budget_s)
             # On a replica too: a master that failed over before replicating the tombstone
             # would otherwise hand the deleted user's entry back through its promoted replica.
-            replicated = await asyncio.wait_for(client.execute_command(
+            replicated = await self._run(client.execute_command(
                 "WAIT", 1, int(budget_s * 500), target_nodes=client.get_node_from_key(key)), budget_s)
         except CACHE_ERRORS as e:
             self._failed("invalidate", e)

@@ -22,6 +22,7 @@ from tornado import httputil
 from tornado.http1connection import HTTP1Connection
 from tornado.iostream import IOStream, StreamClosedError
 
+from common.errors import PayloadTooLarge
 from common.logs import REQUEST_ID_HEADER, new_request_id, request_id_var
 
 log = logging.getLogger("barber.service")
@@ -50,16 +51,17 @@ class BodyLimit(httputil.HTTPServerConnectionDelegate):
         request_id = headers.get(REQUEST_ID_HEADER) or new_request_id()
         request_id_var.set(request_id)
         stream = request_conn.detach()
-        body = json.dumps({"detail": f"request body larger than {self.limit} bytes"}).encode()
+        error = PayloadTooLarge.over(self.limit)
+        body = json.dumps({"detail": error.detail}).encode()
         head = (
-            "HTTP/1.1 413 Payload Too Large\r\n"
+            f"HTTP/1.1 {error.status_code} Payload Too Large\r\n"
             "Content-Type: application/json; charset=UTF-8\r\n"
             f"Content-Length: {len(body)}\r\n"
             f"{REQUEST_ID_HEADER}: {request_id}\r\n"
             "Connection: close\r\n\r\n"
         ).encode("latin-1")
         log.info("refused a %d-byte body (limit %d) before reading it", length, self.limit,
-                 extra={"http.response.status_code": 413})
+                 extra={"http.response.status_code": error.status_code})
         task = asyncio.get_running_loop().create_task(_answer_and_linger(stream, head + body))
         self._lingering.add(task)
         task.add_done_callback(self._lingering.discard)

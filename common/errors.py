@@ -42,6 +42,10 @@ class Conflict(APIError):
 class PayloadTooLarge(APIError):
     status = 413
 
+    @classmethod
+    def over(cls, limit: int) -> PayloadTooLarge:
+        return cls(f"request body larger than {limit} bytes")
+
 
 class TooManyRequests(APIError):
     status = 429

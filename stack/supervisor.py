@@ -68,6 +68,7 @@ def kill_leftovers(pids_dir: Path) -> list[str]:
     """What a SIGKILLed supervisor left running (normally nothing): killed, and named."""
     return [k for k in (kill_pidfile(p) for p in sorted(pids_dir.glob("*.pid"))) if k]
 
+
 HealthCheck = Callable[[], Awaitable[bool]]
 
 
