@@ -1,0 +1,625 @@
+/* Barber analytics dashboard: signs in through the gateway and draws the etl service's
+ * analytics API (leaderboard for admins, a daily series per barber) with Chart.js.
+ * Every URL is relative to the page, so it works at /etl/dashboard behind the gateway. */
+(function () {
+  "use strict";
+
+  const STORAGE_KEY = "barber.dashboard.session";
+  const DAY_MS = 86400000;
+  // The API's default period: the last 30 days, today included (UTC).
+  const DEFAULT_DAYS = 30;
+
+  // The page's folder (/etl/); the sign-in lives beside the etl prefix on the gateway.
+  const API_BASE = new URL(".", window.location.href);
+  const SIGNIN_URL = new URL("../authen/authen/signin", API_BASE);
+
+  // `short` heads the table's columns; `label` is for charts, tooltips and the column's title.
+  const METRICS = [
+    { key: "chats_started", short: "Chats", label: "Chats started", kind: "count" },
+    { key: "new_customers", short: "New", label: "New customers", kind: "count" },
+    { key: "returning_customers", short: "Returning", label: "Returning customers", kind: "count" },
+    { key: "customer_messages", short: "Customer msgs", label: "Customer messages", kind: "count" },
+    { key: "barber_messages", short: "Barber msgs", label: "Barber messages", kind: "count" },
+    { key: "replies", short: "Replies", label: "Replies", kind: "count" },
+    { key: "reply_time_median_s", short: "Median reply", label: "Median reply time", kind: "duration" },
+    { key: "reply_time_p90_s", short: "P90 reply", label: "90th percentile reply time", kind: "duration" },
+    { key: "unanswered_chats", short: "Unanswered", label: "Unanswered chats", kind: "count" },
+  ];
+  const METRIC_BY_KEY = Object.fromEntries(METRICS.map((m) => [m.key, m]));
+
+  const COLORS = {
+    customer: "#4f46e5",
+    barber: "#0d9488",
+    chats: "#2563eb",
+    fresh: "#16a34a",
+    returning: "#f59e0b",
+    median: "#7c3aed",
+    p90: "#e11d48",
+  };
+
+  const $ = (id) => document.getElementById(id);
+  const numberFormat = new Intl.NumberFormat("en");
+
+  const state = {
+    session: null, // {token, userId, type, name}
+    lb: { from: "", to: "", sort: "customer_messages", order: "desc", limit: 25, offset: 0, total: 0, rows: [] },
+    barberId: null,
+    charts: {},
+  };
+
+  // ---------------------------------------------------------------- formatting
+  function formatCount(v) {
+    return v === null || v === undefined ? "—" : numberFormat.format(v);
+  }
+
+  function formatDuration(seconds) {
+    if (seconds === null || seconds === undefined) return "—";
+    const s = Number(seconds);
+    if (s < 10) return `${s.toFixed(1).replace(/\.0$/, "")} s`;
+    const whole = Math.round(s);
+    if (whole < 60) return `${whole} s`;
+    if (whole < 3600) {
+      const m = Math.floor(whole / 60);
+      const r = whole % 60;
+      return r ? `${m} min ${r} s` : `${m} min`;
+    }
+    const minutes = Math.round(whole / 60);
+    const h = Math.floor(minutes / 60);
+    const m = minutes % 60;
+    return m ? `${h} h ${m} min` : `${h} h`;
+  }
+
+  // Durations are charted in one unit picked from the largest value, so the axis reads 0, 5, 10 min.
+  function durationUnit(values) {
+    const max = Math.max(0, ...values.filter((v) => v !== null && v !== undefined).map(Number));
+    if (max >= 2 * 3600) return { div: 3600, name: "hours" };
+    if (max >= 120) return { div: 60, name: "minutes" };
+    return { div: 1, name: "seconds" };
+  }
+
+  function inUnit(values, unit) {
+    return values.map((v) => (v === null || v === undefined ? null : Number(v) / unit.div));
+  }
+
+  function formatMetric(key, value) {
+    return METRIC_BY_KEY[key] && METRIC_BY_KEY[key].kind === "duration" ? formatDuration(value) : formatCount(value);
+  }
+
+  function barberName(b) {
+    const full = [b.first_name, b.last_name].filter(Boolean).join(" ");
+    return full || b.username || `Barber #${b.barber_id}`;
+  }
+
+  function isoDay(date) {
+    return date.toISOString().slice(0, 10);
+  }
+
+  function defaultRange() {
+    const today = new Date();
+    return { from: isoDay(new Date(today.getTime() - (DEFAULT_DAYS - 1) * DAY_MS)), to: isoDay(today) };
+  }
+
+  function el(tag, attrs, ...children) {
+    const node = document.createElement(tag);
+    for (const [k, v] of Object.entries(attrs || {})) {
+      if (k === "class") node.className = v;
+      else if (k === "dataset") Object.assign(node.dataset, v);
+      else if (k.startsWith("on")) node.addEventListener(k.slice(2), v);
+      else node.setAttribute(k, v);
+    }
+    for (const c of children) node.append(c instanceof Node ? c : document.createTextNode(String(c)));
+    return node;
+  }
+
+  // ---------------------------------------------------------------- messages
+  function showAlert(text, kind) {
+    const box = $("alert");
+    box.textContent = text;
+    box.className = `alert alert-${kind || "error"}`;
+    box.hidden = false;
+  }
+
+  function clearAlert() {
+    $("alert").hidden = true;
+    $("alert").textContent = "";
+  }
+
+  class ApiError extends Error {
+    constructor(status, detail) {
+      super(detail);
+      this.status = status;
+      this.detail = detail;
+    }
+  }
+
+  function explain(err) {
+    if (!(err instanceof ApiError)) return `Something went wrong: ${err.message || err}`;
+    const detail = err.detail ? `: ${err.detail}` : "";
+    switch (err.status) {
+      case 0: return `The server could not be reached${detail}. Check the connection and try again.`;
+      case 400: return `The request was refused${detail}.`;
+      case 401: return `You are not signed in, or your session has expired${detail}. Please sign in again.`;
+      case 403: return `You are not allowed to see this${detail}.`;
+      case 404: return `Not found${detail}.`;
+      case 429: return `Too many requests${detail}. Wait a moment and try again.`;
+      default:
+        return err.status >= 500
+          ? `The analytics service had a problem (${err.status})${detail}. Try again shortly.`
+          : `The request failed (${err.status})${detail}.`;
+    }
+  }
+
+  // ---------------------------------------------------------------- HTTP
+  async function request(url, options) {
+    let resp;
+    try {
+      resp = await fetch(url, options);
+    } catch (e) {
+      throw new ApiError(0, e.message);
+    }
+    let body = null;
+    const text = await resp.text();
+    if (text) {
+      try {
+        body = JSON.parse(text);
+      } catch (e) {
+        body = null;
+      }
+    }
+    if (!resp.ok) {
+      const detail = body && typeof body.detail === "string" ? body.detail : resp.statusText;
+      throw new ApiError(resp.status, detail);
+    }
+    return body;
+  }
+
+  async function api(path, params, options) {
+    const url = new URL(path, API_BASE);
+    for (const [k, v] of Object.entries(params || {})) {
+      if (v !== undefined && v !== null && v !== "") url.searchParams.set(k, v);
+    }
+    const headers = { Accept: "application/json" };
+    if (state.session) headers.Authorization = `Bearer ${state.session.token}`;
+    try {
+      return await request(url, { ...(options || {}), headers });
+    } catch (err) {
+      if (err instanceof ApiError && err.status === 401) {
+        signOut();
+        showAlert(explain(err));
+        throw new HandledError();
+      }
+      throw err;
+    }
+  }
+
+  // A failure already shown to the user (a 401 sends them back to the sign-in form).
+  class HandledError extends Error {}
+
+  function report(err) {
+    if (!(err instanceof HandledError)) showAlert(explain(err));
+  }
+
+  // ---------------------------------------------------------------- session
+  // The token's claims, read only to choose which view to show: the API decides access.
+  function claimsOf(token) {
+    const parts = token.split(".");
+    if (parts.length !== 3) return null;
+    try {
+      const json = atob(parts[1].replace(/-/g, "+").replace(/_/g, "/").padEnd(Math.ceil(parts[1].length / 4) * 4, "="));
+      return JSON.parse(json);
+    } catch (e) {
+      return null;
+    }
+  }
+
+  function sessionFromToken(token, userId, name) {
+    const claims = claimsOf(token);
+    if (!claims) throw new Error("This is not a valid token.");
+    if (claims.exp && claims.exp * 1000 < Date.now()) throw new Error("This token has expired.");
+    const id = userId !== undefined ? Number(userId) : Number(claims.sub);
+    return { token, userId: id, type: claims.typ || "unknown", name: name || `user #${id}` };
+  }
+
+  function saveSession(session) {
+    state.session = session;
+    sessionStorage.setItem(STORAGE_KEY, JSON.stringify(session));
+  }
+
+  function loadSession() {
+    const raw = sessionStorage.getItem(STORAGE_KEY);
+    if (!raw) return null;
+    try {
+      const saved = JSON.parse(raw);
+      return sessionFromToken(saved.token, saved.userId, saved.name);
+    } catch (e) {
+      sessionStorage.removeItem(STORAGE_KEY);
+      return null;
+    }
+  }
+
+  function signOut() {
+    state.session = null;
+    state.barberId = null;
+    sessionStorage.removeItem(STORAGE_KEY);
+    for (const chart of Object.values(state.charts)) chart.destroy();
+    state.charts = {};
+    $("password").value = "";
+    $("token-input").value = "";
+    render();
+  }
+
+  async function signIn(username, password) {
+    const body = await request(SIGNIN_URL, {
+      method: "POST",
+      headers: { "Content-Type": "application/json", Accept: "application/json" },
+      body: JSON.stringify({ username, password }),
+    });
+    saveSession(sessionFromToken(body.token, body.user_id, username));
+  }
+
+  // ---------------------------------------------------------------- views
+  function show(view) {
+    for (const id of ["signin-view", "leaderboard-view", "daily-view", "nothing-view"]) {
+      $(id).hidden = !view.includes(id);
+    }
+  }
+
+  function render() {
+    const s = state.session;
+    $("session").hidden = !s;
+    if (!s) {
+      show(["signin-view"]);
+      $("username").focus();
+      return;
+    }
+    $("who").textContent = `${s.name} · ${{ admin: "Admin", employee: "Barber", customer: "Customer" }[s.type] || s.type}`;
+    if (s.type === "admin") {
+      show(["leaderboard-view"]);
+      $("daily-close").hidden = false;
+      $("daily-range-form").hidden = true;
+      loadLeaderboard();
+    } else if (s.type === "employee") {
+      show(["daily-view"]);
+      $("daily-close").hidden = true;
+      $("daily-range-form").hidden = false;
+      const range = defaultRange();
+      $("daily-from").value = range.from;
+      $("daily-to").value = range.to;
+      loadDaily(s.userId, range.from, range.to);
+    } else {
+      show(["nothing-view"]);
+    }
+  }
+
+  function chart(id, config) {
+    if (state.charts[id]) state.charts[id].destroy();
+    state.charts[id] = new window.Chart($(id), config);
+    return state.charts[id];
+  }
+
+  const baseOptions = {
+    responsive: true,
+    maintainAspectRatio: false,
+    animation: { duration: 250 },
+    interaction: { mode: "index", intersect: false },
+    plugins: { legend: { position: "bottom", labels: { boxWidth: 12, usePointStyle: true } } },
+  };
+
+  // ---------------------------------------------------------------- leaderboard
+  function rangeIsValid(from, to) {
+    if (!from || !to) {
+      showAlert("Choose both a start and an end date.");
+      return false;
+    }
+    if (from > to) {
+      showAlert("The start date must not be after the end date.");
+      return false;
+    }
+    return true;
+  }
+
+  function renderLeaderboardHead() {
+    const head = $("lb-head");
+    head.replaceChildren(el("th", { scope: "col", class: "rank" }, "#"), el("th", { scope: "col" }, "Barber"));
+    for (const m of METRICS) {
+      const active = state.lb.sort === m.key;
+      const arrow = active ? (state.lb.order === "desc" ? " ▼" : " ▲") : "";
+      const th = el("th", { scope: "col", class: "num" },
+        el("button", { type: "button", class: "sort", title: `Sort by ${m.label.toLowerCase()}`,
+          dataset: { sort: m.key }, onclick: () => sortBy(m.key) }, m.short + arrow));
+      th.setAttribute("aria-sort", active ? (state.lb.order === "desc" ? "descending" : "ascending") : "none");
+      head.append(th);
+    }
+  }
+
+  function sortBy(key) {
+    if (state.lb.sort === key) state.lb.order = state.lb.order === "desc" ? "asc" : "desc";
+    else {
+      state.lb.sort = key;
+      // Fast replies are the good end of the time metrics, large counts of the others.
+      state.lb.order = METRIC_BY_KEY[key].kind === "duration" ? "asc" : "desc";
+    }
+    state.lb.offset = 0;
+    loadLeaderboard();
+  }
+
+  async function loadLeaderboard() {
+    const lb = state.lb;
+    if (!lb.from) Object.assign(lb, defaultRange());
+    $("from").value = lb.from;
+    $("to").value = lb.to;
+    $("limit").value = String(lb.limit);
+    renderLeaderboardHead();
+    if (!rangeIsValid(lb.from, lb.to)) return;
+    $("leaderboard").setAttribute("aria-busy", "true");
+    try {
+      const data = await api("analytics/barbers", {
+        from: lb.from, to: lb.to, sort: lb.sort, order: lb.order, limit: lb.limit, offset: lb.offset,
+      });
+      clearAlert();
+      lb.total = data.total;
+      lb.rows = data.barbers || [];
+      renderLeaderboard(data);
+    } catch (err) {
+      report(err);
+    } finally {
+      $("leaderboard").removeAttribute("aria-busy");
+    }
+  }
+
+  function renderLeaderboard(data) {
+    const lb = state.lb;
+    const rows = data.barbers || [];
+    const body = $("lb-body");
+    body.replaceChildren();
+    if (!rows.length) {
+      body.append(el("tr", {}, el("td", { colspan: String(METRICS.length + 2), class: "empty" },
+        "No barber activity in this period. Has the ETL run yet?")));
+    }
+    rows.forEach((row, i) => {
+      const tr = el("tr", {
+        class: "clickable" + (row.barber_id === state.barberId ? " selected" : ""),
+        tabindex: "0",
+        dataset: { barberId: String(row.barber_id) },
+        onclick: () => openBarber(row),
+        onkeydown: (e) => { if (e.key === "Enter" || e.key === " ") { e.preventDefault(); openBarber(row); } },
+      },
+      el("td", { class: "rank" }, lb.offset + i + 1),
+      el("td", { class: "name" }, el("span", { class: "strong" }, barberName(row)),
+        el("span", { class: "muted small" }, ` @${row.username}`)));
+      for (const m of METRICS) {
+        tr.append(el("td", { class: "num", dataset: { metric: m.key } }, formatMetric(m.key, row[m.key])));
+      }
+      body.append(tr);
+    });
+    const first = rows.length ? lb.offset + 1 : 0;
+    const last = lb.offset + rows.length;
+    $("page-info").textContent = `${first}–${last} of ${formatCount(data.total)}`;
+    $("lb-summary").textContent = `${data.from} to ${data.to}`;
+    $("prev").disabled = lb.offset === 0;
+    $("next").disabled = last >= data.total;
+    drawLeaderboardChart(rows);
+  }
+
+  function drawLeaderboardChart(rows) {
+    const metric = METRIC_BY_KEY[state.lb.sort] || METRIC_BY_KEY.customer_messages;
+    $("lb-chart-title").textContent = `${metric.label} by barber`;
+    const raw = rows.map((r) => r[metric.key]);
+    const duration = metric.kind === "duration";
+    const unit = duration ? durationUnit(raw) : { div: 1, name: "" };
+    chart("lb-chart", {
+      type: "bar",
+      data: {
+        labels: rows.map(barberName),
+        datasets: [{
+          label: metric.label,
+          data: duration ? inUnit(raw, unit) : raw,
+          backgroundColor: duration ? COLORS.median : COLORS.customer,
+          borderRadius: 4,
+          maxBarThickness: 48,
+        }],
+      },
+      options: {
+        ...baseOptions,
+        plugins: {
+          legend: { display: false },
+          tooltip: { callbacks: { label: (ctx) => `${metric.label}: ${formatMetric(metric.key, raw[ctx.dataIndex])}` } },
+        },
+        scales: {
+          y: { beginAtZero: true, ticks: { precision: duration ? undefined : 0 },
+            title: { display: duration, text: unit.name } },
+          x: { grid: { display: false } },
+        },
+        onClick: (_evt, elements) => {
+          if (elements.length) openBarber(rows[elements[0].index]);
+        },
+      },
+    });
+  }
+
+  function openBarber(row) {
+    state.barberId = row.barber_id;
+    for (const tr of $("lb-body").querySelectorAll("tr")) {
+      tr.classList.toggle("selected", tr.dataset.barberId === String(row.barber_id));
+    }
+    $("daily-view").hidden = false;
+    loadDaily(row.barber_id, state.lb.from, state.lb.to, row);
+  }
+
+  // ---------------------------------------------------------------- daily series
+  async function loadDaily(barberId, from, to, leaderboardRow) {
+    if (!rangeIsValid(from, to)) return;
+    $("daily-view").setAttribute("aria-busy", "true");
+    try {
+      const data = await api(`analytics/barbers/${encodeURIComponent(barberId)}/daily`, { from, to });
+      clearAlert();
+      renderDaily(data, leaderboardRow);
+      if (leaderboardRow) $("daily-view").scrollIntoView({ behavior: "smooth", block: "start" });
+    } catch (err) {
+      report(err);
+    } finally {
+      $("daily-view").removeAttribute("aria-busy");
+    }
+  }
+
+  function sum(days, key) {
+    return days.reduce((acc, d) => acc + (Number(d[key]) || 0), 0);
+  }
+
+  function renderDaily(data, leaderboardRow) {
+    const days = data.days || [];
+    const own = state.session && state.session.type === "employee";
+    $("daily-title").textContent = `${own ? "Your figures" : barberName(data.barber)} · ${data.from} to ${data.to}`;
+    $("daily-view").dataset.barberId = String(data.barber.barber_id);
+
+    // Period totals; the period's exact reply percentiles only come with the leaderboard row.
+    const kpis = [
+      ["Chats started", formatCount(sum(days, "chats_started"))],
+      ["New customers", formatCount(sum(days, "new_customers"))],
+      ["Customer messages", formatCount(sum(days, "customer_messages"))],
+      ["Barber messages", formatCount(sum(days, "barber_messages"))],
+      ["Replies", formatCount(sum(days, "replies"))],
+    ];
+    if (leaderboardRow) {
+      kpis.push(["Median reply", formatDuration(leaderboardRow.reply_time_median_s)]);
+      kpis.push(["P90 reply", formatDuration(leaderboardRow.reply_time_p90_s)]);
+    }
+    $("kpis").replaceChildren(...kpis.map(([label, value]) =>
+      el("div", { class: "kpi" }, el("div", { class: "kpi-value" }, value), el("div", { class: "kpi-label" }, label))));
+
+    const labels = days.map((d) => d.day);
+    const dayScale = { grid: { display: false }, ticks: { maxRotation: 0, autoSkipPadding: 12 } };
+    chart("chart-messages", {
+      type: "bar",
+      data: {
+        labels,
+        datasets: [
+          { label: "From customers", data: days.map((d) => d.customer_messages), backgroundColor: COLORS.customer, borderRadius: 3 },
+          { label: "From the barber", data: days.map((d) => d.barber_messages), backgroundColor: COLORS.barber, borderRadius: 3 },
+        ],
+      },
+      options: { ...baseOptions, scales: { x: dayScale, y: { beginAtZero: true, ticks: { precision: 0 } } } },
+    });
+    // Two bars a day: chats started, and the customers who wrote split into new and returning.
+    chart("chart-chats", {
+      type: "bar",
+      data: {
+        labels,
+        datasets: [
+          { label: "Chats started", data: days.map((d) => d.chats_started), backgroundColor: COLORS.chats, stack: "chats", borderRadius: 3 },
+          { label: "New customers", data: days.map((d) => d.new_customers), backgroundColor: COLORS.fresh, stack: "customers" },
+          { label: "Returning customers", data: days.map((d) => d.returning_customers), backgroundColor: COLORS.returning, stack: "customers" },
+        ],
+      },
+      options: { ...baseOptions, scales: { x: { ...dayScale, stacked: true }, y: { beginAtZero: true, stacked: true, ticks: { precision: 0 } } } },
+    });
+    const medians = days.map((d) => d.reply_time_median_s);
+    const p90s = days.map((d) => d.reply_time_p90_s);
+    const unit = durationUnit([...medians, ...p90s]);
+    const raw = { Median: medians, "90th percentile": p90s };
+    // Days without a reply have no reply time: the line skips them rather than dropping to zero.
+    const line = { tension: 0.3, cubicInterpolationMode: "monotone", pointRadius: 3, spanGaps: true };
+    chart("chart-reply", {
+      type: "line",
+      data: {
+        labels,
+        datasets: [
+          { label: "Median", data: inUnit(medians, unit), borderColor: COLORS.median, backgroundColor: COLORS.median, ...line },
+          { label: "90th percentile", data: inUnit(p90s, unit), borderColor: COLORS.p90, backgroundColor: COLORS.p90,
+            borderDash: [6, 4], ...line },
+        ],
+      },
+      options: {
+        ...baseOptions,
+        plugins: {
+          ...baseOptions.plugins,
+          tooltip: { callbacks: { label: (ctx) => `${ctx.dataset.label}: ${formatDuration(raw[ctx.dataset.label][ctx.dataIndex])}` } },
+        },
+        scales: { x: dayScale, y: { beginAtZero: true, title: { display: true, text: unit.name } } },
+      },
+    });
+
+    $("daily-head").replaceChildren(el("th", { scope: "col" }, "Day"),
+      ...METRICS.map((m) => el("th", { scope: "col", class: "num", title: m.label }, m.short)));
+    $("daily-body").replaceChildren(...days.map((d) => el("tr", {}, el("td", {}, d.day),
+      ...METRICS.map((m) => el("td", { class: "num" }, formatMetric(m.key, d[m.key]))))));
+  }
+
+  // ---------------------------------------------------------------- wiring
+  function wire() {
+    $("signin-form").addEventListener("submit", async (e) => {
+      e.preventDefault();
+      clearAlert();
+      const button = $("signin-submit");
+      button.disabled = true;
+      try {
+        await signIn($("username").value.trim(), $("password").value);
+        $("password").value = "";
+        render();
+      } catch (err) {
+        showAlert(err instanceof ApiError && err.status === 401
+          ? "Wrong username or password."
+          : explain(err));
+      } finally {
+        button.disabled = false;
+      }
+    });
+    $("token-form").addEventListener("submit", (e) => {
+      e.preventDefault();
+      clearAlert();
+      try {
+        saveSession(sessionFromToken($("token-input").value.trim().replace(/^Bearer\s+/i, "")));
+        render();
+      } catch (err) {
+        showAlert(err.message);
+      }
+    });
+    $("signout").addEventListener("click", () => {
+      clearAlert();
+      signOut();
+    });
+    $("range-form").addEventListener("submit", async (e) => {
+      e.preventDefault();
+      state.lb.from = $("from").value;
+      state.lb.to = $("to").value;
+      state.lb.limit = Number($("limit").value);
+      state.lb.offset = 0;
+      state.lb.rows = [];
+      await loadLeaderboard();
+      // The open barber follows the new period, with the period's percentiles if on this page.
+      if (state.barberId !== null && !$("daily-view").hidden && state.lb.rows.length) {
+        const row = state.lb.rows.find((r) => r.barber_id === state.barberId);
+        loadDaily(state.barberId, state.lb.from, state.lb.to, row);
+      }
+    });
+    $("daily-range-form").addEventListener("submit", (e) => {
+      e.preventDefault();
+      loadDaily(state.session.userId, $("daily-from").value, $("daily-to").value);
+    });
+    $("prev").addEventListener("click", () => {
+      state.lb.offset = Math.max(0, state.lb.offset - state.lb.limit);
+      loadLeaderboard();
+    });
+    $("next").addEventListener("click", () => {
+      state.lb.offset += state.lb.limit;
+      loadLeaderboard();
+    });
+    $("daily-close").addEventListener("click", () => {
+      state.barberId = null;
+      $("daily-view").hidden = true;
+      for (const tr of $("lb-body").querySelectorAll("tr.selected")) tr.classList.remove("selected");
+    });
+  }
+
+  document.addEventListener("DOMContentLoaded", () => {
+    if (!window.Chart) {
+      showAlert("The chart library failed to load; reload the page.");
+      return;
+    }
+    window.Chart.defaults.font.family = getComputedStyle(document.body).fontFamily;
+    window.Chart.defaults.color = "#475569";
+    wire();
+    state.session = loadSession();
+    render();
+  });
+})();
