@@ -40,9 +40,13 @@
   const $ = (id) => document.getElementById(id);
   const numberFormat = new Intl.NumberFormat("en");
 
+  function freshLeaderboard() {
+    return { from: "", to: "", sort: "customer_messages", order: "desc", limit: 25, offset: 0, total: 0, rows: [] };
+  }
+
   const state = {
     session: null, // {token, userId, type, name}
-    lb: { from: "", to: "", sort: "customer_messages", order: "desc", limit: 25, offset: 0, total: 0, rows: [] },
+    lb: freshLeaderboard(),
     barberId: null,
     charts: {},
   };
@@ -240,7 +244,10 @@
   function signOut() {
     state.session = null;
     state.barberId = null;
+    state.lb = freshLeaderboard();
     sessionStorage.removeItem(STORAGE_KEY);
+    // The next account starts from the default view, not from this one's.
+    window.history.replaceState(null, "", window.location.pathname + window.location.search);
     for (const chart of Object.values(state.charts)) chart.destroy();
     state.charts = {};
     $("password").value = "";
@@ -273,16 +280,20 @@
       return;
     }
     $("who").textContent = `${s.name} · ${{ admin: "Admin", employee: "Barber", customer: "Customer" }[s.type] || s.type}`;
+    readHash();
     if (s.type === "admin") {
       show(["leaderboard-view"]);
       $("daily-close").hidden = false;
       $("daily-range-form").hidden = true;
-      loadLeaderboard();
+      const barberId = state.barberId;
+      loadLeaderboard().then(() => {
+        if (barberId !== null && state.session) openBarber(barberId, false);
+      });
     } else if (s.type === "employee") {
       show(["daily-view"]);
       $("daily-close").hidden = true;
       $("daily-range-form").hidden = false;
-      const range = defaultRange();
+      const range = state.lb.from ? { from: state.lb.from, to: state.lb.to } : defaultRange();
       $("daily-from").value = range.from;
       $("daily-to").value = range.to;
       loadDaily(s.userId, range.from, range.to);
@@ -343,12 +354,49 @@
     loadLeaderboard();
   }
 
+  // The view lives in the address's fragment (#from=&to=&sort=&order=&limit=&offset=&barber=), so a
+  // reload or a shared link opens the same view; a fragment never reaches a server or its logs.
+  function readHash() {
+    const p = new URLSearchParams(window.location.hash.slice(1));
+    const lb = state.lb;
+    const isDay = (v) => /^\d{4}-\d{2}-\d{2}$/.test(v || "");
+    if (isDay(p.get("from")) && isDay(p.get("to"))) {
+      lb.from = p.get("from");
+      lb.to = p.get("to");
+    }
+    if (METRIC_BY_KEY[p.get("sort")]) lb.sort = p.get("sort");
+    if (p.get("order") === "asc" || p.get("order") === "desc") lb.order = p.get("order");
+    const limit = parseInt(p.get("limit"), 10);
+    if (limit > 0 && limit <= 500) lb.limit = limit;
+    const offset = parseInt(p.get("offset"), 10);
+    if (offset >= 0) lb.offset = offset;
+    const barber = parseInt(p.get("barber"), 10);
+    state.barberId = barber > 0 ? barber : null;
+  }
+
+  function writeHash(params) {
+    window.history.replaceState(null, "", "#" + new URLSearchParams(params).toString());
+  }
+
+  function writeLeaderboardHash() {
+    const lb = state.lb;
+    const params = { from: lb.from, to: lb.to, sort: lb.sort, order: lb.order, limit: lb.limit, offset: lb.offset };
+    if (state.barberId !== null) params.barber = state.barberId;
+    writeHash(params);
+  }
+
+  function selectLimit(limit) {
+    const select = $("limit");
+    if (![...select.options].some((o) => o.value === String(limit))) select.append(el("option", {}, limit));
+    select.value = String(limit);
+  }
+
   async function loadLeaderboard() {
     const lb = state.lb;
     if (!lb.from) Object.assign(lb, defaultRange());
     $("from").value = lb.from;
     $("to").value = lb.to;
-    $("limit").value = String(lb.limit);
+    selectLimit(lb.limit);
     renderLeaderboardHead();
     if (!rangeIsValid(lb.from, lb.to)) return;
     $("leaderboard").setAttribute("aria-busy", "true");
@@ -360,6 +408,7 @@
       lb.total = data.total;
       lb.rows = data.barbers || [];
       renderLeaderboard(data);
+      writeLeaderboardHash();
     } catch (err) {
       report(err);
     } finally {
@@ -381,8 +430,8 @@
         class: "clickable" + (row.barber_id === state.barberId ? " selected" : ""),
         tabindex: "0",
         dataset: { barberId: String(row.barber_id) },
-        onclick: () => openBarber(row),
-        onkeydown: (e) => { if (e.key === "Enter" || e.key === " ") { e.preventDefault(); openBarber(row); } },
+        onclick: () => openBarber(row.barber_id),
+        onkeydown: (e) => { if (e.key === "Enter" || e.key === " ") { e.preventDefault(); openBarber(row.barber_id); } },
       },
       el("td", { class: "rank" }, lb.offset + i + 1),
       el("td", { class: "name" }, el("span", { class: "strong" }, barberName(row)),
@@ -431,30 +480,34 @@
           x: { grid: { display: false } },
         },
         onClick: (_evt, elements) => {
-          if (elements.length) openBarber(rows[elements[0].index]);
+          if (elements.length) openBarber(rows[elements[0].index].barber_id);
         },
       },
     });
   }
 
-  function openBarber(row) {
-    state.barberId = row.barber_id;
+  // One barber's series under the leaderboard, with the period's exact percentiles when their
+  // row is on the page (a day's median cannot be combined into the period's).
+  function openBarber(barberId, scroll = true) {
+    state.barberId = barberId;
     for (const tr of $("lb-body").querySelectorAll("tr")) {
-      tr.classList.toggle("selected", tr.dataset.barberId === String(row.barber_id));
+      tr.classList.toggle("selected", tr.dataset.barberId === String(barberId));
     }
+    writeLeaderboardHash();
     $("daily-view").hidden = false;
-    loadDaily(row.barber_id, state.lb.from, state.lb.to, row);
+    const row = state.lb.rows.find((r) => r.barber_id === barberId);
+    return loadDaily(barberId, state.lb.from, state.lb.to, row, scroll);
   }
 
   // ---------------------------------------------------------------- daily series
-  async function loadDaily(barberId, from, to, leaderboardRow) {
+  async function loadDaily(barberId, from, to, leaderboardRow, scroll) {
     if (!rangeIsValid(from, to)) return;
     $("daily-view").setAttribute("aria-busy", "true");
     try {
       const data = await api(`analytics/barbers/${encodeURIComponent(barberId)}/daily`, { from, to });
       clearAlert();
       renderDaily(data, leaderboardRow);
-      if (leaderboardRow) $("daily-view").scrollIntoView({ behavior: "smooth", block: "start" });
+      if (scroll) $("daily-view").scrollIntoView({ behavior: "smooth", block: "start" });
     } catch (err) {
       report(err);
     } finally {
@@ -586,15 +639,15 @@
       state.lb.offset = 0;
       state.lb.rows = [];
       await loadLeaderboard();
-      // The open barber follows the new period, with the period's percentiles if on this page.
-      if (state.barberId !== null && !$("daily-view").hidden && state.lb.rows.length) {
-        const row = state.lb.rows.find((r) => r.barber_id === state.barberId);
-        loadDaily(state.barberId, state.lb.from, state.lb.to, row);
-      }
+      // The open barber follows the new period.
+      if (state.barberId !== null && !$("daily-view").hidden && state.lb.rows.length) openBarber(state.barberId, false);
     });
     $("daily-range-form").addEventListener("submit", (e) => {
       e.preventDefault();
-      loadDaily(state.session.userId, $("daily-from").value, $("daily-to").value);
+      const from = $("daily-from").value;
+      const to = $("daily-to").value;
+      if (rangeIsValid(from, to)) writeHash({ from, to });
+      loadDaily(state.session.userId, from, to);
     });
     $("prev").addEventListener("click", () => {
       state.lb.offset = Math.max(0, state.lb.offset - state.lb.limit);
@@ -606,6 +659,7 @@
     });
     $("daily-close").addEventListener("click", () => {
       state.barberId = null;
+      writeLeaderboardHash();
       $("daily-view").hidden = true;
       for (const tr of $("lb-body").querySelectorAll("tr.selected")) tr.classList.remove("selected");
     });
