@@ -25,7 +25,9 @@
     { key: "reply_time_p90_s", short: "P90 reply", label: "90th percentile reply time", kind: "duration" },
     { key: "unanswered_chats", short: "Unanswered", label: "Unanswered chats", kind: "count" },
   ];
-  const METRIC_BY_KEY = Object.fromEntries(METRICS.map((m) => [m.key, m]));
+  // The name column sorts by first name, the way names are shown.
+  const NAME_SORT = { key: "first_name", short: "Barber", label: "Name", kind: "name" };
+  const METRIC_BY_KEY = Object.fromEntries([NAME_SORT, ...METRICS].map((m) => [m.key, m]));
 
   const COLORS = {
     customer: "#4f46e5",
@@ -331,11 +333,11 @@
 
   function renderLeaderboardHead() {
     const head = $("lb-head");
-    head.replaceChildren(el("th", { scope: "col", class: "rank" }, "#"), el("th", { scope: "col" }, "Barber"));
-    for (const m of METRICS) {
+    head.replaceChildren(el("th", { scope: "col", class: "rank" }, "#"));
+    for (const m of [NAME_SORT, ...METRICS]) {
       const active = state.lb.sort === m.key;
       const arrow = active ? (state.lb.order === "desc" ? " ▼" : " ▲") : "";
-      const th = el("th", { scope: "col", class: "num" },
+      const th = el("th", { scope: "col", class: m === NAME_SORT ? "" : "num" },
         el("button", { type: "button", class: "sort", title: `Sort by ${m.label.toLowerCase()}`,
           dataset: { sort: m.key }, onclick: () => sortBy(m.key) }, m.short + arrow));
       th.setAttribute("aria-sort", active ? (state.lb.order === "desc" ? "descending" : "ascending") : "none");
@@ -347,8 +349,8 @@
     if (state.lb.sort === key) state.lb.order = state.lb.order === "desc" ? "asc" : "desc";
     else {
       state.lb.sort = key;
-      // Fast replies are the good end of the time metrics, large counts of the others.
-      state.lb.order = METRIC_BY_KEY[key].kind === "duration" ? "asc" : "desc";
+      // Fast replies are the good end of the time metrics, large counts of the others; names go A to Z.
+      state.lb.order = METRIC_BY_KEY[key].kind === "count" ? "desc" : "asc";
     }
     state.lb.offset = 0;
     loadLeaderboard();
@@ -437,7 +439,9 @@
       el("td", { class: "name" }, el("span", { class: "strong" }, barberName(row)),
         el("span", { class: "muted small" }, ` @${row.username}`)));
       for (const m of METRICS) {
-        tr.append(el("td", { class: "num", dataset: { metric: m.key } }, formatMetric(m.key, row[m.key])));
+        // data-value keeps the exact figure behind the rounded text (for copying, and for tests).
+        const value = row[m.key] === null || row[m.key] === undefined ? "" : String(row[m.key]);
+        tr.append(el("td", { class: "num", dataset: { metric: m.key, value } }, formatMetric(m.key, row[m.key])));
       }
       body.append(tr);
     });
@@ -451,7 +455,8 @@
   }
 
   function drawLeaderboardChart(rows) {
-    const metric = METRIC_BY_KEY[state.lb.sort] || METRIC_BY_KEY.customer_messages;
+    const sorted = METRIC_BY_KEY[state.lb.sort];
+    const metric = sorted && sorted !== NAME_SORT ? sorted : METRIC_BY_KEY.customer_messages;
     $("lb-chart-title").textContent = `${metric.label} by barber`;
     const raw = rows.map((r) => r[metric.key]);
     const duration = metric.kind === "duration";
