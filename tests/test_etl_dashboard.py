@@ -16,6 +16,7 @@ from datetime import datetime, timezone
 from typing import Any, AsyncIterator
 
 import pytest
+from playwright.async_api import Error as PlaywrightError
 from playwright.async_api import Browser, BrowserContext, ConsoleMessage, Page, Request, Response, async_playwright
 
 from tests.http import call
@@ -175,7 +176,11 @@ async def open_dashboard(stack: StackProcess, context: BrowserContext, fragment:
     watch = Watch()
     watch.attach(page)
     await page.goto(stack.url("gateway") + "/etl/dashboard" + fragment)
-    await page.wait_for_selector("#signin-form", state="visible")
+    try:
+        await page.wait_for_selector("#signin-form", state="visible")
+    except PlaywrightError as e:
+        raise AssertionError(f"no sign-in form; the page logged {watch.problems}; alert: "
+                             f"{await page.text_content('#alert')!r}") from e
     return page, watch
 
 
@@ -213,8 +218,14 @@ async def painted(page: Page, canvas_id: str, rgb: tuple[int, int, int]) -> int:
     """How many of the canvas's pixels have exactly a dataset's colour: proof it was painted."""
     return await page.evaluate(
         """([id, r, g, b]) => {
-            const canvas = document.getElementById(id);
-            const px = canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height).data;
+            // Read a copy: reading the chart's own canvas back would slow the page's drawing.
+            const source = document.getElementById(id);
+            const copy = document.createElement("canvas");
+            copy.width = source.width;
+            copy.height = source.height;
+            const ctx = copy.getContext("2d", { willReadFrequently: true });
+            ctx.drawImage(source, 0, 0);
+            const px = ctx.getImageData(0, 0, copy.width, copy.height).data;
             let n = 0;
             for (let i = 0; i < px.length; i += 4) {
                 if (px[i] === r && px[i + 1] === g && px[i + 2] === b && px[i + 3] === 255) n++;

@@ -254,6 +254,7 @@
     state.charts = {};
     $("password").value = "";
     $("token-input").value = "";
+    document.querySelector(".token-entry").open = false;
     render();
   }
 
