@@ -61,6 +61,7 @@
   function formatDuration(seconds) {
     if (seconds === null || seconds === undefined) return "—";
     const s = Number(seconds);
+    if (s > 0 && s < 0.05) return "< 0.1 s";
     if (s < 10) return `${s.toFixed(1).replace(/\.0$/, "")} s`;
     const whole = Math.round(s);
     if (whole < 60) return `${whole} s`;
@@ -85,6 +86,34 @@
 
   function inUnit(values, unit) {
     return values.map((v) => (v === null || v === undefined ? null : Number(v) / unit.div));
+  }
+
+  const NICE_DURATIONS = [1, 5, 10, 30, 60, 300, 600, 1800, 3600, 3 * 3600, 6 * 3600, 12 * 3600, 86400,
+    2 * 86400, 7 * 86400, 30 * 86400];
+
+  // Reply times are skewed (minutes usually, hours when a message waits overnight): past a
+  // 20-fold spread a linear axis flattens the typical replies to zero, so the axis turns
+  // logarithmic, in seconds, with ticks at round durations.
+  function replyScale(values) {
+    const positive = values.filter((v) => v !== null && v !== undefined && Number(v) > 0).map(Number);
+    const lo = Math.min(...positive);
+    const hi = Math.max(...positive);
+    if (positive.length && hi / lo >= 20) {
+      return {
+        data: (vs) => vs.map((v) => (v === null || v === undefined ? null : Math.max(Number(v), 0.1))),
+        axis: {
+          type: "logarithmic",
+          title: { display: true, text: "log scale" },
+          afterBuildTicks: (axis) => {
+            const ticks = NICE_DURATIONS.filter((v) => v >= axis.min && v <= axis.max);
+            if (ticks.length) axis.ticks = ticks.map((value) => ({ value }));
+          },
+          ticks: { callback: (v) => formatDuration(v) },
+        },
+      };
+    }
+    const unit = durationUnit(values);
+    return { data: (vs) => inUnit(vs, unit), axis: { beginAtZero: true, title: { display: true, text: unit.name } } };
   }
 
   function formatMetric(key, value) {
@@ -574,17 +603,18 @@
     });
     const medians = days.map((d) => d.reply_time_median_s);
     const p90s = days.map((d) => d.reply_time_p90_s);
-    const unit = durationUnit([...medians, ...p90s]);
+    const scale = replyScale([...medians, ...p90s]);
     const raw = { Median: medians, "90th percentile": p90s };
-    // Days without a reply have no reply time: the line skips them rather than dropping to zero.
-    const line = { tension: 0.3, cubicInterpolationMode: "monotone", pointRadius: 3, spanGaps: true };
+    // Days without a reply have no reply time: the line breaks there rather than dropping to
+    // zero or bridging the gap with a curve that suggests figures nobody measured.
+    const line = { cubicInterpolationMode: "monotone", pointRadius: 3, pointHoverRadius: 5, spanGaps: false };
     chart("chart-reply", {
       type: "line",
       data: {
         labels,
         datasets: [
-          { label: "Median", data: inUnit(medians, unit), borderColor: COLORS.median, backgroundColor: COLORS.median, ...line },
-          { label: "90th percentile", data: inUnit(p90s, unit), borderColor: COLORS.p90, backgroundColor: COLORS.p90,
+          { label: "Median", data: scale.data(medians), borderColor: COLORS.median, backgroundColor: COLORS.median, ...line },
+          { label: "90th percentile", data: scale.data(p90s), borderColor: COLORS.p90, backgroundColor: COLORS.p90,
             borderDash: [6, 4], ...line },
         ],
       },
@@ -594,7 +624,7 @@
           ...baseOptions.plugins,
           tooltip: { callbacks: { label: (ctx) => `${ctx.dataset.label}: ${formatDuration(raw[ctx.dataset.label][ctx.dataIndex])}` } },
         },
-        scales: { x: dayScale, y: { beginAtZero: true, title: { display: true, text: unit.name } } },
+        scales: { x: dayScale, y: scale.axis },
       },
     });
 
