@@ -12,16 +12,17 @@ from __future__ import annotations
 import asyncio
 import shutil
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any, AsyncIterator
 
 import pytest
 from playwright.async_api import Error as PlaywrightError
 from playwright.async_api import Browser, BrowserContext, ConsoleMessage, Page, Request, Response, async_playwright
 
-from tests.http import call
+from tests.etl_support import leaderboard, percentile, run_etl
 from tests.stackproc import ADMIN_PASSWORD, ADMIN_USERNAME, StackProcess
 from tests.test_chat_support import ChatClient, ChatUser, make_user, socket_url, start_chat
+from tests.test_coordinator import admin_token  # noqa: F401 -- the fixture
 from tests.util import wait_until
 
 CHROMIUM = shutil.which("chromium")
@@ -101,42 +102,9 @@ def answered_delays(frames: list[dict], barber_id: int) -> list[float]:
     return delays
 
 
-def percentile(values: list[float], q: float) -> float:
-    """Linear interpolation between closest ranks (PostgreSQL's percentile_cont)."""
-    ordered = sorted(values)
-    pos = (len(ordered) - 1) * q
-    low = int(pos)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
-
-
-async def run_etl(gateway: str, token: str, timeout: float = 180.0) -> dict:
-    """One ETL run that starts after now (a scheduled one in progress is waited out first)."""
-    async def started() -> int | None:
-        reply = await call("POST", gateway + "/etl/runs", token=token)
-        if reply.code == 409:
-            return None
-        assert reply.code == 202, reply
-        return reply.json["run_id"]
-
-    run_id = await wait_until(started, timeout=timeout, interval=0.5, message="an ETL run accepted")
-
-    async def finished() -> dict | None:
-        reply = await call("GET", f"{gateway}/etl/runs/{run_id}", token=token)
-        assert reply.code == 200, reply
-        return reply.json if reply.json["state"] != "running" else None
-
-    run = await wait_until(finished, timeout=timeout, interval=0.5, message=f"ETL run {run_id} finished")
-    assert run["state"] == "succeeded", run
-    return run
-
-
 @pytest.fixture(scope="module")
-async def scene(stack: StackProcess) -> Scene:
+async def scene(stack: StackProcess, admin_token: str) -> Scene:
     gateway = stack.url("gateway")
-    reply = await call("POST", gateway + "/authen/authen/signin", {"username": ADMIN_USERNAME, "password": ADMIN_PASSWORD})
-    assert reply.code == 200, reply
-    admin_token = reply.json["token"]
     barber = await make_user(stack, "employee", "Dora", "Dashboard")
     other_barber = await make_user(stack, "employee", "Quinn", "Quiet")
     first = await make_user(stack, "customer", "Cleo", "First")
@@ -145,7 +113,7 @@ async def scene(stack: StackProcess) -> Scene:
     frames = await converse(gateway, first, barber, ["c", "c", "b", "c", "b"])
     await converse(gateway, second, barber, ["c"])
     await converse(gateway, first, other_barber, ["c"])
-    await run_etl(gateway, admin_token)
+    await run_etl(stack, admin_token)
     return Scene(barber, other_barber, first, admin_token, answered_delays(frames, barber.id))
 
 
@@ -240,13 +208,6 @@ INDIGO = (0x4F, 0x46, 0xE5)  # customer messages in every chart
 TEAL = (0x0D, 0x94, 0x88)  # barber messages
 
 
-async def leaderboard_api(stack: StackProcess, token: str, **params: Any) -> dict:
-    query = "&".join(f"{k}={v}" for k, v in params.items())
-    reply = await call("GET", f"{stack.url('gateway')}/etl/analytics/barbers?{query}", token=token)
-    assert reply.code == 200, reply
-    return reply.json
-
-
 async def find_row(page: Page, barber_id: int) -> Any:
     """The barber's leaderboard row, following the page's Next button if it is further down."""
     selector = f'#lb-body tr[data-barber-id="{barber_id}"]'
@@ -335,7 +296,8 @@ async def test_admin_sorts_and_pages_like_the_api(stack: StackProcess, scene: Sc
     page, watch = await open_dashboard(stack, context, "#limit=1")
     await sign_in(page, ADMIN_USERNAME, ADMIN_PASSWORD)
     await page.wait_for_selector("#lb-body tr.clickable")
-    api = await leaderboard_api(stack, scene.admin_token, limit=2)
+    end = datetime.now(timezone.utc).date()
+    api = await leaderboard(stack, scene.admin_token, end - timedelta(days=29), end)  # the page's default period
     assert api["total"] >= 2
     assert await page.text_content("#page-info") == f"1–1 of {api['total']}"
     ids = await page.eval_on_selector_all("#lb-body tr[data-barber-id]", "rows => rows.map(r => +r.dataset.barberId)")
