@@ -162,6 +162,10 @@ def today() -> str:
     return datetime.now(timezone.utc).date().isoformat()
 
 
+def yesterday() -> str:
+    return (datetime.now(timezone.utc).date() - timedelta(days=1)).isoformat()
+
+
 async def chart_data(page: Page, canvas_id: str) -> dict:
     """The chart drawn on a canvas: its labels, datasets, and whether each bar or point has
     been laid out with a size (so it is on the canvas, not only in memory)."""
@@ -268,20 +272,23 @@ async def test_admin_sees_the_leaderboard_and_a_barbers_daily_charts(stack: Stac
     assert "Dora Dashboard" in await page.text_content("#daily-title")
     assert f"barber={scene.barber.id}" in page.url
     messages = await wait_until(lambda: chart_data(page, "chart-messages"), message="the messages chart")
-    assert len(messages["labels"]) == 30 and messages["labels"][-1] == today()
+    # The page's default period: 30 days to today (UTC), as the API's.
+    assert len(messages["labels"]) == 30 and messages["labels"][-1] == await page.input_value("#to")
+    assert messages["labels"][-1] in (today(), yesterday())  # yesterday only if midnight just passed
     customer_series, barber_series = messages["datasets"]
     assert sum(customer_series["data"]) == EXPECTED["customer_messages"]
     assert sum(barber_series["data"]) == EXPECTED["barber_messages"]
-    day = messages["labels"].index(today())
-    assert customer_series["drawn"][day] and barber_series["drawn"][day]
+    asked = next(i for i, n in enumerate(customer_series["data"]) if n)
+    answered = next(i for i, n in enumerate(barber_series["data"]) if n)
+    assert customer_series["drawn"][asked] and barber_series["drawn"][answered]
     chats = await chart_data(page, "chart-chats")
     assert sum(chats["datasets"][0]["data"]) == EXPECTED["chats_started"]
     reply = await chart_data(page, "chart-reply")
     assert [d["label"] for d in reply["datasets"]] == ["Median", "90th percentile"]
-    assert reply["datasets"][0]["data"][day] is not None and reply["datasets"][0]["drawn"][day]
+    assert reply["datasets"][0]["data"][answered] is not None and reply["datasets"][0]["drawn"][answered]
     # Days without a reply are gaps in the line, not zeros.
-    for i, answered in enumerate(barber_series["data"]):
-        if not answered:
+    for i, sent in enumerate(barber_series["data"]):
+        if not sent:
             assert reply["datasets"][0]["data"][i] is None and reply["datasets"][1]["data"][i] is None
     for canvas, colour in (("chart-messages", INDIGO), ("chart-messages", TEAL)):
         assert await wait_until(lambda: painted(page, canvas, colour), message=f"{canvas} painted")
