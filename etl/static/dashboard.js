@@ -467,7 +467,7 @@
       },
       el("td", { class: "rank" }, lb.offset + i + 1),
       el("td", { class: "name" }, el("span", { class: "strong" }, barberName(row)),
-        el("span", { class: "muted small" }, ` @${row.username}`)));
+        el("span", { class: "muted small" }, row.username ? ` @${row.username}` : "")));
       for (const m of METRICS) {
         // data-value keeps the exact figure behind the rounded text (for copying, and for tests).
         const value = row[m.key] === null || row[m.key] === undefined ? "" : String(row[m.key]);
@@ -544,7 +544,13 @@
       renderDaily(data, leaderboardRow);
       if (scroll) $("daily-view").scrollIntoView({ behavior: "smooth", block: "start" });
     } catch (err) {
-      report(err);
+      const own = state.session && state.session.type === "employee";
+      if (own && err instanceof ApiError && err.status === 404) {
+        // A barber who signed up after the last ETL run is not in the warehouse yet.
+        showAlert("Your figures are not in the analytics yet: they appear after the next ETL run.", "info");
+      } else {
+        report(err);
+      }
     } finally {
       $("daily-view").removeAttribute("aria-busy");
     }
