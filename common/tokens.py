@@ -80,6 +80,7 @@ class Revocations:
         self.marks: dict[int, int] = {}
         self.listeners: list[Callable[[int, int], None]] = []
         self._version: str | None = None
+        self._loaded = False
         self._task: asyncio.Task[None] | None = None
         self._failing = False
 
@@ -92,7 +93,7 @@ class Revocations:
     async def refresh(self) -> None:
         """Read the marks if they changed since the last read. Raises RedisError."""
         version = await self._redis.get(REVOKED_VERSION_KEY)
-        if version == self._version and version is not None:
+        if self._loaded and version == self._version:
             return
         raw = await self._redis.hgetall(REVOKED_KEY)
         horizon = time.time() - MAX_TOKEN_TTL_S - 60
@@ -108,6 +109,7 @@ class Revocations:
         fresh = [(u, m) for u, m in marks.items() if self.marks.get(u, -1) < m]
         self.marks = marks
         self._version = version
+        self._loaded = True
         for user_id, mark in fresh:
             for listener in self.listeners:
                 try:
