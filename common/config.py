@@ -16,6 +16,15 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_networks(spec: str) -> tuple[Network, ...]:
+    """``"127.0.0.1/32, 10.0.0.0/8"`` -> networks (a bare address is a /32 or /128);
+    ValueError names a bad one."""
+    return tuple(ipaddress.ip_network(part.strip(), strict=False) for part in spec.split(",") if part.strip())
+
+
 class ConfigError(Exception):
     """An environment variable holds a value the service cannot use."""
 
@@ -51,9 +60,7 @@ class ServiceSettings(BaseSettings):
     @field_validator("trusted_proxies")
     @classmethod
     def _networks(cls, value: str) -> str:
-        for part in value.split(","):
-            if part.strip():
-                ipaddress.ip_network(part.strip(), strict=False)  # ValueError names the bad one
+        parse_networks(value)
         return value
 
     @model_validator(mode="after")

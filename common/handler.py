@@ -19,6 +19,7 @@ import tornado.web
 from pydantic import BaseModel, ValidationError
 
 from common import internal
+from common.config import Network
 from common.errors import APIError, BadRequest, Forbidden, NotFound, PayloadTooLarge, Unauthorized
 from common.logs import REQUEST_ID_HEADER, level_for_status, new_request_id, request_id_var
 from common.tokens import Claims, InvalidToken, TokenVerifier
@@ -34,13 +35,6 @@ MAX_BODY = "barber.max_body_bytes"
 INFLIGHT = "barber.inflight"
 TRUSTED_PROXIES = "barber.trusted_proxies"
 REVOCATIONS = "barber.revocations"
-
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
-def parse_networks(spec: str) -> tuple[Network, ...]:
-    """``"127.0.0.1/32, 10.0.0.0/8"`` -> networks (a bare address is a /32 or /128)."""
-    return tuple(ipaddress.ip_network(part.strip(), strict=False) for part in spec.split(",") if part.strip())
 
 
 def client_address(remote_ip: str | None, forwarded_for: str | None, trusted: tuple[Network, ...]) -> str:

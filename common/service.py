@@ -23,10 +23,10 @@ from tornado.httpserver import HTTPServer
 
 from common import internal
 from common.bodylimit import BodyLimit
-from common.config import ServiceSettings
+from common.config import ServiceSettings, parse_networks
 from common.discovery import Registration
 from common.handler import (INFLIGHT, MAX_BODY, REVOCATIONS, SERVICE_SECRET, TRUSTED_PROXIES, VERIFIER, Inflight, NotFoundHandler,
-                            log_request, parse_networks)
+                            log_request)
 from common.logs import setup_logging
 from common.tokens import Revocations, TokenVerifier
 
