@@ -80,6 +80,20 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 # UTF-8, which has no surrogates), so input without these escapes skips the walk.
 _NUL_ESCAPE = re.compile(r"\\u0000")
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_NUL_ESCAPE_B = re.compile(rb"\\u0000")
+_SURROGATE_ESCAPE_B = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _suspect_escapes(raw: bytes | str) -> tuple[bool, bool]:
+    """Whether ``raw`` holds a U+0000 escape, a surrogate escape (cheap for the usual
+    input, which has no ``\\u`` at all)."""
+    if isinstance(raw, bytes):
+        if b"\\u" not in raw:
+            return False, False
+        return bool(_NUL_ESCAPE_B.search(raw)), bool(_SURROGATE_ESCAPE_B.search(raw))
+    if "\\u" not in raw:
+        return False, False
+    return bool(_NUL_ESCAPE.search(raw)), bool(_SURROGATE_ESCAPE.search(raw))
 
 
 def _bad_text(data: Any, nul: bool, surrogates: bool) -> str | None:
@@ -118,8 +132,7 @@ def decode_json_object(raw: bytes | str, what: str = "body") -> dict[str, Any]:
         raise BadRequest(f"{what} is nested too deeply") from e
     if not isinstance(data, dict):
         raise BadRequest(f"{what} must be a JSON object")
-    text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
-    nul, surrogates = bool(_NUL_ESCAPE.search(text)), bool(_SURROGATE_ESCAPE.search(text))
+    nul, surrogates = _suspect_escapes(raw)
     if nul or surrogates:
         problem = _bad_text(data, nul, surrogates)
         if problem is not None:
