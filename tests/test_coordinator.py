@@ -408,7 +408,7 @@ async def test_participant_killed_after_preparing(stack: StackProcess, admin_tok
         stack.control.stop(name)
     try:
         async def only_hooked() -> bool:
-            reply = await call("GET", stack.url("gateway") + "/status")
+            reply = await call("GET", stack.url("gateway") + "/status", headers=stack.service_headers())
             ports = {i["address"].rsplit(":", 1)[1] for i in reply.json["services"][service]["instances"]}
             return ports == {str(p.port) for p in hooked}
 

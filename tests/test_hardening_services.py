@@ -443,3 +443,11 @@ async def test_status_pages_show_details_only_to_services_and_admins(stack: Stac
     assert "database" in detailed.json
     direct = await call("GET", stack.url("authen", 0) + "/utilities/status", headers=stack.service_headers())
     assert pg_port in direct.raw.decode()
+    # The gateway's own: instance addresses and breakers only for services and admins.
+    public = await call("GET", gw + "/status")
+    assert public.code == 200 and set(public.json) == {"status", "service", "instance"}, public.json
+    chat_port = str(stack.layout.port("chat"))
+    assert chat_port not in public.raw.decode()
+    for headers in ({"Authorization": f"Bearer {admin_token}"}, stack.service_headers()):
+        detailed = await call("GET", gw + "/status", headers=headers)
+        assert chat_port in detailed.raw.decode() and "breaker" in detailed.raw.decode()
