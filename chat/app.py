@@ -6,6 +6,8 @@ import asyncio
 import logging
 
 from chat.cache import UserCache
+from chat.chats import CLOSE_UNAUTHENTICATED
+from chat.sockets import UserSockets
 from chat.context import ChatContext
 from chat.fanout import Hub, HubConfig
 from chat.handlers import routes
@@ -16,8 +18,10 @@ from chat.users import UserDirectory
 from chat.participant import ChatParticipant
 from common import internal
 from common.discovery import InstanceView
+from common.handler import REVOCATIONS
 from common.participant import CoordinatorClient, OutcomeWatcher
 from common.service import ServiceApp, make_app
+from common.tokens import Revocations
 
 log = logging.getLogger("barber.chat")
 
@@ -65,7 +69,8 @@ async def build(settings: ChatSettings) -> ServiceApp:
         ),
     )
     await hub.start()
-    ctx = ChatContext(settings=settings, store=store, cache=cache, users=users, hub=hub)
+    sockets = UserSockets(settings.chat_max_sockets_per_user)
+    ctx = ChatContext(settings=settings, store=store, cache=cache, users=users, hub=hub, sockets=sockets)
     participant = ChatParticipant(store, hub, cache)
     coordinator = CoordinatorClient(settings.discovery_url, internal.read_secret(settings.service_secret_file))
     await coordinator.start()
@@ -79,6 +84,11 @@ async def build(settings: ChatSettings) -> ServiceApp:
         websocket_ping_timeout=settings.chat_ws_ping_timeout_s,
         websocket_max_message_size=WS_MAX_FRAME_BYTES,
     )
+    revocations: Revocations | None = app.settings.get(REVOCATIONS)
+    if revocations is not None:
+        # A deleted or deactivated user's sockets close as soon as this instance hears of it.
+        revocations.listeners.append(
+            lambda user_id, mark: sockets.revoked(user_id, mark, CLOSE_UNAUTHENTICATED, "token revoked"))
     app.settings["chat.metrics"] = make_registry(ctx)
     app.settings["chat.context"] = ctx
 

@@ -112,6 +112,7 @@ class StatusHandler(DiscoveryHandler):
                 "instance_ttl_s": self.registry.ttl_s,
                 "services": types,
                 "watching": dict(self.watchers.waiting),
+                "watch_events": self.watchers.size,
             }
         )
 

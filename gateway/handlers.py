@@ -346,7 +346,14 @@ def _detail_of(e: HTTPClientError) -> str:
 
 
 class StatusHandler(GatewayHandler):
+    """Public: up. Instance addresses, breakers, limits and configuration only for callers
+    with the service credential or an admin token (and only then computed: it reads Redis)."""
+
     async def get(self) -> None:
+        if not self.may_see_details():
+            s = self.gw.settings
+            self.write_json({"status": "ok", "service": "gateway", "instance": f"{s.advertise_host}:{s.port}"})
+            return
         self.write_json(await self.gw.status())
 
 

@@ -20,19 +20,11 @@ from tornado.httpclient import HTTPClientError
 from chat.cache import TOMBSTONE
 from tests.http import call
 from tests.procs import ServiceProcess
-from tests.stackproc import ADMIN_PASSWORD, ADMIN_USERNAME, StackProcess
+from tests.stackproc import StackProcess
 from tests.test_chat_support import ChatClient, ChatUser, make_user, socket_url, start_chat
 from tests.util import free_port, wait_until
 
 PASSWORD = "correct horse"
-
-
-@pytest.fixture(scope="module")
-async def admin_token(stack: StackProcess) -> str:
-    reply = await call("POST", stack.url("gateway") + "/authen/authen/signin",
-                       {"username": ADMIN_USERNAME, "password": ADMIN_PASSWORD})
-    assert reply.code == 200, reply
-    return reply.json["token"]
 
 
 def service_secret(stack: StackProcess) -> str:
@@ -416,7 +408,7 @@ async def test_participant_killed_after_preparing(stack: StackProcess, admin_tok
         stack.control.stop(name)
     try:
         async def only_hooked() -> bool:
-            reply = await call("GET", stack.url("gateway") + "/status")
+            reply = await call("GET", stack.url("gateway") + "/status", headers=stack.service_headers())
             ports = {i["address"].rsplit(":", 1)[1] for i in reply.json["services"][service]["instances"]}
             return ports == {str(p.port) for p in hooked}
 

@@ -23,6 +23,7 @@ from common.discovery import Registration
 from common.internal import read_secret
 from common.tokens import TokenSigner
 from tests.procs import ServiceProcess, start_service
+from tests.stackproc import service_headers
 from tests.util import free_port, wait_until
 
 ECHO_TYPE = "echotest"
@@ -63,7 +64,7 @@ async def fetch(http: aiohttp.ClientSession, method: str, url: str, *, headers: 
 
 
 async def gateway_status(http: aiohttp.ClientSession, gw_url: str) -> dict:
-    return (await fetch(http, "GET", gw_url + "/status")).json
+    return (await fetch(http, "GET", gw_url + "/status", headers=service_headers())).json
 
 
 async def gateway_instances(http: aiohttp.ClientSession, gw_url: str, service: str = "authen") -> dict[str, dict]:
@@ -72,7 +73,8 @@ async def gateway_instances(http: aiohttp.ClientSession, gw_url: str, service: s
 
 
 async def authen_status(http: aiohttp.ClientSession, stack: Any, index: int) -> dict:
-    return (await fetch(http, "GET", stack.url("authen", index) + "/utilities/status")).json
+    return (await fetch(http, "GET", stack.url("authen", index) + "/utilities/status",
+                        headers=stack.service_headers())).json
 
 
 async def sleepy_received(http: aiohttp.ClientSession, stack: Any) -> int:
