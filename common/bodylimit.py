@@ -144,7 +144,8 @@ class _LimitedRequest(httputil.HTTPMessageDelegate):
                  extra={"http.response.status_code": 413})
         # Written straight to the stream: Tornado would close the connection as soon as a
         # response finished mid-body, resetting it under a client that is still sending.
-        conn.stream.write(error_response(PayloadTooLarge.over(limit), request_id, "Payload Too Large"))
+        sent = conn.stream.write(error_response(PayloadTooLarge.over(limit), request_id, "Payload Too Large"))
+        sent.add_done_callback(lambda f: f.exception())  # a client gone already is no error
         conn.set_max_body_size(self.received + DRAIN_BYTES)
 
     def finish(self) -> None:

@@ -35,8 +35,10 @@ class ServiceSettings(BaseSettings):
     log_level: str = "INFO"
     max_body_bytes: int = 64 * 1024
     # Slow clients: all of a request's headers must arrive within this (it is also how
-    # long an idle keep-alive connection stays open), and its body within that.
-    header_timeout_s: float = Field(10.0, gt=0)
+    # long an idle keep-alive connection stays open: above the 15 s after which common
+    # clients, aiohttp among them, drop theirs, so they never reuse one being closed),
+    # and its body within that.
+    header_timeout_s: float = Field(20.0, gt=0)
     body_timeout_s: float = Field(30.0, gt=0)
     # Connections one process holds open (HTTP; upgraded sockets are no longer counted);
     # past it a new one gets a quick 503 and is closed.
