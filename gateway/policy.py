@@ -5,6 +5,7 @@ Plain functions over strings and header lists, so they are tested without HTTP.
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Iterable
 from urllib.parse import unquote
@@ -119,6 +120,7 @@ def check_service_path(rest: str) -> str:
     return "/" + canonical
 
 
+@functools.lru_cache(maxsize=1024)  # on the hot path; names repeat from request to request
 def _header_key(name: str) -> str:
     """A header name as any backend might read it: case-folded, ``_`` as ``-`` (CGI and
     WSGI servers turn both into ``HTTP_X_USER``), surrounding blanks dropped."""
