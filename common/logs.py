@@ -55,6 +55,15 @@ def new_request_id() -> str:
     return uuid.uuid4().hex
 
 
+REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+def sane_request_id(presented: str | None) -> str:
+    """The client's X-Request-ID when it is a plain token, else a new one: it goes into
+    every service's logs and headers, so it must not carry anything else."""
+    return presented if presented and REQUEST_ID_RE.fullmatch(presented) else new_request_id()
+
+
 class _RequestIdFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if not hasattr(record, "http.request.id"):

@@ -80,7 +80,7 @@ class InstanceHandler(DiscoveryHandler):
 
 class ServicesHandler(DiscoveryHandler):
     async def get(self, type_: str) -> None:
-        if not TYPE_RE.match(type_):
+        if not TYPE_RE.fullmatch(type_):
             raise BadRequest("type: must be lower-case letters, digits, '-' or '_'")
         version = self.get_query_argument("version", None) or None
         wait_s = self.query_float("wait", 0.0, minimum=0.0, maximum=self.config.max_wait_s)

@@ -17,12 +17,13 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from common.config import chat_frame_bytes
 from common.discovery import InstanceView
 from common.service import ServiceApp, make_app
 from gateway.breaker import BreakerConfig, State
 from gateway.config import GatewaySettings
 from gateway.context import GATEWAY, GatewayContext
-from gateway.handlers import WS_MAX_MESSAGE, routes
+from gateway.handlers import routes
 from gateway.limiter import Limiter
 from gateway.metrics import GatewayMetrics
 from gateway.proxy import Proxy, make_session
@@ -49,6 +50,7 @@ def breaker_config(s: GatewaySettings) -> BreakerConfig:
         open_s=s.breaker_open_ms / 1000,
         open_max_s=max(s.breaker_open_ms, s.breaker_open_max_ms) / 1000,
         half_open_trials=s.breaker_half_open_trials,
+        min_clients=s.breaker_min_clients,
     )
 
 
@@ -96,7 +98,9 @@ async def build(settings: GatewaySettings, plugins: Sequence[str] | None = None)
         log.error("no JWT public key at %s: every path that needs a token will answer 401",
                   settings.jwt_public_key_file)
     app = make_app(settings, extra_routes + routes(settings.services),
-                   websocket_max_message_size=WS_MAX_MESSAGE, **{GATEWAY: ctx})
+                   websocket_max_message_size=chat_frame_bytes(settings.chat_max_message_chars),
+                   websocket_ping_interval=settings.ws_ping_interval_s,
+                   websocket_ping_timeout=settings.ws_ping_timeout_s, **{GATEWAY: ctx})
 
     async def close() -> None:
         for closer in closers:

@@ -39,5 +39,6 @@ SERVICES: list[ServiceSpec] = [
                 setup=(("migrate",), ("create-admin", "--if-configured"))),
     ServiceSpec("chat", "chat", "chat"),
     ServiceSpec("etl", "etl", "etl", setup=(("migrate",),)),
-    ServiceSpec("gateway", "gateway", "gateway", health_path="/status"),
+    # The local stack routes the test-only sleepy endpoint (as authen serves it).
+    ServiceSpec("gateway", "gateway", "gateway", env={"ENABLE_SLEEPY": "1"}, health_path="/status"),
 ]
