@@ -11,7 +11,7 @@
   test stack's primary, the cluster script makes a Redis Cluster of six empty local
   nodes, the init script sets up a scratch primary, the key and .env generators write
   what they should and never overwrite;
-- the Dockerfile passes hadolint.
+- the Dockerfile passes hadolint, the deploy scripts shellcheck.
 """
 
 from __future__ import annotations
@@ -338,6 +338,9 @@ def test_start_order_is_health_based_and_data_lives_in_named_volumes() -> None:
             if not source.startswith(("./", "/")):
                 assert source in declared, f"{name}: volume {source} is not declared"
         assert "sleep" not in " ".join(command_of(name)), f"{name}: waits by sleeping"
+    # Elasticsearch runs with security on (no anonymous access to the logs).
+    assert env_of("elasticsearch")["xpack.security.enabled"] == "true"
+    assert SVC["kibana"]["depends_on"]["kibana-password"]["condition"] == "service_completed_successfully"
     text = (ROOT / "compose.yml").read_text()
     assert not re.search(r"^\s*\w*PASSWORD\w*:\s*(?!\$\{)\S", text, re.MULTILINE), "a password is written in compose.yml"
     assert not re.search(r"://[^:/\s]+:(?!\$\{)[^@\s]+@", text), "a URL holds a literal password"
@@ -348,6 +351,14 @@ def test_dockerfile_passes_hadolint() -> None:
     hadolint = Path(sys.executable).parent / "hadolint"
     result = subprocess.run([str(hadolint), "--no-color", str(ROOT / "Dockerfile")], capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.strip() == "", result.stdout + result.stderr
+
+
+def test_deploy_scripts_pass_shellcheck() -> None:
+    scripts = sorted(str(p.relative_to(ROOT)) for p in DEPLOY.rglob("*.sh"))
+    assert len(scripts) >= 7
+    shellcheck = Path(sys.executable).parent / "shellcheck"
+    result = subprocess.run([str(shellcheck), "-x", *scripts], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_dockerfile_structure() -> None:

@@ -1,3 +1,4 @@
+# shellcheck shell=sh
 # Sourced by the bootstrap scripts: wait on a condition with a deadline, never a fixed sleep.
 # wait_for SECONDS DESCRIPTION COMMAND [ARG...]: run COMMAND (output discarded) once a
 # second until it succeeds; after SECONDS, say what was awaited and exit 1.

@@ -11,6 +11,7 @@
 #   PRIMARY_WAIT_S        how long to wait for the primary to accept connections (120)
 # Arguments are passed on to postgres (e.g. -c hot_standby=on).
 set -eu
+# shellcheck source=deploy/lib/wait-for.sh
 . "$(dirname "$0")/../lib/wait-for.sh"
 : "${PGDATA:?}" "${PRIMARY_HOST:?}" "${REPLICATION_USER:?}" "${REPLICATION_SLOT:?}"
 PRIMARY_PORT="${PRIMARY_PORT:-5432}"

@@ -8,6 +8,7 @@
 # do. Anything in between (a node replaced, a creation cut short) needs an operator, so
 # the job says so and fails rather than wiping data.
 set -eu
+# shellcheck source=deploy/lib/wait-for.sh
 . "$(dirname "$0")/../lib/wait-for.sh"
 : "${CLUSTER_NODES:?}" "${CLUSTER_REPLICAS:?}"
 CLUSTER_WAIT_S="${CLUSTER_WAIT_S:-60}"
