@@ -21,7 +21,8 @@ from replicas import ReadWriteRouter
 log = logging.getLogger("barber.etl.extract")
 
 # Only what the analytics need: never the text of a message.
-MESSAGE_FIELDS = {"chat_id": 1, "seq": 1, "sender.id": 1, "created_at": 1}
+# (nx-27017 does not project sub-fields such as "sender.id": the small sender object comes whole.)
+MESSAGE_FIELDS = {"chat_id": 1, "seq": 1, "sender": 1, "created_at": 1}
 CHAT_FIELDS = {"customer_id": 1, "employee_id": 1, "created_at": 1}
 
 
