@@ -107,7 +107,7 @@ class FakeElastic:
 
     # -- control ------------------------------------------------------------------------
     def fail(self, method: str, path: str, status: int, times: int = 1, *, apply: bool = False) -> None:
-        """Answer the next ``times`` requests ``method`` ``path`` (a regex) with ``status``."""
+        """Answer the next ``times`` requests ``method`` ``path`` (both regexes) with ``status``."""
         with self._lock:
             self._faults.append(_Fault(method, re.compile(path), status, times, apply))
 
@@ -133,9 +133,10 @@ class FakeElastic:
             return [r for r in self.requests if r.method not in ("GET", "HEAD")]
 
     def matching(self, method: str, path: str) -> list[Recorded]:
+        """Recorded requests whose method and path match these regexes, oldest first."""
         pattern = re.compile(path)
         with self._lock:
-            return [r for r in self.requests if r.method == method and pattern.fullmatch(r.path)]
+            return [r for r in self.requests if re.fullmatch(method, r.method) and pattern.fullmatch(r.path)]
 
     # -- lifecycle ----------------------------------------------------------------------
     def start(self) -> "FakeElastic":
@@ -182,7 +183,7 @@ class FakeElastic:
                        time.monotonic())
         with self._lock:
             self.requests.append(rec)
-            fault = next((f for f in self._faults if f.times > 0 and f.method == request.method
+            fault = next((f for f in self._faults if f.times > 0 and re.fullmatch(f.method, request.method)
                           and f.path.fullmatch(request.path)), None)
             if fault is not None:
                 fault.times -= 1
