@@ -20,8 +20,9 @@ import re
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
+import pytest
 from aiohttp import web
 
 ES_HEADERS = {"X-Elastic-Product": "Elasticsearch"}
@@ -425,3 +426,13 @@ class FakeElastic:
                     "namespaces": ["default"]}
         return web.json_response({"success": True, "successCount": len(objects), "successResults": [
             {"type": o["type"], "id": o["id"], "meta": {"title": o["attributes"].get("title")}} for o in objects]})
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeElastic]:
+    """A fresh Elasticsearch and Kibana for one test (import this fixture into a test module)."""
+    server = FakeElastic().start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -5,24 +5,15 @@ index a document twice, failures raised as IndexingError, deleting a barber's do
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any, AsyncIterator, Iterator
+from typing import Any, AsyncIterator
 
 import pytest
 
 from elk.analytics import AnalyticsIndexer, IndexingError
 from elk.templates import ANALYTICS_FIELDS, ANALYTICS_INDEX, flatten_properties, properties
-from tests.esfake import FakeElastic
+from tests.esfake import FakeElastic, fake  # noqa: F401 (the fixture)
 
 BACKOFF_S = 0.2
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeElastic]:
-    server = FakeElastic().start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture

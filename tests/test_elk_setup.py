@@ -8,25 +8,15 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
 from elk import templates as t
 from elk.install import HASH_KEY, load_saved_objects, setup
 from elk.settings import ElkSettings
-from tests.esfake import FakeElastic
+from tests.esfake import FakeElastic, fake  # noqa: F401 (the fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeElastic]:
-    server = FakeElastic().start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def settings_for(fake: FakeElastic, **more: object) -> ElkSettings:
