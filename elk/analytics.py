@@ -15,6 +15,8 @@ from typing import Any, Iterable, Iterator, Mapping
 from elasticsearch import ApiError, AsyncElasticsearch, TransportError
 from elasticsearch.helpers import async_bulk
 
+from common.config import load_settings
+from elk.settings import ElkSettings
 from elk.templates import ANALYTICS_INDEX, ANALYTICS_METRICS
 
 # Statuses that mean "overloaded or briefly unavailable, try again": the bulk helper
@@ -79,6 +81,10 @@ class AnalyticsIndexer:
         client_kwargs.setdefault("max_retries", 3)
         client_kwargs.setdefault("retry_on_timeout", True)
         client_kwargs.setdefault("request_timeout", 30)
+        if not {"api_key", "basic_auth", "bearer_auth"} & set(client_kwargs):
+            # The cluster's credentials, from the same variables as `python -m elk setup`.
+            for key, value in load_settings(ElkSettings).client_kwargs().items():
+                client_kwargs.setdefault(key, value)
         self.client = AsyncElasticsearch(url, **client_kwargs)
 
     def _actions(self, rows: Iterable[Mapping[str, Any]]) -> Iterator[dict[str, Any]]:

@@ -4,6 +4,7 @@ index a document twice, failures raised as IndexingError, deleting a barber's do
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 from typing import Any, AsyncIterator
 
@@ -167,3 +168,14 @@ async def test_delete_retries_503(fake: FakeElastic, indexer: AnalyticsIndexer) 
     fake.fail("POST", f"/{ANALYTICS_INDEX}/_delete_by_query", 503, times=1)
     assert await indexer.delete_barbers([9]) == 3
     assert [r.status for r in fake.matching("POST", f"/{ANALYTICS_INDEX}/_delete_by_query")] == [503, 200]
+
+
+async def test_credentials_come_from_the_environment(fake: FakeElastic, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ELASTICSEARCH_API_KEY", "kid:secret")  # as Filebeat takes it: id:key
+    ix = AnalyticsIndexer(fake.es_url)
+    try:
+        assert await ix.index_days(rows(days=1)) == 2
+    finally:
+        await ix.close()
+    (req,) = bulk_requests(fake)
+    assert req.headers["Authorization"] == "ApiKey " + base64.b64encode(b"kid:secret").decode()
