@@ -294,6 +294,15 @@ def _leaves(doc: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
             yield prefix + key, value
 
 
+def get_field(doc: dict[str, Any], path: str) -> Any:
+    """A field's value whether the document spells it dotted ("log.level") or nested."""
+    if path in doc:
+        return doc[path]
+    head, _, rest = path.partition(".")
+    node = doc.get(head)
+    return get_field(node, rest) if rest and isinstance(node, dict) else (node if not rest else None)
+
+
 def mapping_problems(doc: dict[str, Any], fields: dict[str, str] | None = None) -> list[str]:
     """What Elasticsearch would not index as intended: fields the template does not map
     (with ``dynamic: false`` they would be kept but not searchable) and values of the

@@ -25,6 +25,8 @@ from typing import Any, Iterator
 import pytest
 from aiohttp import web
 
+from elk.templates import get_field
+
 ES_HEADERS = {"X-Elastic-Product": "Elasticsearch"}
 ES_JSON = "application/vnd.elasticsearch+json; compatible-with=9"
 
@@ -79,15 +81,6 @@ def _json(body: Any, status: int = 200) -> web.Response:
 
 def _ack() -> web.Response:
     return _json({"acknowledged": True})
-
-
-def _field(doc: dict[str, Any], path: str) -> Any:
-    node: Any = doc
-    for part in path.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return None
-        node = node[part]
-    return node
 
 
 class FakeElastic:
@@ -349,7 +342,7 @@ class FakeElastic:
                 return _error(400, "parsing_exception", "esfake answers only a single terms query")
             (fname, values), = query["terms"].items()
             docs = self.state.indices[index]
-            gone = [i for i, d in docs.items() if _field(d["_source"], fname) in values]
+            gone = [i for i, d in docs.items() if get_field(d["_source"], fname) in values]
             for i in gone:
                 del docs[i]
         return _json(self._dbq_result(len(gone)))

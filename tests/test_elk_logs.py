@@ -14,6 +14,7 @@ import pytest
 
 from coordinator.deletion import tx_fields
 from elk import templates as t
+from elk.templates import get_field
 from stack.services import SERVICES
 from tests.http import call
 from tests.procs import ServiceProcess
@@ -42,19 +43,8 @@ def problems_in(events: list[dict[str, Any]], where: str) -> list[str]:
     return out
 
 
-def field(event: dict[str, Any], path: str) -> Any:
-    if path in event:
-        return event[path]
-    node: Any = event
-    for part in path.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return None
-        node = node[part]
-    return node
-
-
 def actions(events: list[dict[str, Any]], action: str) -> list[dict[str, Any]]:
-    return [e for e in events if field(e, "event.action") == action]
+    return [e for e in events if get_field(e, "event.action") == action]
 
 
 async def breaker_and_load_traffic(stack: StackProcess, g: ServiceProcess, http: Any) -> list[dict[str, Any]]:
@@ -109,8 +99,8 @@ async def test_real_log_lines_fit_the_template(stack: StackProcess, http: Any) -
 
     def gateway_finished() -> list[dict[str, Any]]:
         return [e for e in actions(read_lines(logs / "gateway.log"), "deletion-finish")
-                if field(e, "user.id") in (saga.user.id, str(saga.user.id))
-                or field(e, "barber.transaction.mode") == "2pc"]
+                if get_field(e, "user.id") in (saga.user.id, str(saga.user.id))
+                or get_field(e, "barber.transaction.mode") == "2pc"]
 
     await wait_until(lambda: len(gateway_finished()) >= 2, timeout=60, message="both deletions logged as finished")
 
@@ -123,9 +113,9 @@ async def test_real_log_lines_fit_the_template(stack: StackProcess, http: Any) -
     everything = [e for events in by_file.values() for e in events]
     assert len(everything) > 100
     # Every line has its own id (Filebeat's document id) and names its service.
-    assert all(field(e, "event.id") for e in everything)
-    assert len({field(e, "event.id") for e in everything}) == len(everything)
-    assert {field(e, "service.name") for e in everything} == {s.name for s in SERVICES}
+    assert all(get_field(e, "event.id") for e in everything)
+    assert len({get_field(e, "event.id") for e in everything}) == len(everything)
+    assert {get_field(e, "service.name") for e in everything} == {s.name for s in SERVICES}
     # The fields the dashboards use really occur, with values.
     seen = {path for e in everything for path, v in t._leaves(e) if v is not None}
     for name in ("http.response.status_code", "event.duration", "client.ip", "url.path", "http.request.id",
@@ -137,15 +127,15 @@ async def test_real_log_lines_fit_the_template(stack: StackProcess, http: Any) -
     # Alerts and transitions: selectable by event.kind/event.action, at the right level.
     (opened, *_), (closed, *_), (load, *_) = (actions(own, a) for a in ("breaker-open", "breaker-closed",
                                                                        "load-alert"))
-    assert (field(opened, "event.kind"), opened["log.level"]) == ("alert", "warning")
-    assert field(opened, "barber.breaker.state") == "open"
-    assert (field(closed, "event.kind"), closed["log.level"]) == ("event", "info")
-    assert (field(load, "event.kind"), load["log.level"]) == ("alert", "warning")
-    assert field(load, "barber.upstream.service") == "authen" and field(load, "barber.load.threshold_per_s") == 3
+    assert (get_field(opened, "event.kind"), opened["log.level"]) == ("alert", "warning")
+    assert get_field(opened, "barber.breaker.state") == "open"
+    assert (get_field(closed, "event.kind"), closed["log.level"]) == ("event", "info")
+    assert (get_field(load, "event.kind"), load["log.level"]) == ("alert", "warning")
+    assert get_field(load, "barber.upstream.service") == "authen" and get_field(load, "barber.load.threshold_per_s") == 3
     assert actions(own, "breaker-half-open")
-    routed = [e for e in read_lines(logs / "gateway.log") if field(e, "barber.route") == "/authen/authen"]
-    assert routed and all(field(e, "barber.upstream.service") == "authen" for e in routed)
-    gateway_503 = [e for e in own if field(e, "http.response.status_code") == 503]
+    routed = [e for e in read_lines(logs / "gateway.log") if get_field(e, "barber.route") == "/authen/authen"]
+    assert routed and all(get_field(e, "barber.upstream.service") == "authen" for e in routed)
+    gateway_503 = [e for e in own if get_field(e, "http.response.status_code") == 503]
     assert gateway_503 and all(e["log.level"] == "error" for e in gateway_503)
 
 
