@@ -38,5 +38,6 @@ SERVICES: list[ServiceSpec] = [
     ServiceSpec("authen", "authen", "authen", env={"ENABLE_SLEEPY": "1"}, signs_tokens=True,
                 setup=(("migrate",), ("create-admin", "--if-configured"))),
     ServiceSpec("chat", "chat", "chat"),
+    ServiceSpec("etl", "etl", "etl", setup=(("migrate",),)),
     ServiceSpec("gateway", "gateway", "gateway", health_path="/status"),
 ]
