@@ -122,6 +122,7 @@ BARBER_FIELDS: dict[str, str] = {
     "barber.etl.rows.loaded": "long",
     "barber.etl.rows.skipped": "long",
     "barber.etl.indexed": "long",
+    "barber.etl.skipped_id": "keyword",     # a source row left out of a run
 }
 
 # One document per barber and day, id "<barber_id>:<day>" (elk/analytics.py).
