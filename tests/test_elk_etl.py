@@ -12,24 +12,14 @@ import sys
 from datetime import datetime, timezone
 from typing import Any
 
-import pytest
-
 from elk.templates import ANALYTICS_INDEX, get_field, mapping_problems
 from tests.esfake import FakeElastic, fake  # noqa: F401 (the fixture)
 from tests.etl_support import warehouse
 from tests.http import call
-from tests.stackproc import ADMIN_PASSWORD, ADMIN_USERNAME, ROOT, StackProcess
-from tests.test_coordinator import delete, make_party
+from tests.stackproc import ROOT, StackProcess
+from tests.test_coordinator import admin_token, delete, make_party  # noqa: F401 (a fixture)
 
 BUSY = 3  # `python -m etl run`: another run holds the lock
-
-
-@pytest.fixture(scope="module")
-async def admin(stack: StackProcess) -> str:
-    reply = await call("POST", stack.url("gateway") + "/authen/authen/signin",
-                       {"username": ADMIN_USERNAME, "password": ADMIN_PASSWORD})
-    assert reply.code == 200, reply
-    return reply.json["token"]
 
 
 async def etl_run(stack: StackProcess, es_url: str, *args: str, timeout: float = 240) -> list[dict[str, Any]]:
@@ -87,14 +77,14 @@ async def test_runs_index_barber_days_once_each(stack: StackProcess, fake: FakeE
 
 
 async def test_an_outage_fails_nothing_and_the_next_run_catches_up(stack: StackProcess, fake: FakeElastic,
-                                                                   admin: str) -> None:
+                                                                   admin_token: str) -> None:
     party = await make_party(stack, chats=1, messages=2)
     key = f"{party.others[0].id}:{datetime.now(timezone.utc).date().isoformat()}"
     fake.fail("POST|PUT", r"(/[^/]+)?/_bulk", 503, times=1000)
     events = await etl_run(stack, fake.es_url)  # exit 0: the warehouse load stands
     (failed,) = [e for e in events if get_field(e, "event.action") == "etl-index"]
     assert get_field(failed, "event.outcome") == "failure" and failed["log.level"] == "error"
-    reply = await call("GET", stack.url("gateway") + "/etl/runs?limit=1", token=admin)
+    reply = await call("GET", stack.url("gateway") + "/etl/runs?limit=1", token=admin_token)
     assert reply.code == 200, reply
     (run,) = reply.json["runs"]
     assert run["state"] == "succeeded" and run["elasticsearch"]["error"], run
@@ -106,12 +96,12 @@ async def test_an_outage_fails_nothing_and_the_next_run_catches_up(stack: StackP
     assert set(fake.docs(ANALYTICS_INDEX)) <= fact_ids(stack)
 
 
-async def test_a_deleted_barbers_documents_are_removed(stack: StackProcess, fake: FakeElastic, admin: str) -> None:
+async def test_a_deleted_barbers_documents_are_removed(stack: StackProcess, fake: FakeElastic, admin_token: str) -> None:
     party = await make_party(stack, chats=1, messages=1)
     barber = party.others[0]
     await etl_run(stack, fake.es_url, "--full-refresh")
     assert any(k.startswith(f"{barber.id}:") for k in fake.docs(ANALYTICS_INDEX))
-    assert (await delete(stack, admin, barber.id, "2pc")).code == 200
+    assert (await delete(stack, admin_token, barber.id, "2pc")).code == 200
     await etl_run(stack, fake.es_url)
     assert not any(k.startswith(f"{barber.id}:") for k in fake.docs(ANALYTICS_INDEX))
     deletes = [r.json() for r in fake.matching("POST", f"/{ANALYTICS_INDEX}/_delete_by_query")]

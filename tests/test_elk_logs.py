@@ -18,8 +18,8 @@ from elk.templates import get_field
 from stack.services import SERVICES
 from tests.http import call
 from tests.procs import ServiceProcess
-from tests.stackproc import ADMIN_PASSWORD, ADMIN_USERNAME, StackProcess
-from tests.test_coordinator import delete, make_party
+from tests.stackproc import StackProcess
+from tests.test_coordinator import admin_token, delete, make_party  # noqa: F401 (a fixture)
 from tests.test_gateway_support import ECHO_TYPE, echo_upstream, fetch, start_gateway, token_for, wait_routed
 from tests.util import wait_until
 
@@ -75,11 +75,9 @@ async def breaker_and_load_traffic(stack: StackProcess, g: ServiceProcess, http:
     return read_lines(g.log_path)
 
 
-async def test_real_log_lines_fit_the_template(stack: StackProcess, http: Any) -> None:
+async def test_real_log_lines_fit_the_template(stack: StackProcess, http: Any, admin_token: str) -> None:
     gw = stack.url("gateway")
-    signin = await call("POST", gw + "/authen/authen/signin", {"username": ADMIN_USERNAME, "password": ADMIN_PASSWORD})
-    assert signin.code == 200, signin
-    admin = signin.json["token"]
+    admin = admin_token
     # Sign-ups, sign-ins, chats with messages over sockets, then a deletion in each mode.
     two_pc, saga = await make_party(stack, chats=1, messages=2), await make_party(stack, chats=1, messages=2)
     assert (await delete(stack, admin, two_pc.user.id, "2pc")).code == 200
