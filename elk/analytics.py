@@ -12,10 +12,11 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any, Iterable, Iterator, Mapping
 
-from elasticsearch import AsyncElasticsearch, TransportError
-from elasticsearch import ApiError
-from elasticsearch.helpers import BulkIndexError, async_bulk
+from elasticsearch import ApiError, AsyncElasticsearch, TransportError
+from elasticsearch.helpers import async_bulk
 
+from common.config import load_settings
+from elk.settings import ElkSettings
 from elk.templates import ANALYTICS_INDEX, ANALYTICS_METRICS
 
 # Statuses that mean "overloaded or briefly unavailable, try again": the bulk helper
@@ -80,6 +81,10 @@ class AnalyticsIndexer:
         client_kwargs.setdefault("max_retries", 3)
         client_kwargs.setdefault("retry_on_timeout", True)
         client_kwargs.setdefault("request_timeout", 30)
+        if not {"api_key", "basic_auth", "bearer_auth"} & set(client_kwargs):
+            # The cluster's credentials, from the same variables as `python -m elk setup`.
+            for key, value in load_settings(ElkSettings).client_kwargs().items():
+                client_kwargs.setdefault(key, value)
         self.client = AsyncElasticsearch(url, **client_kwargs)
 
     def _actions(self, rows: Iterable[Mapping[str, Any]]) -> Iterator[dict[str, Any]]:
@@ -90,16 +95,20 @@ class AnalyticsIndexer:
     async def index_days(self, rows: Iterable[Mapping[str, Any]]) -> int:
         """Index one document per row (id barber:day); the number indexed."""
         try:
-            ok, _errors = await async_bulk(
-                self.client, self._actions(rows), chunk_size=self.chunk_size,
+            # raise_on_error=False: with it on, the helper raises at the first refused item
+            # instead of retrying it; the items still refused after the retries come back.
+            ok, errors = await async_bulk(
+                self.client, self._actions(rows), chunk_size=self.chunk_size, raise_on_error=False,
                 max_retries=self.max_retries, initial_backoff=self.initial_backoff_s,
                 max_backoff=self.max_backoff_s, retry_on_status=RETRY_STATUS,
             )
-        except BulkIndexError as e:
-            first = e.errors[0] if e.errors else {}
-            raise IndexingError(f"{len(e.errors)} document(s) not indexed, first: {first}") from e
         except (ApiError, TransportError) as e:
             raise IndexingError(f"bulk request failed: {e}") from e
+        if errors:
+            assert isinstance(errors, list)
+            first = next(iter(errors[0].values()))
+            raise IndexingError(f"{len(errors)} document(s) not indexed; first: {first.get('_id')} "
+                                f"{first.get('status')} {first.get('error')}")
         return ok
 
     async def delete_barbers(self, barber_ids: Iterable[int]) -> int:

@@ -168,7 +168,7 @@ def etl() -> list[dict[str, Any]]:
         vis("barber-etl-rows", "ETL rows per run", L, "line",
             [metric("1", "sum", "barber.etl.rows.extracted"), metric("3", "sum", "barber.etl.rows.loaded"),
              metric("4", "sum", "barber.etl.rows.skipped"), metric("5", "sum", "barber.etl.indexed"),
-             over_time("2")], runs, mode="normal"),
+             over_time("2")], "service.name:etl and event.action:(etl-run or etl-index)", mode="normal"),
         vis("barber-etl-failures", "Failed ETL runs", L, "table",
             [count(), terms("2", "barber.etl.run_id", "bucket", size=20), terms("3", "error.type", "bucket")],
             runs + " and barber.etl.state:failed"),

@@ -8,7 +8,9 @@ own fields live under ``barber.*``.
 
 from __future__ import annotations
 
-from typing import Any
+import datetime as dt
+import ipaddress
+from typing import Any, Iterator
 
 # -- names --------------------------------------------------------------------------
 # Data streams are logs-barber.<family>-<namespace>; one per service family.
@@ -101,7 +103,8 @@ BARBER_FIELDS: dict[str, str] = {
     "barber.breaker.previous_state": "keyword",
     # load alerts
     "barber.load.threshold_per_s": "long",
-    "barber.load.shared_count": "long",
+    "barber.load.per_s": "long",
+    "barber.load.shared": "boolean",        # counted over every gateway (Redis) or this one
     # deletion transactions (coordinator)
     "barber.transaction.id": "keyword",
     "barber.transaction.mode": "keyword",   # 2pc, saga
@@ -119,6 +122,7 @@ BARBER_FIELDS: dict[str, str] = {
     "barber.etl.rows.loaded": "long",
     "barber.etl.rows.skipped": "long",
     "barber.etl.indexed": "long",
+    "barber.etl.skipped_id": "keyword",     # a source row left out of a run
 }
 
 # One document per barber and day, id "<barber_id>:<day>" (elk/analytics.py).
@@ -253,3 +257,65 @@ def index_templates() -> dict[str, dict[str, Any]]:
 def log_fields() -> dict[str, str]:
     """Every field the logs template maps, flat."""
     return {**ECS_FIELDS, **BARBER_FIELDS}
+
+
+# -- checking a document against a mapping --------------------------------------------
+def _fits(type_: str, value: Any) -> bool:
+    if type_ in ("keyword", "constant_keyword"):
+        # Elasticsearch indexes numbers and booleans in a keyword field as their text.
+        return isinstance(value, (str, int, bool)) and not isinstance(value, float)
+    if type_ in ("match_only_text", "text", "wildcard"):
+        return isinstance(value, str)
+    if type_ == "boolean":
+        return isinstance(value, bool)
+    if type_ == "long":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if type_ == "double":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if type_ == "date":
+        try:
+            dt.datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+        except ValueError:
+            return False
+        return isinstance(value, str)
+    if type_ == "ip":
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            return False
+        return True
+    raise ValueError(f"no check for mapping type {type_}")
+
+
+def _leaves(doc: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    for key, value in doc.items():
+        if isinstance(value, dict):
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield prefix + key, value
+
+
+def get_field(doc: dict[str, Any], path: str) -> Any:
+    """A field's value whether the document spells it dotted ("log.level") or nested."""
+    if path in doc:
+        return doc[path]
+    head, _, rest = path.partition(".")
+    node = doc.get(head)
+    return get_field(node, rest) if rest and isinstance(node, dict) else (node if not rest else None)
+
+
+def mapping_problems(doc: dict[str, Any], fields: dict[str, str] | None = None) -> list[str]:
+    """What Elasticsearch would not index as intended: fields the template does not map
+    (with ``dynamic: false`` they would be kept but not searchable) and values of the
+    wrong type. Dotted keys ("log.level") and nested objects are the same field."""
+    fields = log_fields() if fields is None else fields
+    problems = []
+    for path, value in _leaves(doc):
+        type_ = "keyword" if path.startswith("labels.") else fields.get(path)
+        if type_ is None:
+            problems.append(f"{path}: not mapped")
+            continue
+        for item in value if isinstance(value, list) else [value]:
+            if item is not None and not _fits(type_, item):
+                problems.append(f"{path}: {item!r} is not a {type_}")
+    return problems

@@ -243,7 +243,8 @@ class Proxy:
                     "barber.upstream.service": service.name,
                     "barber.upstream.instance": admission.instance,
                     "barber.load.threshold_per_s": threshold,
-                    "barber.load.shared_count": admission.shared,
+                    "barber.load.shared": admission.shared,
+                    "barber.load.per_s": admission.load,
                 },
             )
 

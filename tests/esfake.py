@@ -20,9 +20,12 @@ import re
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
+import pytest
 from aiohttp import web
+
+from elk.templates import get_field
 
 ES_HEADERS = {"X-Elastic-Product": "Elasticsearch"}
 ES_JSON = "application/vnd.elasticsearch+json; compatible-with=9"
@@ -80,15 +83,6 @@ def _ack() -> web.Response:
     return _json({"acknowledged": True})
 
 
-def _field(doc: dict[str, Any], path: str) -> Any:
-    node: Any = doc
-    for part in path.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return None
-        node = node[part]
-    return node
-
-
 class FakeElastic:
     """``es_url`` speaks Elasticsearch, ``kibana_url`` speaks Kibana; both share :attr:`state`."""
 
@@ -107,7 +101,7 @@ class FakeElastic:
 
     # -- control ------------------------------------------------------------------------
     def fail(self, method: str, path: str, status: int, times: int = 1, *, apply: bool = False) -> None:
-        """Answer the next ``times`` requests ``method`` ``path`` (a regex) with ``status``."""
+        """Answer the next ``times`` requests ``method`` ``path`` (both regexes) with ``status``."""
         with self._lock:
             self._faults.append(_Fault(method, re.compile(path), status, times, apply))
 
@@ -133,9 +127,10 @@ class FakeElastic:
             return [r for r in self.requests if r.method not in ("GET", "HEAD")]
 
     def matching(self, method: str, path: str) -> list[Recorded]:
+        """Recorded requests whose method and path match these regexes, oldest first."""
         pattern = re.compile(path)
         with self._lock:
-            return [r for r in self.requests if r.method == method and pattern.fullmatch(r.path)]
+            return [r for r in self.requests if re.fullmatch(method, r.method) and pattern.fullmatch(r.path)]
 
     # -- lifecycle ----------------------------------------------------------------------
     def start(self) -> "FakeElastic":
@@ -182,7 +177,7 @@ class FakeElastic:
                        time.monotonic())
         with self._lock:
             self.requests.append(rec)
-            fault = next((f for f in self._faults if f.times > 0 and f.method == request.method
+            fault = next((f for f in self._faults if f.times > 0 and re.fullmatch(f.method, request.method)
                           and f.path.fullmatch(request.path)), None)
             if fault is not None:
                 fault.times -= 1
@@ -347,7 +342,7 @@ class FakeElastic:
                 return _error(400, "parsing_exception", "esfake answers only a single terms query")
             (fname, values), = query["terms"].items()
             docs = self.state.indices[index]
-            gone = [i for i, d in docs.items() if _field(d["_source"], fname) in values]
+            gone = [i for i, d in docs.items() if get_field(d["_source"], fname) in values]
             for i in gone:
                 del docs[i]
         return _json(self._dbq_result(len(gone)))
@@ -424,3 +419,13 @@ class FakeElastic:
                     "namespaces": ["default"]}
         return web.json_response({"success": True, "successCount": len(objects), "successResults": [
             {"type": o["type"], "id": o["id"], "meta": {"title": o["attributes"].get("title")}} for o in objects]})
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeElastic]:
+    """A fresh Elasticsearch and Kibana for one test (import this fixture into a test module)."""
+    server = FakeElastic().start()
+    try:
+        yield server
+    finally:
+        server.stop()

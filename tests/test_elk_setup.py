@@ -4,29 +4,20 @@ what it installs, that a second run writes nothing, that a change is written onc
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
 from elk import templates as t
 from elk.install import HASH_KEY, load_saved_objects, setup
 from elk.settings import ElkSettings
-from tests.esfake import FakeElastic
+from tests.esfake import FakeElastic, fake  # noqa: F401 (the fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeElastic]:
-    server = FakeElastic().start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def settings_for(fake: FakeElastic, **more: object) -> ElkSettings:
@@ -166,3 +157,9 @@ async def test_cli_fails_clearly_when_elasticsearch_never_answers(fake: FakeElas
 async def test_cli_refuses_a_bad_setting() -> None:
     result = await asyncio.to_thread(run_cli, {"ELK_LOG_RETENTION_DAYS": "0"})
     assert result.returncode == 2 and "ELK_LOG_RETENTION_DAYS" in result.stderr
+
+
+async def test_the_same_credentials_go_to_elasticsearch_and_kibana(fake: FakeElastic) -> None:
+    await setup(settings_for(fake, elasticsearch_username="elastic", elasticsearch_password="pw"))
+    expected = "Basic " + base64.b64encode(b"elastic:pw").decode()
+    assert fake.requests and {r.headers.get("Authorization") for r in fake.requests} == {expected}
