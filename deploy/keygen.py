@@ -11,7 +11,6 @@ containers mount their volumes: the private key's volume is mounted into authen 
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 

@@ -19,9 +19,9 @@ import psycopg
 import redis.asyncio as aioredis
 from pymongo import AsyncMongoClient
 
-from stack.layout import DATABASES, PG_USER, Layout
-from stack.topology import (CLUSTER_REPLICAS_PER_MASTER, CLUSTER_SETTINGS, PG_REPLICAS, PG_SETTINGS,
-                            REDIS_SETTINGS, replica_slot)
+from stack.layout import Layout
+from stack.topology import (CLUSTER_REPLICAS_PER_MASTER, CLUSTER_SETTINGS, DATABASES, PG_REPLICAS, PG_SETTINGS,
+                            PG_USER, REDIS_SETTINGS, replica_slot)
 from stack.supervisor import HealthCheck, ProcSpec
 
 REPLICA_COUNT = PG_REPLICAS

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from stack.topology import CLUSTER_NODES, DATABASES, PG_REPLICAS, PG_USER
+from stack.topology import CLUSTER_NODES, PG_REPLICAS, PG_USER
 
 BASE_PORTS = {
     "gateway": 8000,
@@ -23,8 +23,6 @@ BASE_PORTS = {
     "redis_cluster": tuple(17001 + i for i in range(CLUSTER_NODES)),
     "mongo": 27018,
 }
-
-__all__ = ["BASE_PORTS", "DATABASES", "PG_USER", "Layout", "service_env", "signing_env"]
 
 
 @dataclass(frozen=True)

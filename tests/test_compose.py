@@ -563,6 +563,8 @@ def test_replica_script_makes_a_streaming_replica_of_the_stacks_primary(stack: S
         with psycopg.connect(primary_dsn) as conn:
             assert conn.execute("SELECT active FROM pg_replication_slots WHERE slot_name = %s",
                                 (slot,)).fetchone() == (True,)
+            assert conn.execute("SELECT state FROM pg_stat_replication WHERE application_name = %s",
+                                (slot,)).fetchone() == ("streaming",)
 
         # A restart keeps the data folder (no second base backup).
         stop_process(proc)

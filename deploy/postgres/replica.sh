@@ -34,8 +34,10 @@ else
     mkdir -p "$PGDATA"
     find "$PGDATA" -mindepth 1 -delete
     log "base backup of $PRIMARY_HOST:$PRIMARY_PORT through slot $REPLICATION_SLOT"
-    pg_basebackup -h "$PRIMARY_HOST" -p "$PRIMARY_PORT" -U "$REPLICATION_USER" --no-password \
-        -D "$PGDATA" -R -X stream -c fast -S "$REPLICATION_SLOT"
+    # -R writes primary_conninfo from this connection: the replica shows up on the primary
+    # (pg_stat_replication) under its slot's name.
+    pg_basebackup -d "application_name=$REPLICATION_SLOT" -h "$PRIMARY_HOST" -p "$PRIMARY_PORT" \
+        -U "$REPLICATION_USER" --no-password -D "$PGDATA" -R -X stream -c fast -S "$REPLICATION_SLOT"
     chmod 700 "$PGDATA"
 fi
 
