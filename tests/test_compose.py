@@ -345,6 +345,9 @@ def test_start_order_is_health_based_and_data_lives_in_named_volumes() -> None:
             if not source.startswith(("./", "/")):
                 assert source in declared, f"{name}: volume {source} is not declared"
         assert "sleep" not in " ".join(command_of(name)), f"{name}: waits by sleeping"
+        if not is_barber(name) and service.get("restart") != "no":
+            named = [v for v in service.get("volumes", []) if str(v).split(":")[0] in declared]
+            assert named, f"{name}: a data server keeps its data in a named volume"
     # Elasticsearch runs with security on (no anonymous access to the logs).
     assert env_of("elasticsearch")["xpack.security.enabled"] == "true"
     assert SVC["kibana"]["depends_on"]["kibana-password"]["condition"] == "service_completed_successfully"
