@@ -40,5 +40,5 @@ HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=3 \
     CMD ["python", "-m", "deploy.healthcheck"]
 # Exec form throughout: the service is PID 1 and gets SIGTERM itself (it deregisters and
 # drains in-flight requests within SHUTDOWN_GRACE_S).
-ENTRYPOINT ["/app/deploy/entrypoint.sh"]
+ENTRYPOINT ["/bin/sh", "/app/deploy/entrypoint.sh"]
 CMD ["python", "-m", "gateway"]
