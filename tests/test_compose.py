@@ -312,8 +312,12 @@ def test_services_match_the_local_stack() -> None:
     job = " ".join(command_of("migrate"))
     assert all(f"python -m {m} migrate" in job for m in topology.MIGRATED_MODULES)
     for name in served.values():
-        if name != "discovery":
-            assert "migrate" in SVC[name]["depends_on"] or name == "chat", name
+        deps = SVC[name]["depends_on"]
+        # Keys before every service; migrations before every service with a database.
+        assert deps["keygen"]["condition"] == "service_completed_successfully", name
+        assert "keys:/var/lib/barber/keys:ro" in SVC[name]["volumes"], name
+        uses_db = any(f.endswith("_database_url") for cls in SETTINGS[name] for f in cls.model_fields)
+        assert ("migrate" in deps) == uses_db, f"{name}: waits for migrations iff it has a database"
 
 
 def test_scaled_services_have_no_fixed_names_or_ports_and_only_the_gateway_is_public() -> None:
