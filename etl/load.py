@@ -19,19 +19,22 @@ log = logging.getLogger("barber.etl.load")
 FACT_TABLES = ("fact_message", "fact_chat", "fact_barber_day", "dim_user", "etl_state")
 
 _DAY = "(to_timestamp({0}) AT TIME ZONE 'UTC')::date"
+# Exact: integer microseconds to a timestamp, and its UTC day.
+_TS_US = "(timestamptz 'epoch' + {0} * interval '1 microsecond')"
+_DAY_US = "((timestamptz 'epoch' + {0} * interval '1 microsecond') AT TIME ZONE 'UTC')::date"
 
 _TEMP_TABLES = """
 CREATE TEMP TABLE tmp_affected (barber_id bigint, day date, PRIMARY KEY (barber_id, day)) ON COMMIT DROP;
 CREATE TEMP TABLE tmp_touched (chat_key bigint PRIMARY KEY) ON COMMIT DROP;
-CREATE TEMP TABLE tmp_in (chat_key bigint, seq int, barber_id bigint, sender_role text, sent_at float8,
-                          reply_seq int, reply_at float8, reply_s float8) ON COMMIT DROP;
+CREATE TEMP TABLE tmp_in (chat_key bigint, seq int, barber_id bigint, sender_role text, sent_us bigint,
+                          reply_seq int, reply_us bigint, reply_s float8) ON COMMIT DROP;
 """
 
 # The working set of a batch (see compute_replies): per chat, every stored message after
 # the batch's lowest new seq, and the customer messages before it whose reply may change
 # (none yet, or one after that seq).
 _WORKING_SET = """
-SELECT m.chat_key, m.seq, m.barber_id, m.sender_role, extract(epoch FROM m.sent_at)::float8 AS sent_at
+SELECT m.chat_key, m.seq, m.barber_id, m.sender_role, (extract(epoch FROM m.sent_at) * 1000000)::bigint AS sent_us
 FROM fact_message m JOIN unnest(%s::bigint[], %s::int[]) AS n(chat_key, min_seq) USING (chat_key)
 WHERE m.seq > n.min_seq
    OR (m.sender_role = 'customer' AND (m.reply_seq IS NULL OR m.reply_seq > n.min_seq))
@@ -40,15 +43,15 @@ WHERE m.seq > n.min_seq
 _AFFECTED_BY_BATCH = f"""
 INSERT INTO tmp_affected (barber_id, day)
 SELECT m.barber_id, m.reply_day FROM fact_message m JOIN tmp_in USING (chat_key, seq) WHERE m.reply_day IS NOT NULL
-UNION SELECT barber_id, {_DAY.format('sent_at')} FROM tmp_in
-UNION SELECT barber_id, {_DAY.format('reply_at')} FROM tmp_in WHERE reply_at IS NOT NULL
+UNION SELECT barber_id, {_DAY_US.format('sent_us')} FROM tmp_in
+UNION SELECT barber_id, {_DAY_US.format('reply_us')} FROM tmp_in WHERE reply_us IS NOT NULL
 ON CONFLICT DO NOTHING
 """
 
 _UPSERT_MESSAGES = f"""
 INSERT INTO fact_message (chat_key, seq, barber_id, sender_role, sent_at, day, reply_seq, reply_at, reply_s, reply_day)
-SELECT chat_key, seq, barber_id, sender_role, to_timestamp(sent_at), {_DAY.format('sent_at')},
-       reply_seq, to_timestamp(reply_at), reply_s, {_DAY.format('reply_at')}
+SELECT chat_key, seq, barber_id, sender_role, {_TS_US.format('sent_us')}, {_DAY_US.format('sent_us')},
+       reply_seq, {_TS_US.format('reply_us')}, reply_s, {_DAY_US.format('reply_us')}
 FROM tmp_in
 ON CONFLICT (chat_key, seq) DO UPDATE SET
     reply_seq = EXCLUDED.reply_seq, reply_at = EXCLUDED.reply_at, reply_s = EXCLUDED.reply_s,
@@ -237,7 +240,7 @@ async def working_set(conn: AsyncConnection, new: pd.DataFrame) -> pd.DataFrame:
     first = new.groupby("chat_key", sort=False)["seq"].min()
     cur = await conn.execute(_WORKING_SET, (first.index.tolist(), first.tolist()))
     stored = pd.DataFrame.from_records(await cur.fetchall(),
-                                       columns=["chat_key", "seq", "barber_id", "sender_role", "sent_at"])
+                                       columns=["chat_key", "seq", "barber_id", "sender_role", "sent_us"])
     return stored
 
 
@@ -246,7 +249,7 @@ async def upsert_messages(conn: AsyncConnection, work: pd.DataFrame) -> int:
     if work.empty:
         return 0
     await conn.execute("TRUNCATE tmp_in")
-    cols = ["chat_key", "seq", "barber_id", "sender_role", "sent_at", "reply_seq", "reply_at", "reply_s"]
+    cols = ["chat_key", "seq", "barber_id", "sender_role", "sent_us", "reply_seq", "reply_us", "reply_s"]
     buf = io.StringIO()
     work[cols].to_csv(buf, header=False, index=False, float_format="%.6f")
     async with conn.cursor() as cur:

@@ -265,7 +265,7 @@ async def _work(ctx: Context, run: Run, report: Progress) -> None:
             keys = await load.chat_keys(conn, chat_ids)
         msgs = attach_chats(frame, keys, skipped)
         msgs = msgs.drop_duplicates(["chat_key", "seq"])
-        reread = msgs[msgs["sent_at"] <= msg_mark]
+        reread = msgs[msgs["sent_us"] <= round(msg_mark * 1e6)]
         if not reread.empty:
             stored = await load.already_loaded(conn, reread)
             if stored:

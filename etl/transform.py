@@ -20,7 +20,10 @@ log = logging.getLogger("barber.etl.transform")
 
 MESSAGE_COLUMNS = ["chat_id", "seq", "sender_id", "created_at"]
 CHAT_COLUMNS = ["chat_id", "customer_id", "employee_id", "created_at"]
-WORKING_COLUMNS = ["chat_key", "seq", "barber_id", "sender_role", "sent_at"]
+# Times travel as integer microseconds since the epoch (PostgreSQL's resolution), so a
+# message reads back from the warehouse exactly as it was extracted.
+WORKING_COLUMNS = ["chat_key", "seq", "barber_id", "sender_role", "sent_us"]
+WORKING_DTYPES = {"chat_key": "int64", "seq": "int64", "barber_id": "int64", "sent_us": "int64"}
 
 
 @dataclass
@@ -106,8 +109,8 @@ def attach_chats(messages: pd.DataFrame, chats: pd.DataFrame, skipped: Skipped) 
         skipped.add(f"{chat_id}:{seq}", "message from someone outside the chat")
     merged = merged[~stranger].copy()
     merged["sender_role"] = np.where(merged["sender_id"] == merged["barber_id"], "barber", "customer")
-    merged = merged.rename(columns={"created_at": "sent_at"})
-    return merged.astype({"chat_key": "int64", "barber_id": "int64"})[WORKING_COLUMNS]
+    merged["sent_us"] = (merged["created_at"] * 1e6).round()
+    return merged.astype(WORKING_DTYPES)[WORKING_COLUMNS]
 
 
 def compute_replies(work: pd.DataFrame) -> pd.DataFrame:
@@ -115,21 +118,21 @@ def compute_replies(work: pd.DataFrame) -> pd.DataFrame:
 
     ``work`` holds, per chat, every message from the earliest one whose reply may have
     changed onwards (see :mod:`etl.load`), so the next barber message is in it if it
-    exists. Adds ``reply_seq``, ``reply_at`` (epoch seconds) and ``reply_s``.
+    exists. Adds ``reply_seq``, ``reply_us`` and ``reply_s`` (seconds).
     """
-    work = work.sort_values(["chat_key", "seq"], kind="stable").reset_index(drop=True)
+    work = work.astype(WORKING_DTYPES).sort_values(["chat_key", "seq"], kind="stable").reset_index(drop=True)
     is_barber = work["sender_role"] == "barber"
     # The next barber message strictly after each row: shift within the chat, then
     # carry the nearest later barber message backwards (never across chats).
     barber_seq = work["seq"].where(is_barber)
-    barber_at = work["sent_at"].where(is_barber)
+    barber_at = work["sent_us"].where(is_barber)
     nxt = pd.DataFrame({"chat_key": work["chat_key"],
                         "seq": barber_seq.groupby(work["chat_key"]).shift(-1),
                         "at": barber_at.groupby(work["chat_key"]).shift(-1)})
     filled = nxt.groupby("chat_key", sort=False)[["seq", "at"]].bfill()
     customer = ~is_barber
     work["reply_seq"] = filled["seq"].where(customer).astype("Int64")
-    work["reply_at"] = filled["at"].where(customer)
+    work["reply_us"] = filled["at"].where(customer).astype("Int64")
     # Clocks of two chat instances may differ slightly; a wait is never negative.
-    work["reply_s"] = (work["reply_at"] - work["sent_at"]).clip(lower=0.0)
+    work["reply_s"] = ((work["reply_us"] - work["sent_us"]) / 1e6).astype("float64").clip(lower=0.0)
     return work

@@ -261,12 +261,12 @@ def plan_history(barbers: list[int], customers: list[int], chats_n: int, message
     return chats, messages
 
 
-async def insert_mongo(stack: StackProcess, chats: list[dict], messages: list[dict]) -> None:
+async def insert_mongo(stack: StackProcess, db: str, chats: list[dict], messages: list[dict]) -> None:
     client: AsyncMongoClient = AsyncMongoClient(stack.env["MONGO_URL"])
     try:
         if chats:
-            await client.chat.chats.insert_many(chats)
+            await client[db].chats.insert_many(chats)
         for i in range(0, len(messages), 5000):
-            await client.chat.messages.insert_many(messages[i:i + 5000])
+            await client[db].messages.insert_many(messages[i:i + 5000])
     finally:
         await client.close()
