@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: up down status test venv
+.PHONY: up down status test venv constraints
 
 venv: $(STAMP)
 
@@ -26,3 +26,7 @@ status: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Re-pin the image's dependencies (constraints.txt) to what this venv runs.
+constraints: $(STAMP)
+	$(PY) -m deploy.constraints

@@ -13,17 +13,10 @@ from common.errors import APIError, Conflict
 
 
 def _migrate(settings: AuthenSettings) -> int:
-    from sqlalchemy.exc import OperationalError
-
     from authen.migrations import upgrade
+    from common.migrations import migrate_command
 
-    try:
-        upgrade(settings.authen_database_url)
-    except OperationalError as e:
-        print(f"authen migrate: cannot reach AUTHEN_DATABASE_URL: {e.orig}", file=sys.stderr)
-        return 1
-    print("authen migrate: database at head")
-    return 0
+    return migrate_command("authen", upgrade, settings.authen_database_url, "AUTHEN_DATABASE_URL")
 
 
 async def _create_admin(settings: AuthenSettings, username: str, password: str, lenient: bool = False) -> int:

@@ -307,7 +307,7 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         self.sub = sub
         ctx.hub.stats.connections += 1
         log.info("user#%d joined chat %s (since=%s)", user.id, chat.chat_id, since,
-                 extra={"user.id": user.id, "chat.id": chat.chat_id})
+                 extra={"user.id": user.id, "barber.chat.id": chat.chat_id})
 
     async def on_message(self, data: str | bytes) -> None:
         sub = self.sub

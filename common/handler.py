@@ -326,6 +326,8 @@ def log_request(handler: tornado.web.RequestHandler) -> None:
             "event.duration": int(request.request_time() * 1e9),
             "http.request.id": getattr(handler, "request_id", None),
             "client.ip": request.remote_ip,
+            # A handler may add fields of its own (mapped under barber.* in elk/templates.py).
+            **getattr(handler, "log_fields", {}),
         },
     )
 

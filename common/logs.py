@@ -66,6 +66,10 @@ def sane_request_id(presented: str | None) -> str:
 
 class _RequestIdFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
+        # The event's own id: Filebeat makes it the document id, so a line shipped twice
+        # (a retry after a crash) is stored once.
+        if not hasattr(record, "event.id"):
+            setattr(record, "event.id", uuid.uuid4().hex)
         if not hasattr(record, "http.request.id"):
             rid = request_id_var.get()
             if rid is not None:

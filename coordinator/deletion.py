@@ -34,6 +34,14 @@ SAGA_STEPS = ("deactivate", "purge_chats", "delete_user", "invalidate_cache")
 SAGA_PIVOT = SAGA_STEPS.index("purge_chats")
 
 
+def tx_fields(tx_id: uuid.UUID | str, mode: str, state: str, action: str, **more: Any) -> dict[str, Any]:
+    """ECS `extra=` for a transaction's log line (mapped in elk/templates.py)."""
+    fields = {"event.kind": "event", "event.action": action, "barber.transaction.id": str(tx_id),
+              "barber.transaction.mode": mode, "barber.transaction.state": state}
+    fields.update({k if "." in k else f"barber.transaction.{k}": v for k, v in more.items()})
+    return fields
+
+
 class Coordinator:
     def __init__(self, settings: CoordinatorSettings, txlog: TxLog, participants: dict[str, Participant],
                  owner: str) -> None:
@@ -63,7 +71,8 @@ class Coordinator:
         if mode == "2pc":
             try:
                 await self.txlog.begin(tx_id, "2pc", user_id, self.owner, list(PARTICIPANTS), [])
-                log.info("2pc %s: deleting user %d", tx_id, user_id)
+                log.info("2pc %s: deleting user %d", tx_id, user_id,
+                         extra=tx_fields(tx_id, "2pc", "started", "deletion-start", **{"user.id": user_id}))
                 self.crash("after_log_start")
                 await self._two_phase(tx_id, user_id)
             finally:
@@ -74,7 +83,8 @@ class Coordinator:
             except BaseException:
                 self.active.discard(tx_id)
                 raise
-            log.info("saga %s: deleting user %d", tx_id, user_id)
+            log.info("saga %s: deleting user %d", tx_id, user_id,
+                     extra=tx_fields(tx_id, "saga", "started", "deletion-start", **{"user.id": user_id}))
             self._spawn(self._run_saga(tx_id, user_id))
         tx = await self.txlog.get(tx_id)
         assert tx is not None
@@ -118,7 +128,8 @@ class Coordinator:
             await self.txlog.set_participant(tx_id, name, "prepared")
             self.crash(f"after_{name}_prepared")
         decision = await self.txlog.decide(tx_id, decision, detail)
-        log.info("2pc %s: decision %s%s", tx_id, decision, f" ({detail})" if detail else "")
+        log.info("2pc %s: decision %s%s", tx_id, decision, f" ({detail})" if detail else "",
+                 extra=tx_fields(tx_id, "2pc", "decided", "deletion-decision", decision=decision))
         self.crash("after_decision")
         await self._finish_2pc(tx_id, decision, self.settings.coordinator_finish_wait_s)
 
@@ -155,10 +166,13 @@ class Coordinator:
             assert tx is not None
             if all(tx.participants[n]["state"] == done for n in PARTICIPANTS):
                 await self.txlog.complete(tx_id)
-                log.info("2pc %s: %s everywhere", tx_id, done)
+                log.info("2pc %s: %s everywhere", tx_id, done,
+                         extra=tx_fields(tx_id, "2pc", done, "deletion-finish", decision=decision))
                 return True
             if time.monotonic() >= deadline:
-                log.warning("2pc %s: %s not yet acknowledged by all; recovery will finish it", tx_id, decision)
+                log.warning("2pc %s: %s not yet acknowledged by all; recovery will finish it", tx_id, decision,
+                            extra=tx_fields(tx_id, "2pc", f"{decision}_pending", "deletion-pending",
+                                            decision=decision))
                 return False
             attempt += 1
             await asyncio.sleep(backoff_delay(attempt))
@@ -188,12 +202,14 @@ class Coordinator:
                 await self.txlog.set_step(tx_id, step["position"], "done")
             await self.txlog.decide(tx_id, "commit")
             await self.txlog.complete(tx_id)
-            log.info("saga %s: user %d deleted", tx_id, user_id)
+            log.info("saga %s: user %d deleted", tx_id, user_id,
+                     extra=tx_fields(tx_id, "saga", "committed", "deletion-finish", **{"user.id": user_id}))
         except asyncio.CancelledError:
             raise
         except Exception:
             # Left unfinished in the log with its lease; recovery resumes it.
-            log.exception("saga %s: stopped; recovery will resume it", tx_id)
+            log.exception("saga %s: stopped; recovery will resume it", tx_id,
+                          extra=tx_fields(tx_id, "saga", "stopped", "deletion-stopped"))
         finally:
             self.active.discard(tx_id)
 
@@ -257,7 +273,8 @@ class Coordinator:
                     log.info("saga %s: user %d no longer exists; nothing to reactivate", tx_id, user_id)
                 await self.txlog.set_step(tx_id, step["position"], "compensated")
         await self.txlog.complete(tx_id)
-        log.warning("saga %s: compensated (%s)", tx_id, detail)
+        log.warning("saga %s: compensated (%s)", tx_id, detail,
+                    extra=tx_fields(tx_id, "saga", "compensated", "deletion-finish", decision="abort"))
 
     # -- recovery --------------------------------------------------------------------
     async def recover_once(self) -> None:
@@ -267,15 +284,21 @@ class Coordinator:
             tx = await self.txlog.get(tx_id)
             if tx is None:
                 continue
-            log.info("recovery: resuming %s %s (state %s, decision %s)", tx.mode, tx_id, tx.state, tx.decision)
+            log.warning("recovery: resuming %s %s (state %s, decision %s)", tx.mode, tx_id, tx.state, tx.decision,
+                        extra=tx_fields(tx_id, tx.mode, tx.state, "recovery-resume"))
             if tx.mode == "saga":
                 self.active.add(tx_id)
                 self._spawn(self._run_saga(tx_id, tx.user_id))
                 continue
             self.active.add(tx_id)
             try:
-                decision = tx.decision or await self.txlog.decide(
-                    tx_id, "abort", "presumed abort: the coordinator stopped before deciding")
+                decision = tx.decision
+                if decision is None:
+                    decision = await self.txlog.decide(
+                        tx_id, "abort", "presumed abort: the coordinator stopped before deciding")
+                    log.warning("recovery: 2pc %s had no decision: presumed abort", tx_id,
+                                extra={**tx_fields(tx_id, "2pc", "aborting", "presumed-abort", decision=decision),
+                                       "event.kind": "alert"})
                 await self._finish_2pc(tx_id, decision, self.settings.coordinator_finish_wait_s)
             finally:
                 self.active.discard(tx_id)
@@ -299,7 +322,9 @@ class Coordinator:
                     continue  # still being decided by its owner (its lease has not run out)
                 else:
                     decision = tx.decision
-                log.warning("recovery: %s holds %s prepared; sending %s", name, item["gid"], decision)
+                log.warning("recovery: %s holds %s prepared; sending %s", name, item["gid"], decision,
+                            extra=tx_fields(tx_id, tx.mode if tx else "2pc", "orphan", "recovery-resolve",
+                                            decision=decision, participant=name))
                 try:
                     await (participant.commit(item["gid"]) if decision == "commit" else participant.abort(item["gid"]))
                 except (Unreachable, Refused) as e:

@@ -19,17 +19,10 @@ BUSY = 3
 
 
 def _migrate(settings: EtlSettings) -> int:
-    from sqlalchemy.exc import OperationalError
-
+    from common.migrations import migrate_command
     from etl.migrations import upgrade
 
-    try:
-        upgrade(settings.warehouse_database_url)
-    except OperationalError as e:
-        print(f"etl migrate: cannot reach WAREHOUSE_DATABASE_URL: {e.orig}", file=sys.stderr)
-        return 1
-    print("etl migrate: warehouse at head")
-    return 0
+    return migrate_command("etl", upgrade, settings.warehouse_database_url, "WAREHOUSE_DATABASE_URL")
 
 
 class ProgressLine:

@@ -85,6 +85,13 @@ async def connect_warehouse(ctx: Context) -> AsyncConnection:
         raise WarehouseUnavailable(f"the warehouse primary is unavailable: {_one_line(e)}") from e
 
 
+def run_fields(run: Run, state: str, elapsed_s: float, **more: Any) -> dict[str, Any]:
+    """ECS `extra=` of a finished run (mapped in elk/templates.py; the Kibana ETL dashboard)."""
+    return {"event.action": "etl-run", "event.duration": int(elapsed_s * 1e9), "barber.etl.run_id": run.run_id,
+            "barber.etl.mode": run.mode, "barber.etl.state": state,
+            **{f"barber.etl.rows.{phase}": n for phase, n in run.rows.items()}, **more}
+
+
 async def begin(ctx: Context, *, full_refresh: bool) -> Run:
     """Take the run lock and record the run; :class:`runs.RunInProgress` if another holds it."""
     conn = await connect_warehouse(ctx)
@@ -96,7 +103,8 @@ async def begin(ctx: Context, *, full_refresh: bool) -> Run:
         await conn.close()
         raise
     log.info("run %d started (%s)", run_id, "full refresh" if full_refresh else "incremental",
-             extra={"etl.run_id": run_id})
+             extra={"barber.etl.run_id": run_id, "event.action": "etl-run-start", "barber.etl.state": "running",
+                    "barber.etl.mode": "full" if full_refresh else "incremental"})
     return Run(conn, run_id, full_refresh)
 
 
@@ -142,7 +150,8 @@ async def execute(ctx: Context, run: Run, progress: Progress | None = None) -> d
                 _crash(ctx.settings, "before_commit")
         except Exception as e:
             error = _describe(e)
-            log.error("run %d failed: %s", run.run_id, error, extra={"etl.run_id": run.run_id})
+            log.error("run %d failed: %s", run.run_id, error, extra=run_fields(
+                run, "failed", time.monotonic() - started, **{"error.type": type(e).__name__}))
             await _record_failure(ctx, run, error)
             metrics.RUNS.labels("failed").inc()
             raise RunFailed(run.run_id, error) from e
@@ -154,7 +163,7 @@ async def execute(ctx: Context, run: Run, progress: Progress | None = None) -> d
         for phase, n in run.rows.items():
             metrics.ROWS.labels(phase).inc(n)
         log.info("run %d succeeded in %.2fs: %s", run.run_id, elapsed, run.rows,
-                 extra={"etl.run_id": run.run_id})
+                 extra=run_fields(run, "succeeded", elapsed))
         indexed, es_error = await search.index_pending(ctx.settings, run.conn, run.run_id)
         try:
             await runs.set_elasticsearch(run.conn, run.run_id, indexed, es_error)
@@ -277,5 +286,5 @@ async def _work(ctx: Context, run: Run, report: Progress) -> None:
     report("skipped", rows["skipped"])
     new_marks = {"messages_created_at": new_msg_mark, "chats_created_at": new_chat_mark}
     await load.save_watermarks(conn, new_marks)
-    log.info("run %d recomputed %d barber-days", run.run_id, days, extra={"etl.run_id": run.run_id})
+    log.info("run %d recomputed %d barber-days", run.run_id, days, extra={"barber.etl.run_id": run.run_id})
     await runs.succeed(conn, run.run_id, rows, new_marks)

@@ -51,14 +51,14 @@ async def start(conn: AsyncConnection, mode: str, instance: str) -> int:
 async def succeed(conn: AsyncConnection, run_id: int, rows: dict[str, int], marks: dict[str, Any]) -> None:
     """Inside the load's transaction: the record says succeeded exactly when the rows are in."""
     await conn.execute(
-        "UPDATE etl_runs SET state = 'succeeded', finished_at = now(), rows = %s, watermarks = %s WHERE run_id = %s",
+        "UPDATE etl_runs SET state = 'succeeded', finished_at = clock_timestamp(), rows = %s, watermarks = %s WHERE run_id = %s",
         (Jsonb(rows), Jsonb(marks), run_id),
     )
 
 
 async def fail(conn: AsyncConnection, run_id: int, rows: dict[str, int], error: str) -> None:
     await conn.execute(
-        "UPDATE etl_runs SET state = 'failed', finished_at = now(), rows = %s, error = %s WHERE run_id = %s",
+        "UPDATE etl_runs SET state = 'failed', finished_at = clock_timestamp(), rows = %s, error = %s WHERE run_id = %s",
         (Jsonb(rows), error, run_id),
     )
 

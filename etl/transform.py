@@ -34,7 +34,7 @@ class Skipped:
 
     def add(self, doc_id: Any, reason: str) -> None:
         self.rows.append((str(doc_id), reason))
-        log.warning("skipped source row %s: %s", doc_id, reason, extra={"etl.skipped_id": str(doc_id)})
+        log.warning("skipped source row %s: %s", doc_id, reason, extra={"barber.etl.skipped_id": str(doc_id)})
 
     def __len__(self) -> int:
         return len(self.rows)

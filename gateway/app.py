@@ -70,12 +70,14 @@ async def build(settings: GatewaySettings, plugins: Sequence[str] | None = None)
     def on_transition(address: str, old: State, new: State) -> None:
         metrics.breaker_transitions.labels(address, old.value, new.value).inc()
         metrics.breaker_open.labels(address).set(1 if new is State.OPEN else 0)
+        # Selectable by a Kibana rule: event.action breaker-open / breaker-half-open / breaker-closed.
+        fields = {"event.kind": "alert" if new is State.OPEN else "event",
+                  "event.action": f"breaker-{new.value.replace('_', '-')}", "barber.upstream.instance": address,
+                  "barber.breaker.state": new.value, "barber.breaker.previous_state": old.value}
         if new is State.OPEN:
-            log.warning("Tripped the circuit for %s (%s -> open)", address, old.value,
-                        extra={"event.action": "breaker-open", "labels.instance": address})
+            log.warning("Tripped the circuit for %s (%s -> open)", address, old.value, extra=fields)
         else:
-            log.info("circuit for %s: %s -> %s", address, old.value, new.value,
-                     extra={"event.action": f"breaker-{new.value}", "labels.instance": address})
+            log.info("circuit for %s: %s -> %s", address, old.value, new.value, extra=fields)
 
     breakers = Breakers(breaker_config(settings), on_transition)
     services = {

@@ -146,6 +146,9 @@ class ProxyHandler(GatewayHandler):
             m = gw.metrics
             m.child(m.requests, service_name, label, method, str(status), instance).inc()
             m.child(m.latency, service_name).observe(time.perf_counter() - started)
+            # On the access line (common.handler.log_request), for the traffic dashboard.
+            self.log_fields = {"barber.route": label, "barber.upstream.service": service_name,
+                               "barber.upstream.instance": instance}
 
         self.set_status(resp.status, resp.reason or None)
         for name in ("Content-Type", "Server", "Date"):

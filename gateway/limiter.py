@@ -431,7 +431,7 @@ class Limiter:
             log.error(
                 "Redis unavailable (%s): task limits are now local to this gateway and rate limiting fails open",
                 e or type(e).__name__,
-                extra={"event.action": "limiter-degraded"},
+                extra={"event.kind": "alert", "event.action": "limiter-degraded"},
             )
 
     def _mark_up(self) -> None:

@@ -174,7 +174,9 @@ class Proxy:
                 "status" if isinstance(result, UpstreamResponse) else "error")
             self.metrics.retries.labels(service.name, reason).inc()
             log.info("retrying %s %s on another %s instance after %s at %s", method, path_qs.split("?")[0],
-                     service.name, reason, admission.instance)
+                     service.name, reason, admission.instance,
+                     extra={"event.action": "retry", "barber.upstream.service": service.name,
+                            "barber.upstream.instance": admission.instance, "barber.retry.reason": reason})
             if delay > 0:
                 await asyncio.sleep(delay)
 
@@ -243,11 +245,12 @@ class Proxy:
                     "event.kind": "alert",
                     "event.category": ["network"],
                     "event.type": ["info"],
-                    "event.action": "load-threshold-exceeded",
-                    "labels.target_service": service.name,
-                    "labels.instance": admission.instance,
-                    "labels.threshold_per_s": threshold,
-                    "labels.shared_count": admission.shared,
+                    "event.action": "load-alert",
+                    "barber.upstream.service": service.name,
+                    "barber.upstream.instance": admission.instance,
+                    "barber.load.threshold_per_s": threshold,
+                    "barber.load.shared": admission.shared,
+                    "barber.load.per_s": admission.load,
                 },
             )
 

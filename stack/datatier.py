@@ -19,10 +19,12 @@ import psycopg
 import redis.asyncio as aioredis
 from pymongo import AsyncMongoClient
 
-from stack.layout import DATABASES, PG_USER, Layout
+from stack.layout import Layout
+from stack.topology import (CLUSTER_REPLICAS_PER_MASTER, CLUSTER_SETTINGS, DATABASES, PG_REPLICAS, PG_SETTINGS,
+                            PG_USER, REDIS_SETTINGS, replica_slot)
 from stack.supervisor import HealthCheck, ProcSpec
 
-REPLICA_COUNT = 2
+REPLICA_COUNT = PG_REPLICAS
 
 
 class SetupError(Exception):
@@ -129,24 +131,15 @@ def pg_spec(layout: Layout, index: int, bindir: Path, user: str | None) -> ProcS
         "listen_addresses": "127.0.0.1",
         "port": str(port),
         "unix_socket_directories": "",
-        "wal_level": "replica",
-        "max_wal_senders": "10",
-        "max_replication_slots": "10",
-        "max_prepared_transactions": "64",
-        "max_connections": "200",
-        "hot_standby": "on",
-        "hot_standby_feedback": "on",
+        **PG_SETTINGS,
         "shared_buffers": "32MB",
-        "wal_keep_size": "128MB",
-        # Faster status updates make replica lag and read-your-writes visible quickly.
-        "wal_receiver_status_interval": "1s",
         "logging_collector": "off",
     }
     if index > 0:
         settings["primary_conninfo"] = (
-            f"host=127.0.0.1 port={layout.port('postgres', 0)} user={PG_USER} application_name=replica{index}"
+            f"host=127.0.0.1 port={layout.port('postgres', 0)} user={PG_USER} application_name={replica_slot(index)}"
         )
-        settings["primary_slot_name"] = f"replica{index}"
+        settings["primary_slot_name"] = replica_slot(index)
     argv = [str(bindir / "postgres"), "-D", str(pg_dir(layout, index))]
     for key, value in settings.items():
         argv += ["-c", f"{key}={value}"]
@@ -191,7 +184,7 @@ async def pg_init_replica(layout: Layout, index: int, bindir: Path, user: str | 
     if data.exists():
         shutil.rmtree(data)
     data.parent.mkdir(parents=True, exist_ok=True)
-    slot = f"replica{index}"
+    slot = replica_slot(index)
     async with await psycopg.AsyncConnection.connect(layout.pg_dsn("postgres"), autocommit=True) as conn:
         await conn.execute(
             "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = %s", (slot,)
@@ -215,13 +208,17 @@ def _redis_health(port: int) -> HealthCheck:
     return health
 
 
+def _redis_args(settings: dict[str, str]) -> list[str]:
+    return [arg for key, value in settings.items() for arg in (f"--{key}", value)]
+
+
 def redis_spec(layout: Layout, bindir: Path) -> ProcSpec:
     port = layout.port("redis")
     data = layout.state_dir / "redis"
     data.mkdir(parents=True, exist_ok=True)
     argv = [str(bindir / "redis-server"), "--port", str(port), "--bind", "127.0.0.1",
             "--save", "", "--appendonly", "no", "--dir", str(data), "--protected-mode", "no",
-            "--daemonize", "no", "--notify-keyspace-events", "Ex"]
+            "--daemonize", "no", *_redis_args(REDIS_SETTINGS)]
     return ProcSpec(name="redis", argv=argv, health=_redis_health(port), ports=(port,))
 
 
@@ -235,10 +232,7 @@ def cluster_node_spec(layout: Layout, index: int, bindir: Path) -> ProcSpec:
     data.mkdir(parents=True, exist_ok=True)
     argv = [str(bindir / "redis-server"), "--port", str(port), "--bind", "127.0.0.1",
             "--save", "", "--appendonly", "no", "--dir", str(data), "--protected-mode", "no",
-            "--daemonize", "no", "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-            # Short timeouts so a failed master's replica takes over within seconds.
-            "--cluster-node-timeout", "2000", "--cluster-replica-validity-factor", "0",
-            "--cluster-require-full-coverage", "no"]
+            "--daemonize", "no", "--cluster-config-file", "nodes.conf", *_redis_args(CLUSTER_SETTINGS)]
     # A crashed master must stay away until its replica has taken over (node timeout plus
     # election); back sooner, it would rejoin as the master of its slots with no data.
     return ProcSpec(name=f"redis-cluster-{index + 1}", argv=argv, health=_redis_health(port),
@@ -263,7 +257,8 @@ async def cluster_ensure(layout: Layout, bindir: Path, timeout_s: float = 60) ->
     infos = [await cluster_info(p) for p in ports]
     if all(i.get("cluster_known_nodes") == "1" and i.get("cluster_slots_assigned") == "0" for i in infos):
         await _run([str(bindir / "redis-cli"), "--cluster", "create",
-                    *[f"127.0.0.1:{p}" for p in ports], "--cluster-replicas", "1", "--cluster-yes"])
+                    *[f"127.0.0.1:{p}" for p in ports], "--cluster-replicas", str(CLUSTER_REPLICAS_PER_MASTER),
+                    "--cluster-yes"])
     elif not all(i.get("cluster_known_nodes") == str(len(ports)) for i in infos):
         # A half-made cluster (a start interrupted during creation): make it again from scratch.
         for p in ports:
@@ -274,7 +269,8 @@ async def cluster_ensure(layout: Layout, bindir: Path, timeout_s: float = 60) ->
             finally:
                 await client.aclose()
         await _run([str(bindir / "redis-cli"), "--cluster", "create",
-                    *[f"127.0.0.1:{p}" for p in ports], "--cluster-replicas", "1", "--cluster-yes"])
+                    *[f"127.0.0.1:{p}" for p in ports], "--cluster-replicas", str(CLUSTER_REPLICAS_PER_MASTER),
+                    "--cluster-yes"])
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
     while loop.time() < deadline:

@@ -21,6 +21,7 @@ from stack.control import serve_control, socket_path
 from stack.layout import SETUP_ONLY_ENV, Layout, service_env, signing_env
 from stack.services import SERVICES, ServiceSpec
 from stack.supervisor import ProcSpec, StartFailed, Supervisor, kill_leftovers
+from stack.topology import CLUSTER_NODES
 
 log = logging.getLogger("stack")
 
@@ -118,7 +119,7 @@ class Stack:
                                  for i in range(1, datatier.REPLICA_COUNT + 1)])
 
     async def _redis_cluster(self, bindir: Path) -> None:
-        await self._start_group([datatier.cluster_node_spec(self.layout, i, bindir) for i in range(6)])
+        await self._start_group([datatier.cluster_node_spec(self.layout, i, bindir) for i in range(CLUSTER_NODES)])
         await datatier.cluster_ensure(self.layout, bindir)
 
     async def start_data_tier(self) -> None:
@@ -126,11 +127,11 @@ class Stack:
         all_specs = (
             [datatier.pg_spec(self.layout, i, pg_bin, pg_user) for i in range(datatier.REPLICA_COUNT + 1)]
             + [datatier.redis_spec(self.layout, redis_bin), datatier.mongo_spec(self.layout)]
-            + [datatier.cluster_node_spec(self.layout, i, redis_bin) for i in range(6)]
+            + [datatier.cluster_node_spec(self.layout, i, redis_bin) for i in range(CLUSTER_NODES)]
         )
         self.check_ports(all_specs)
         self.data_groups = [
-            ["mongo", "redis"] + [f"redis-cluster-{i + 1}" for i in range(6)],
+            ["mongo", "redis"] + [f"redis-cluster-{i + 1}" for i in range(CLUSTER_NODES)],
             [datatier.pg_name(i) for i in range(1, datatier.REPLICA_COUNT + 1)],
             [datatier.pg_name(0)],
         ]

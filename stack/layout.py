@@ -10,22 +10,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from stack.topology import CLUSTER_NODES, PG_REPLICAS, PG_USER
+
 BASE_PORTS = {
     "gateway": 8000,
     "discovery": 8500,
     "authen": (8101, 8102),
     "chat": (8201, 8202),
     "etl": 8300,
-    "postgres": (15432, 15433, 15434),
+    "postgres": tuple(15432 + i for i in range(1 + PG_REPLICAS)),
     "redis": 16379,
-    "redis_cluster": (17001, 17002, 17003, 17004, 17005, 17006),
+    "redis_cluster": tuple(17001 + i for i in range(CLUSTER_NODES)),
     "mongo": 27018,
 }
 
-PG_USER = "barber"
 # Environment variables handed to the setup steps (create-admin) and to no service.
 SETUP_ONLY_ENV = ("BARBER_ADMIN_PASSWORD",)
-DATABASES = ("authen", "coordinator", "warehouse")
 
 
 @dataclass(frozen=True)

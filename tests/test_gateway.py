@@ -337,7 +337,8 @@ async def test_load_alert_names_the_instance(stack, http) -> None:
             return [e for e in log_events(g) if e.get("event", {}).get("kind") == "alert"]
 
         found = await wait_until(alerts, timeout=10, message="an ECS alert event in the gateway log")
-        assert found[0]["labels"]["instance"] in authen_addresses(stack)
+        assert found[0]["barber"]["upstream"]["instance"] in authen_addresses(stack)
+        assert found[0]["event"]["action"] == "load-alert"
         assert "ALERT: Load on authen [" in found[0]["message"] and found[0]["log.level"] == "warning"
 
 

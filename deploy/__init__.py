@@ -1,0 +1,1 @@
+"""Container deployment helpers (compose.yml, Dockerfile): entrypoints, bootstrap jobs, checks."""
