@@ -11,7 +11,7 @@ from chat.users import AuthenUnavailable, User, UserDirectory
 from common.errors import BadRequest, Conflict, Forbidden, NotFound, Unauthorized
 from common.tokens import Claims
 
-# Socket close codes (application range), see DESIGN.md.
+# Socket close codes (application range), see docs/api.md.
 CLOSE_BAD_REQUEST = 4400
 CLOSE_UNAUTHENTICATED = 4401
 CLOSE_FORBIDDEN = 4403
