@@ -15,16 +15,12 @@ from chat.store import Store, StoreUnavailable
 from chat.users import UserDirectory
 from chat.participant import ChatParticipant
 from common import internal
+from common.config import chat_frame_bytes
 from common.discovery import InstanceView
 from common.participant import CoordinatorClient, OutcomeWatcher
 from common.service import ServiceApp, make_app
 
 log = logging.getLogger("barber.chat")
-
-# Incoming frames over this size close the socket (1009) before any JSON parsing; the
-# 4,000-character message limit is enforced below it with an error frame.
-WS_MAX_FRAME_BYTES = 64 * 1024
-
 
 async def _ensure_indexes(store: Store, attempts: int = 30) -> None:
     """MongoDB may still be starting: retry for a while, then give up (the supervisor
@@ -77,7 +73,10 @@ async def build(settings: ChatSettings) -> ServiceApp:
         routes(ctx, participant),
         websocket_ping_interval=settings.chat_ws_ping_interval_s,
         websocket_ping_timeout=settings.chat_ws_ping_timeout_s,
-        websocket_max_message_size=WS_MAX_FRAME_BYTES,
+        # Incoming frames over this close the socket (1009) before any JSON parsing; the
+        # message length limit is enforced below it with an error frame. The gateway
+        # derives the same limit from the same setting.
+        websocket_max_message_size=chat_frame_bytes(settings.chat_max_message_chars),
     )
     app.settings["chat.metrics"] = make_registry(ctx)
     app.settings["chat.context"] = ctx

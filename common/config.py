@@ -34,6 +34,15 @@ class ServiceSettings(BaseSettings):
     service_secret_file: Path = Path(".stack/keys/service_secret")
     log_level: str = "INFO"
     max_body_bytes: int = 64 * 1024
+    # Slow clients: all of a request's headers must arrive within this (it is also how
+    # long an idle keep-alive connection stays open: above the 15 s after which common
+    # clients, aiohttp among them, drop theirs, so they never reuse one being closed),
+    # and its body within that.
+    header_timeout_s: float = Field(20.0, gt=0)
+    body_timeout_s: float = Field(30.0, gt=0)
+    # Connections one process holds open (HTTP; upgraded sockets are no longer counted);
+    # past it a new one gets a quick 503 and is closed.
+    max_connections: int = Field(1000, ge=1)
     shutdown_grace_s: float = 10.0
     # Enables test-only behaviour (crash points); refused in code paths unless set.
     barber_test_hooks: bool = False
@@ -50,6 +59,13 @@ class ServiceSettings(BaseSettings):
 
 
 S = TypeVar("S", bound=BaseSettings)
+
+
+def chat_frame_bytes(max_message_chars: int) -> int:
+    """The largest chat socket frame, for chat and the gateway alike: a message of the
+    longest length with every character JSON-escaped as a surrogate pair (12 bytes),
+    plus the envelope; never under 64 KiB."""
+    return max(64 * 1024, 12 * max_message_chars + 1024)
 
 
 def describe_validation_error(exc: ValidationError) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import uuid
 from contextvars import ContextVar
@@ -16,6 +17,15 @@ REQUEST_ID_HEADER = "X-Request-ID"
 
 def new_request_id() -> str:
     return uuid.uuid4().hex
+
+
+REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+def sane_request_id(presented: str | None) -> str:
+    """The client's X-Request-ID when it is a plain token, else a new one: it goes into
+    every service's logs and headers, so it must not carry anything else."""
+    return presented if presented and REQUEST_ID_RE.fullmatch(presented) else new_request_id()
 
 
 class _RequestIdFilter(logging.Filter):

@@ -20,9 +20,10 @@ from typing import Any, Awaitable, Callable
 
 import tornado.web
 from tornado.httpserver import HTTPServer
+from tornado.iostream import IOStream
 
 from common import internal
-from common.bodylimit import BodyLimit
+from common.bodylimit import BodyLimit, refuse_connection
 from common.config import ServiceSettings
 from common.discovery import Registration
 from common.handler import INFLIGHT, MAX_BODY, SERVICE_SECRET, VERIFIER, Inflight, NotFoundHandler, log_request
@@ -32,9 +33,38 @@ from common.tokens import TokenVerifier
 
 log = logging.getLogger("barber.service")
 
-# A body that declares its length is refused past the service's limit before it is read
-# (common.bodylimit); a chunked one is read up to this, then the handler answers 413.
+# Tornado's own ceiling on any body. Ours is lower and enforced first (common.bodylimit):
+# a declared length over MAX_BODY_BYTES is refused unread, a chunked body is answered 413
+# as soon as it passes it.
 SERVER_MAX_BODY_BYTES = 16 * 1024 * 1024
+
+
+class Server(HTTPServer):
+    """Tornado's HTTP server with a cap on the connections it holds: past
+    ``MAX_CONNECTIONS`` a new connection gets a JSON 503 at once and is closed, so a flood
+    of idle or slow connections cannot pin the process while its clients are served."""
+
+    limits: BodyLimit
+    max_connections: int
+
+    def handle_stream(self, stream: IOStream, address: tuple) -> None:
+        if len(self._connections) >= self.max_connections:
+            refuse_connection(self.limits, stream, self.max_connections)
+            return
+        super().handle_stream(stream, address)
+
+
+def make_server(settings: ServiceSettings, app: tornado.web.Application) -> Server:
+    """The server for ``app`` with the service's limits: body size, header and body
+    timeouts (slow clients are cut off), connections."""
+    limited = BodyLimit(app, app.settings[MAX_BODY])
+    # idle_connection_timeout is Tornado's header timeout: it bounds the wait for a whole
+    # request head, so a client dribbling header lines is cut off with it.
+    server = Server(limited, max_body_size=SERVER_MAX_BODY_BYTES, idle_connection_timeout=settings.header_timeout_s,
+                    body_timeout=settings.body_timeout_s)
+    server.limits = limited
+    server.max_connections = settings.max_connections
+    return server
 
 
 @dataclass
@@ -67,8 +97,7 @@ def make_app(settings: ServiceSettings, routes: list, **extra: Any) -> tornado.w
 
 
 async def serve(settings: ServiceSettings, service: ServiceApp) -> None:
-    limited = BodyLimit(service.app, service.app.settings[MAX_BODY])
-    server = HTTPServer(limited, max_body_size=SERVER_MAX_BODY_BYTES, idle_connection_timeout=60)
+    server = make_server(settings, service.app)
     try:
         server.listen(settings.port, settings.host)
     except OSError as e:

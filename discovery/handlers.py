@@ -86,7 +86,7 @@ class InstanceHandler(DiscoveryHandler):
 
 class ServicesHandler(DiscoveryHandler):
     async def get(self, type_: str) -> None:
-        if not TYPE_RE.match(type_):
+        if not TYPE_RE.fullmatch(type_):
             raise BadRequest("type: must be lower-case letters, digits, '-' or '_'")
         q = self.parse_query(ListingQuery)
         if q.wait > self.config.max_wait_s:

@@ -36,6 +36,8 @@ log = logging.getLogger("barber.discovery.registry")
 
 PREFIX = "barber:disc:"
 CHANGES_CHANNEL = PREFIX + "changes"
+# Always used whole (fullmatch in Python; the anchors are for pydantic's pattern, whose
+# engine treats ``$`` as the end of the text and would otherwise search).
 TYPE_RE = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
 
 # Returns the epoch, creating it when Redis has none (a fresh or wiped Redis).

@@ -18,13 +18,14 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from common import internal
+from common.config import chat_frame_bytes
 from common.discovery import InstanceView
 from common.openapi import fragment
 from common.service import ServiceApp, make_app
 from gateway.breaker import BreakerConfig, State
 from gateway.config import GatewaySettings
 from gateway.context import GATEWAY, GatewayContext
-from gateway.handlers import OPENAPI, WS_MAX_MESSAGE, routes
+from gateway.handlers import OPENAPI, routes
 from gateway.limiter import Limiter
 from gateway.metrics import GatewayMetrics
 from gateway.openapi import SpecSource
@@ -52,6 +53,7 @@ def breaker_config(s: GatewaySettings) -> BreakerConfig:
         open_s=s.breaker_open_ms / 1000,
         open_max_s=max(s.breaker_open_ms, s.breaker_open_max_ms) / 1000,
         half_open_trials=s.breaker_half_open_trials,
+        min_clients=s.breaker_min_clients,
     )
 
 
@@ -101,7 +103,10 @@ async def build(settings: GatewaySettings, plugins: Sequence[str] | None = None)
     table = extra_routes + routes(settings.services)
     secret = internal.read_secret(settings.service_secret_file) if settings.service_secret_file.exists() else ""
     spec = SpecSource(settings, fragment(table), lambda name: services[name].instances, session, secret)
-    app = make_app(settings, table, websocket_max_message_size=WS_MAX_MESSAGE, **{GATEWAY: ctx, OPENAPI: spec})
+    app = make_app(settings, table,
+                   websocket_max_message_size=chat_frame_bytes(settings.chat_max_message_chars),
+                   websocket_ping_interval=settings.ws_ping_interval_s,
+                   websocket_ping_timeout=settings.ws_ping_timeout_s, **{GATEWAY: ctx, OPENAPI: spec})
     spec.start()
 
     async def close() -> None:

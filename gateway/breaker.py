@@ -1,11 +1,22 @@
 """A circuit breaker per upstream instance: closed -> open -> half-open -> closed.
 
 closed      every request may go; consecutive failures, or a failure rate over the
-            window (with enough requests), open it.
+            window (with enough requests), open it, but only when failures came from
+            at least ``min_clients`` distinct clients (see below).
 open        no request goes until a jittered wait passes (it grows on each reopening,
             up to a cap), so instances that failed together do not all return at once.
 half-open   at most ``trials`` requests go; all of them succeeding closes it, any one
             failing opens it again. An instance is never removed for good.
+
+Whose failure is it? Modelled on Envoy's outlier detection, which tells failures the
+proxy sees itself (connect errors) from answers a request chose, and needs a minimum
+volume: a failure a client may have caused by what it sent (a 5xx, a timeout, a reset
+after the request went) is recorded with that client, and such failures trip the
+breaker only when ``min_clients`` distinct clients had them (in the current run of
+consecutive failures, or in the window). A connect failure is the instance's alone and
+counts as if from a client of its own. So one client sending requests that fail or hang
+on purpose cannot take an instance out for everyone; an instance that fails for
+everybody still trips as before. (docs/gateway-hardening.md)
 
 Plain code on a monotonic clock, no I/O: the proxy reports outcomes, the balancer asks.
 """
@@ -38,6 +49,9 @@ class BreakerConfig:
     open_s: float = 5.0
     open_max_s: float = 30.0
     half_open_trials: int = 3
+    # Distinct clients whose failures it takes to trip (gateway-side failures count as
+    # a client each).
+    min_clients: int = 3
     # Re-admission waits are drawn from open_s * [1 - jitter, 1 + jitter].
     jitter: float = 0.3
 
@@ -58,8 +72,12 @@ class CircuitBreaker:
         self.reopen_count = 0
         self.trials_in_flight = 0
         self.trial_successes = 0
-        # (second, requests, failures) buckets over the window.
-        self._buckets: deque[list[int]] = deque()
+        # Clients with failures in the current run of consecutive failures (at most
+        # min_clients of them are kept: that is all the decision needs).
+        self._run_clients: set[str] = set()
+        # (second, requests, failures, failing clients) buckets over the window.
+        self._buckets: deque[tuple[int, list[int], set[str]]] = deque()
+        self._anonymous = 0
 
     # -- asking ----------------------------------------------------------------------
     def _refresh(self) -> None:
@@ -88,31 +106,44 @@ class CircuitBreaker:
             self.trials_in_flight -= 1
 
     # -- outcomes --------------------------------------------------------------------
-    def _bucket(self) -> list[int]:
+    def _bucket(self) -> tuple[int, list[int], set[str]]:
         now = int(self._clock())
         horizon = now - self.config.window_s
         while self._buckets and self._buckets[0][0] <= horizon:
             self._buckets.popleft()
         if not self._buckets or self._buckets[-1][0] != now:
-            self._buckets.append([now, 0, 0])
+            self._buckets.append((now, [0, 0], set()))
         return self._buckets[-1]
 
     def record_success(self, acquired_state: State = State.CLOSED) -> None:
-        self._bucket()[1] += 1
+        self._bucket()[1][0] += 1
         self.consecutive_failures = 0
+        self._run_clients.clear()
         if acquired_state is State.HALF_OPEN and self.state is State.HALF_OPEN:
             self.trials_in_flight = max(0, self.trials_in_flight - 1)
             self.trial_successes += 1
             if self.trial_successes >= self.config.half_open_trials:
                 self.reopen_count = 0
                 self._buckets.clear()
+                self._run_clients.clear()
                 self._transition(State.CLOSED)
 
-    def record_failure(self, acquired_state: State = State.CLOSED) -> None:
-        b = self._bucket()
-        b[1] += 1
-        b[2] += 1
+    def record_failure(self, acquired_state: State = State.CLOSED, *, client: str | None = None) -> None:
+        """A failed request; ``client`` is who sent it when the failure may be of its own
+        making, None for a failure of the instance alone (it could not connect)."""
+        if client is None:
+            # A client of its own, never equal to another (a NUL cannot be in a real key).
+            self._anonymous += 1
+            client = f"\0{self._anonymous}"
+        _, counts, clients = self._bucket()
+        counts[0] += 1
+        counts[1] += 1
+        need = self.config.min_clients
+        if len(clients) < need:
+            clients.add(client)
         self.consecutive_failures += 1
+        if len(self._run_clients) < need:
+            self._run_clients.add(client)
         if self.state is State.HALF_OPEN:
             if acquired_state is State.HALF_OPEN:
                 self.trials_in_flight = max(0, self.trials_in_flight - 1)
@@ -121,12 +152,23 @@ class CircuitBreaker:
             return
         if self.state is State.OPEN:
             return
-        total = sum(x[1] for x in self._buckets)
-        failed = sum(x[2] for x in self._buckets)
-        if self.consecutive_failures >= self.config.failures or (
-            total >= self.config.min_requests and failed / total >= self.config.failure_rate
-        ):
+        c = self.config
+        if self.consecutive_failures >= c.failures and len(self._run_clients) >= need:
             self._open()
+            return
+        total = sum(x[1][0] for x in self._buckets)
+        failed = sum(x[1][1] for x in self._buckets)
+        if total >= c.min_requests and failed / total >= c.failure_rate and self._window_clients(need) >= need:
+            self._open()
+
+    def _window_clients(self, need: int) -> int:
+        """Distinct failing clients over the window (counted up to ``need``)."""
+        seen: set[str] = set()
+        for _, _, clients in self._buckets:
+            seen |= clients
+            if len(seen) >= need:
+                break
+        return len(seen)
 
     def _open(self) -> None:
         c = self.config

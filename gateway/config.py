@@ -17,8 +17,11 @@ from common.config import ServiceSettings
 class RateRule(BaseModel):
     """A token bucket per client for requests matching ``path`` (and ``methods``).
 
-    ``path`` is the public path; a trailing ``*`` makes it a prefix. Clients are the
-    verified user when the request carries a valid token, else the client address.
+    ``path`` is the public path; a trailing ``*`` makes it a prefix. It is compared with
+    the canonical path the gateway forwards (escapes of plain characters decoded), and a
+    trailing ``/`` makes no difference, since the services route ``/x`` and ``/x/`` alike.
+    Clients are the verified user when the request carries a valid token, else the
+    client address.
     """
 
     path: str = Field(min_length=1)
@@ -41,10 +44,14 @@ class RateRule(BaseModel):
             return False
         if self.path.endswith("*"):
             return path.startswith(self.path[:-1])
-        return path == self.path
+        return path.rstrip("/") == self.path.rstrip("/")
 
 
-DEFAULT_RATE_LIMITS = [RateRule(path="/authen/authen/signin", methods=["POST"], rate_per_s=5.0, burst=50)]
+DEFAULT_RATE_LIMITS = [
+    RateRule(path="/authen/authen/signin", methods=["POST"], rate_per_s=5.0, burst=50),
+    # Each sign-up costs a password hash: one client gets a burst, then one a second.
+    RateRule(path="/authen/authen/signup", methods=["POST"], rate_per_s=1.0, burst=20),
+]
 
 
 class GatewaySettings(ServiceSettings):
@@ -73,6 +80,9 @@ class GatewaySettings(ServiceSettings):
     breaker_open_ms: int = Field(default=5000, ge=10)
     breaker_open_max_ms: int = Field(default=30_000, ge=10)
     breaker_half_open_trials: int = Field(default=3, ge=1)
+    # Failures a client may have chosen (5xx, timeouts, resets) open a breaker only when
+    # this many distinct clients had them; connect failures count for any client.
+    breaker_min_clients: int = Field(default=3, ge=1)
 
     rate_limits: list[RateRule] = Field(default_factory=lambda: list(DEFAULT_RATE_LIMITS))
 
@@ -83,6 +93,16 @@ class GatewaySettings(ServiceSettings):
 
     upstream_connect_timeout_ms: int = Field(default=1000, ge=10)
     upstream_max_connections: int = Field(default=512, ge=1)
+
+    # Test aid: route authen's /utilities/sleepy (the stack sets it; never in production).
+    enable_sleepy: bool = False
+
+    # Frames over chat's limit (derived from its message length, the same variable as
+    # chat's) close the client's socket here, before they cost an upstream hop.
+    chat_max_message_chars: int = Field(default=4000, ge=1)
+    # Pings on the client leg, so sockets of vanished clients are reaped.
+    ws_ping_interval_s: float = Field(default=20.0, gt=0)
+    ws_ping_timeout_s: float = Field(default=15.0, gt=0)
 
     @property
     def services(self) -> list[str]:

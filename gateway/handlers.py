@@ -20,19 +20,21 @@ from tornado.httpclient import HTTPClientError, HTTPRequest
 from tornado.routing import PathMatches, Rule
 from tornado.httputil import HTTPServerRequest
 
-from common.errors import APIError, BadGateway, NotFound, Unauthorized
+from common.errors import APIError, BadGateway, BadRequest, NotFound, Unauthorized
 from common.handler import VERIFIER, BaseHandler, bearer_token
-from common.logs import REQUEST_ID_HEADER, new_request_id, request_id_var
+from common.logs import REQUEST_ID_HEADER, REQUEST_ID_RE, request_id_var, sane_request_id
 from common.openapi import TEXT_PLAIN, StatusBody, api
 from common.tokens import Claims, InvalidToken, TokenVerifier
 from gateway.context import GATEWAY, GatewayContext
 from gateway.limiter import RateCharge
 from gateway.metrics import CONTENT_TYPE_LATEST
 from gateway.policy import (
+    MalformedPath,
     UnsafePath,
     check_service_path,
     downstream_response_headers,
     is_public,
+    is_test_only,
     upstream_request_headers,
     websocket_token,
 )
@@ -42,17 +44,32 @@ log = logging.getLogger("barber.gateway")
 # Application settings key of the gateway.openapi.SpecSource.
 OPENAPI = "gateway.openapi"
 
-ROUTE_LABEL = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
+ROUTE_LABEL = re.compile(r"[A-Za-z0-9_-]{1,32}")
 
 
-def _service_path(service: str, rest: str) -> str:
-    """The service path for ``/<service>/<rest>``; 404 for internal or unsafe paths."""
+def _service_path(request: HTTPServerRequest, service: str, *, test_routes: bool) -> str:
+    """The canonical service path for ``/<service>/<rest>``, taken from the path as the
+    client encoded it (Tornado's decoded path arguments are never forwarded: what is
+    checked is what goes). 400 for malformed paths, 404 for internal or unsafe ones and
+    for test aids unless ``test_routes``."""
+    rest = request.path[len(service) + 2:]
     try:
-        return check_service_path(rest)
+        path = check_service_path(rest)
     except PermissionError as e:
         raise NotFound(f"no route for /{service}/{rest}") from e
+    except MalformedPath as e:
+        raise BadRequest(f"bad path: {e}") from e
     except UnsafePath as e:
         raise NotFound(f"no route for /{service}/{rest}: {e}") from e
+    if not test_routes and is_test_only(f"/{service}{path}"):
+        raise NotFound(f"no route for /{service}{path}")
+    return path
+
+
+def client_key(claims: Claims | None, remote_ip: str | None) -> str:
+    """Who a request comes from, for rate limits and breakers: the verified user, else
+    the address."""
+    return f"u:{claims.user_id}" if claims else f"ip:{remote_ip}"
 
 
 def _verify(verifier: TokenVerifier | None, token: str | None) -> Claims | None:
@@ -64,15 +81,6 @@ def _verify(verifier: TokenVerifier | None, token: str | None) -> Claims | None:
         return None
 
 
-REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-
-
-def sane_request_id(presented: str | None) -> str:
-    """The client's X-Request-ID when it is a plain token, else a new one: it goes into
-    every service's logs and headers, so it must not carry anything else."""
-    return presented if presented and REQUEST_ID_RE.match(presented) else new_request_id()
-
-
 class GatewayHandler(BaseHandler):
     @property
     def gw(self) -> GatewayContext:
@@ -80,7 +88,7 @@ class GatewayHandler(BaseHandler):
 
     def prepare(self) -> None:
         presented = self.request.headers.get(REQUEST_ID_HEADER)
-        if presented is not None and not REQUEST_ID_RE.match(presented):
+        if presented is not None and not REQUEST_ID_RE.fullmatch(presented):
             del self.request.headers[REQUEST_ID_HEADER]
         super().prepare()
 
@@ -96,14 +104,14 @@ class ProxyHandler(GatewayHandler):
         # The upstream's ETag (if any) is passed through; the gateway adds none.
         return None
 
-    async def _proxy(self, service_name: str, rest: str) -> None:
+    async def _proxy(self, service_name: str, _rest: str) -> None:
         gw = self.gw
         started = time.perf_counter()
         request = self.request
         method = request.method or "GET"
-        public_path = f"/{service_name}/{rest}"
         service = gw.services[service_name]
-        path = _service_path(service_name, rest)
+        path = _service_path(request, service_name, test_routes=gw.settings.enable_sleepy)
+        public_path = f"/{service_name}{path}"
 
         token = bearer_token(request.headers.get("Authorization"))
         claims = _verify(self.settings.get(VERIFIER), token)
@@ -113,7 +121,8 @@ class ProxyHandler(GatewayHandler):
                 raise Unauthorized("authentication required: send Authorization: Bearer <token>")
             raise Unauthorized("invalid or expired token")
 
-        charge = self._rate_charge(method, public_path, claims)
+        client = client_key(claims, request.remote_ip)
+        charge = self._rate_charge(method, public_path, client)
         headers = upstream_request_headers(
             request.headers.get_all(),
             request_id=self.request_id,
@@ -129,16 +138,17 @@ class ProxyHandler(GatewayHandler):
         status = 0
         instance = "none"
         try:
-            resp = await gw.proxy.forward(service, method, path_qs, headers, body, deadline=deadline, charge=charge)
+            resp = await gw.proxy.forward(service, method, path_qs, headers, body, deadline=deadline, charge=charge,
+                                          client=client)
             status, instance = resp.status, resp.instance
         except APIError as e:
             status = e.status_code
             raise
         finally:
-            route = rest.split("/", 1)[0]
+            route = path[1:].split("/", 1)[0]
             # Route labels only for paths that exist (or passed the token check), so that
             # random paths cannot grow the label set without bound.
-            label = f"/{service_name}/{route}" if status not in (401, 404) and ROUTE_LABEL.match(route) else "other"
+            label = f"/{service_name}/{route}" if status not in (400, 401, 404) and ROUTE_LABEL.fullmatch(route) else "other"
             m = gw.metrics
             m.child(m.requests, service_name, label, method, str(status), instance).inc()
             m.child(m.latency, service_name).observe(time.perf_counter() - started)
@@ -158,10 +168,9 @@ class ProxyHandler(GatewayHandler):
         else:
             self.finish(resp.body)
 
-    def _rate_charge(self, method: str, public_path: str, claims: Claims | None) -> RateCharge | None:
+    def _rate_charge(self, method: str, public_path: str, client: str) -> RateCharge | None:
         for rule in self.gw.settings.rate_limits:
             if rule.matches(method, public_path):
-                client = f"u:{claims.user_id}" if claims else f"ip:{self.request.remote_ip}"
                 # Gateways configured with the same rule share its buckets.
                 return RateCharge(f"{rule.key}:{client}", rule.rate_per_s, rule.burst)
         return None
@@ -214,9 +223,9 @@ class WebSocketProxyHandler(tornado.websocket.WebSocketHandler):
         self.request_id = sane_request_id(self.request.headers.get(REQUEST_ID_HEADER))
         request_id_var.set(self.request_id)
         self.set_header(REQUEST_ID_HEADER, self.request_id)
-        service_name, rest = self.path_args
+        service_name = self.path_args[0]
         self._service_name = service_name
-        path = _service_path(service_name, rest)
+        path = _service_path(self.request, service_name, test_routes=self.gw.settings.enable_sleepy)
         offered = [p.strip() for p in self.request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
         token = websocket_token(self.get_query_argument("token", None), offered)
         if token is None:
@@ -236,10 +245,11 @@ class WebSocketProxyHandler(tornado.websocket.WebSocketHandler):
             user_type=claims.user_type,
             websocket=True,
         )
-        self._upstream = await self._connect(service_name, path, headers, offered)
+        self._upstream = await self._connect(service_name, path, headers, offered,
+                                             client_key(claims, self.request.remote_ip))
 
     async def _connect(self, service_name: str, path: str, headers: list[tuple[str, str]],
-                       subprotocols: list[str]) -> tornado.websocket.WebSocketClientConnection:
+                       subprotocols: list[str], client: str) -> tornado.websocket.WebSocketClientConnection:
         gw = self.gw
         service = gw.services[service_name]
         query = f"?{self.request.query}" if self.request.query else ""
@@ -261,7 +271,7 @@ class WebSocketProxyHandler(tornado.websocket.WebSocketHandler):
             )
             try:
                 conn = await tornado.websocket.websocket_connect(
-                    request, subprotocols=subprotocols or None, max_message_size=WS_MAX_MESSAGE
+                    request, subprotocols=subprotocols or None, max_message_size=self.max_message_size
                 )
             except HTTPClientError as e:
                 if e.code == 599:  # never reached an answer: connect failure or timeout
@@ -271,7 +281,7 @@ class WebSocketProxyHandler(tornado.websocket.WebSocketHandler):
                         break
                     continue
                 # The instance answered the handshake with an HTTP error: pass it on.
-                gw.proxy.socket_outcome(service, chosen, ok=e.code < 500)
+                gw.proxy.socket_outcome(service, chosen, ok=e.code < 500, client=client)
                 raise APIError(_detail_of(e), status=e.code) from e
             except OSError as e:
                 gw.proxy.socket_outcome(service, chosen, ok=False)
@@ -328,9 +338,6 @@ class WebSocketProxyHandler(tornado.websocket.WebSocketHandler):
         if self._upstream is not None:
             code = self.close_code
             self._upstream.close(code if code and code not in (1005, 1006) else 1000, self.close_reason)
-
-
-WS_MAX_MESSAGE = 1024 * 1024
 
 
 def _close_to_client(code: int | None, reason: str | None) -> tuple[int, str | None]:

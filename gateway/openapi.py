@@ -24,7 +24,7 @@ from common.discovery import Instance
 from common.internal import SERVICE_TOKEN_HEADER
 from common.openapi import ERROR_SCHEMA, FRAGMENT_PATH, Fragment, add_error
 from gateway.config import GatewaySettings
-from gateway.policy import is_public
+from gateway.policy import is_public, is_test_only
 
 log = logging.getLogger("barber.gateway.openapi")
 
@@ -77,6 +77,8 @@ def assemble(settings: GatewaySettings, own: Fragment, fragments: dict[str, dict
             components[rename(name)] = schema
         for template, ops in part.get("paths", {}).items():
             public = path_prefix + template
+            if proxied and not settings.enable_sleepy and is_test_only(public):
+                continue  # the gateway does not route test aids (hence neither documents them)
             for method, op in ops.items():
                 op = copy.deepcopy(op)
                 op["operationId"] = prefix + op["operationId"]

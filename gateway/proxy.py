@@ -4,7 +4,8 @@ One overall deadline (``TIMEOUT_MS``) covers admission, every attempt and every 
 so retries never multiply it. A request is sent again, on another instance, after a
 connect failure (it never reached the instance, any method), or after a timeout or a
 502/503/504 for idempotent methods only: a POST that an instance received is never
-replayed. Every outcome feeds that instance's circuit breaker.
+replayed. Every outcome feeds that instance's circuit breaker, with the client it came
+from when the client may have caused it (gateway.breaker says why).
 """
 
 from __future__ import annotations
@@ -61,8 +62,10 @@ def make_session(settings: GatewaySettings) -> aiohttp.ClientSession:
     connector = aiohttp.TCPConnector(
         limit=0,
         limit_per_host=settings.upstream_max_connections,
-        keepalive_timeout=30,
-        # Upstream servers close idle connections after 60 s; we close ours first.
+        # Upstream servers close idle connections after their HEADER_TIMEOUT_S (the same
+        # default as ours); we close ours well before, so no request goes out on a
+        # connection the server is closing.
+        keepalive_timeout=min(30.0, settings.header_timeout_s / 2),
         enable_cleanup_closed=False,
         ttl_dns_cache=300,
     )
@@ -87,7 +90,8 @@ class Proxy:
 
     # -- the whole request -----------------------------------------------------------
     async def forward(self, service: Service, method: str, path_qs: str, headers: Sequence[tuple[str, str]],
-                      body: bytes | None, *, deadline: float, charge: RateCharge | None = None) -> UpstreamResponse:
+                      body: bytes | None, *, deadline: float, charge: RateCharge | None = None,
+                      client: str | None = None) -> UpstreamResponse:
         idempotent = method in IDEMPOTENT_METHODS
         tried: set[str] = set()
         last: _AttemptFailed | UpstreamResponse | None = None
@@ -145,14 +149,16 @@ class Proxy:
             breaker = service.breakers.get(admission.instance)
             if isinstance(result, UpstreamResponse):
                 if result.status >= 500 and not result.dependency_refusal:
-                    breaker.record_failure(chosen.breaker_state)
+                    breaker.record_failure(chosen.breaker_state, client=client)
                 else:
                     breaker.record_success(chosen.breaker_state)
                     return result
                 if result.status not in RETRYABLE_STATUS or not idempotent:
                     return result
             else:
-                breaker.record_failure(chosen.breaker_state)
+                # A connect failure is the instance's alone; a timeout or a reset after the
+                # request went may be of the request's making.
+                breaker.record_failure(chosen.breaker_state, client=client if result.reached else None)
                 if result.reached and not idempotent:
                     return self._give_up(service, result, attempt)
             last = result
@@ -256,12 +262,13 @@ class Proxy:
         service.give_back(candidates, chosen.instance.address)
         return chosen
 
-    def socket_outcome(self, service: Service, chosen: Candidate, ok: bool) -> None:
+    def socket_outcome(self, service: Service, chosen: Candidate, ok: bool, client: str | None = None) -> None:
+        """``client``: who asked, when the failure was an answer to its handshake."""
         breaker = service.breakers.get(chosen.instance.address)
         if ok:
             breaker.record_success(chosen.breaker_state)
         else:
-            breaker.record_failure(chosen.breaker_state)
+            breaker.record_failure(chosen.breaker_state, client=client)
 
 
 def _describe(e: BaseException) -> str:

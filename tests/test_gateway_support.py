@@ -33,7 +33,9 @@ def token_for(stack: Any, user_id: int = 7, user_type: str = "customer", ttl_s: 
 
 
 async def start_gateway(stack: Any, **env: str | int) -> ServiceProcess:
-    """A gateway of our own, with special settings, beside the stack's."""
+    """A gateway of our own, with special settings, beside the stack's. It routes the
+    test-only sleepy endpoint, as the stack's gateway does, unless ``enable_sleepy=0``."""
+    env = {"enable_sleepy": 1, **env}
     return await start_service(stack, "gateway", extra_env={k.upper(): str(v) for k, v in env.items()},
                                health_path="/status")
 
@@ -103,8 +105,11 @@ class EchoHandler(tornado.web.RequestHandler):
     def compute_etag(self) -> None:
         return None
 
-    def _echo(self) -> None:
+    async def _echo(self) -> None:
         status = int(self.get_query_argument("status", "200"))
+        delay = float(self.get_query_argument("delay", "0"))
+        if delay > 0:
+            await asyncio.sleep(delay)  # an upstream that is slow on purpose
         self.set_status(status)
         self.set_header("Content-Type", "application/json")
         self.add_header("Set-Cookie", "a=1")
