@@ -9,7 +9,7 @@ import sys
 
 from authen.settings import AuthenSettings
 from common.config import load_settings_or_exit
-from common.errors import APIError
+from common.errors import APIError, Conflict
 
 
 def _migrate(settings: AuthenSettings) -> int:
@@ -26,7 +26,7 @@ def _migrate(settings: AuthenSettings) -> int:
     return 0
 
 
-async def _create_admin(settings: AuthenSettings, username: str, password: str) -> int:
+async def _create_admin(settings: AuthenSettings, username: str, password: str, lenient: bool = False) -> int:
     from authen import users
     from authen.app import make_passwords, make_redis, make_router
 
@@ -38,6 +38,12 @@ async def _create_admin(settings: AuthenSettings, username: str, password: str) 
     try:
         deps = users.Deps(router=router, passwords=passwords, signer=None, guard=None)
         user_id, created = await users.create_admin(deps, username, password)
+    except Conflict as e:
+        # The name is held by an ordinary account (signed up before sign-up reserved
+        # it): the stack still starts, without an admin, and says why.
+        print(f"authen create-admin: no admin account: {e.detail}; choose another BARBER_ADMIN_USERNAME",
+              file=sys.stderr)
+        return 0 if lenient else 1
     except APIError as e:
         print(f"authen create-admin: {e.detail}", file=sys.stderr)
         return 1
@@ -58,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     admin.add_argument("--username", help="default: BARBER_ADMIN_USERNAME")
     admin.add_argument("--password", help="default: BARBER_ADMIN_PASSWORD")
     admin.add_argument("--if-configured", action="store_true",
-                       help="do nothing (successfully) when no password is given or configured")
+                       help="do nothing (successfully) when no password is given or configured, and only "
+                            "warn when the username belongs to another account (the stack's mode)")
     args = parser.parse_args(argv)
 
     settings = load_settings_or_exit(AuthenSettings)
@@ -81,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"8-128 characters (set --password or BARBER_ADMIN_PASSWORD): {e.errors()[0]['msg']}",
                   file=sys.stderr)
             return 2
-        return asyncio.run(_create_admin(settings, username, password))
+        return asyncio.run(_create_admin(settings, username, password, lenient=args.if_configured))
 
     from authen.app import build
     from common.service import run

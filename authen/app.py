@@ -12,7 +12,7 @@ from authen import handlers
 from authen.guard import SigninGuard
 from authen.passwords import Passwords
 from authen.settings import AuthenSettings
-from authen.users import Deps
+from authen.users import Deps, revoke_tokens
 from authen import participant
 from common import internal
 from common.participant import CoordinatorClient, OutcomeWatcher
@@ -54,6 +54,7 @@ def make_passwords(settings: AuthenSettings) -> Passwords:
         memory_kib=settings.argon2_memory_kib,
         parallelism=settings.argon2_parallelism,
         threads=settings.authen_hash_threads,
+        max_pending=settings.authen_hash_queue_max,
     )
 
 
@@ -66,10 +67,12 @@ async def build(settings: AuthenSettings) -> ServiceApp:
     router = make_router(settings, redis)
     passwords = make_passwords(settings)
     guard = SigninGuard(
-        redis, max_failures=settings.authen_signin_max_failures, window_s=settings.authen_signin_window_s
+        redis, max_failures=settings.authen_signin_max_failures, window_s=settings.authen_signin_window_s,
+        slow_after=settings.authen_signin_slow_after, max_delay_s=settings.authen_signin_max_delay_s,
     )
     await router.start()
-    deps = Deps(router=router, passwords=passwords, signer=signer, guard=guard)
+    deps = Deps(router=router, passwords=passwords, signer=signer, guard=guard, redis=redis,
+                admin_username=settings.barber_admin_username)
     state = handlers.State(settings=settings, instance=f"{settings.advertise_host}:{settings.port}")
     app = make_app(settings, handlers.routes(settings), **{handlers.DEPS: deps, handlers.STATE: state})
     coordinator = CoordinatorClient(settings.discovery_url, internal.read_secret(settings.service_secret_file))
@@ -77,7 +80,7 @@ async def build(settings: AuthenSettings) -> ServiceApp:
     watcher = OutcomeWatcher(
         stale=lambda after_s: participant.stale_prepared(router, after_s),
         ask=coordinator.outcome,
-        commit=lambda gid: participant.commit(router, gid),
+        commit=lambda gid: participant.commit(router, gid, lambda user_id: revoke_tokens(deps, user_id)),
         abort=lambda gid: participant.abort(router, gid),
         after_s=settings.participant_outcome_after_s,
     )

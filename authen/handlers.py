@@ -55,7 +55,7 @@ class SigninHandler(AuthenHandler):
          errors=(401, 429))
     async def post(self) -> None:
         req = self.parse_body(users.SigninRequest)
-        self.write_json(await users.signin(self.deps, req))
+        self.write_json(await users.signin(self.deps, req, self.client_ip()))
 
 
 class EmployeeListHandler(AuthenHandler):
@@ -76,16 +76,25 @@ class CheckHandler(AuthenHandler):
 
 
 class StatusHandler(AuthenHandler):
-    @api("This instance's health and database view", responses={200: StatusBody})
+    """Public: up or degraded. Database addresses, errors and counters only for callers
+    with the service credential or an admin token."""
+
+    @api("This instance's health (details for services and admins)", responses={200: StatusBody})
     def get(self) -> None:
         router = self.deps.router
         body: dict = {
             "status": "ok" if router.primary.healthy else "degraded",
             "service": "authen",
             "instance": self.state.instance,
-            "database": router.view(),
-            "password_hashing": {"algorithm": "argon2id", **self.deps.passwords.parameters},
         }
+        if not self.may_see_details():
+            self.write_json(body)
+            return
+        passwords = self.deps.passwords
+        body["database"] = router.view()
+        body["password_hashing"] = {"algorithm": "argon2id", **passwords.parameters, "pending": passwords.pending,
+                                    "queue_max": passwords.max_pending, "shed": passwords.shed,
+                                    "hashed": passwords.hashed}
         if self.state.settings.enable_sleepy:
             body["sleepy"] = {"received": self.state.sleepy_received, "active": self.state.sleepy_active}
         self.write_json(body)
@@ -120,6 +129,9 @@ class InternalHandler(AuthenHandler):
         super().prepare()
         self.require_service()
 
+    async def revoke(self, user_id: int) -> None:
+        await users.revoke_tokens(self.deps, user_id)
+
 
 class TxActionHandler(InternalHandler):
     async def post(self, gid: str, action: str) -> None:
@@ -132,7 +144,7 @@ class TxActionHandler(InternalHandler):
                 after_prepare=lambda: crash_point(settings.barber_test_hooks, settings.participant_crash_at,
                                                   "after_prepare"))
         elif action == "commit":
-            state = await participant.commit(router, gid)
+            state = await participant.commit(router, gid, self.revoke)
         else:
             state = await participant.abort(router, gid)
         self.write_json({"gid": gid, "state": state})
@@ -152,12 +164,13 @@ class TxListHandler(InternalHandler):
 
 class UserActivationHandler(InternalHandler):
     async def post(self, user_id: str, action: str) -> None:
-        self.write_json(await participant.set_active(self.deps.router, int(user_id), action == "reactivate"))
+        self.write_json(await participant.set_active(self.deps.router, int(user_id), action == "reactivate",
+                                                     self.revoke))
 
 
 class InternalUserHandler(InternalHandler):
     async def delete(self, user_id: str) -> None:
-        self.write_json(await participant.delete_user(self.deps.router, int(user_id)))
+        self.write_json(await participant.delete_user(self.deps.router, int(user_id), self.revoke))
 
 
 def routes(settings: AuthenSettings) -> list:

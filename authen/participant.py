@@ -9,13 +9,17 @@ abort is recorded on its own, so a prepare that arrives after its abort is refus
 
 Saga steps: deactivate / reactivate / delete, each idempotent.
 
+A committed deletion, a deactivation and a saga deletion revoke the user's tokens
+(``revoke``, :func:`common.tokens.revoke_user`) before they answer, so the coordinator
+retries the step until the revocation is recorded too (a 503 when Redis is away).
+
 Every function here is idempotent: the coordinator repeats calls after crashes.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
@@ -30,6 +34,8 @@ log = logging.getLogger("barber.authen.participant")
 _LOCK_NOT_AVAILABLE = "55P03"
 _UNDEFINED_OBJECT = "42704"
 _UNIQUE_VIOLATION = "23505"
+
+Revoke = Callable[[int], Awaitable[None]]
 
 
 def _sqlstate(e: BaseException) -> str | None:
@@ -110,7 +116,7 @@ async def prepare(router: ReadWriteRouter, gid: str, user_id: int,
     return "prepared"
 
 
-async def commit(router: ReadWriteRouter, gid: str) -> str:
+async def commit(router: ReadWriteRouter, gid: str, revoke: Revoke | None = None) -> str:
     check_gid(gid)
     async with router.on_primary() as conn:
         await conn.execution_options(isolation_level="AUTOCOMMIT")
@@ -118,7 +124,12 @@ async def commit(router: ReadWriteRouter, gid: str) -> str:
             # Reads on any instance must not see the user any more, replicas included.
             await router.mark_written(conn)
         recorded = await _recorded(conn, gid)
+        user_id = (await conn.execute(text("SELECT user_id FROM participant_tx WHERE gid = :gid"),
+                                      {"gid": gid})).scalar() if recorded == "committed" else None
     if recorded == "committed":
+        # Every time it is asked (idempotent): a retry after a failed revocation repeats it.
+        if revoke is not None and user_id is not None:
+            await revoke(int(user_id))
         return "committed"
     if recorded == "aborted":
         raise Conflict(f"transaction {gid} was aborted here; it cannot commit")
@@ -161,21 +172,27 @@ async def prepared(router: ReadWriteRouter) -> list[dict[str, Any]]:
 
 
 # -- saga steps ---------------------------------------------------------------------------
-async def set_active(router: ReadWriteRouter, user_id: int, active: bool) -> dict[str, Any]:
+async def set_active(router: ReadWriteRouter, user_id: int, active: bool,
+                     revoke: Revoke | None = None) -> dict[str, Any]:
     async def run(conn: AsyncConnection) -> Any:
         return (await conn.execute(text("UPDATE users SET is_active = :a WHERE id = :id RETURNING id"),
                                    {"a": active, "id": user_id})).first()
 
     if await router.write(run) is None:
         raise NotFound(f"no user with id {user_id}")
+    # A reactivated user signs in again: tokens from before the deactivation stay void.
+    if not active and revoke is not None:
+        await revoke(user_id)
     return {"user_id": user_id, "is_active": active}
 
 
-async def delete_user(router: ReadWriteRouter, user_id: int) -> dict[str, Any]:
+async def delete_user(router: ReadWriteRouter, user_id: int, revoke: Revoke | None = None) -> dict[str, Any]:
     async def run(conn: AsyncConnection) -> Any:
         return (await conn.execute(text("DELETE FROM users WHERE id = :id RETURNING id"), {"id": user_id})).first()
 
     deleted = await router.write(run)
+    if revoke is not None:
+        await revoke(user_id)
     return {"user_id": user_id, "deleted": deleted is not None}
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from pydantic import Field
 
 from common.config import ServiceSettings
+from common.tokens import MAX_TOKEN_TTL_S
 
 _LOCAL_PG = "postgresql+psycopg://barber@127.0.0.1:{port}/authen"
 
@@ -18,7 +19,8 @@ class AuthenSettings(ServiceSettings):
     # Comma-separated streaming replicas for reads; empty: the primary serves reads too.
     authen_replica_urls: str = ",".join(_LOCAL_PG.format(port=p) for p in (15433, 15434))
     jwt_private_key_file: Path = Path(".stack/keys/jwt_ed25519.pem")
-    authen_token_ttl_s: int = Field(3600, ge=60)
+    # Capped: a token cannot be revoked for longer than revocation marks are kept.
+    authen_token_ttl_s: int = Field(3600, ge=60, le=MAX_TOKEN_TTL_S)
 
     # argon2id cost (OWASP's first recommendation: 19 MiB, 2 passes, 1 lane).
     argon2_time_cost: int = Field(2, ge=1)
@@ -26,11 +28,17 @@ class AuthenSettings(ServiceSettings):
     argon2_parallelism: int = Field(1, ge=1)
     # Threads that hash, so hashing never blocks the event loop.
     authen_hash_threads: int = Field(2, ge=1)
+    # Hashes running or waiting, at most; past it sign-up/sign-in answer 503 at once.
+    authen_hash_queue_max: int = Field(16, ge=1)
 
-    # Brute-force guard: this many failed sign-ins for one username within the window
-    # locks that username (429) until the window ends.
+    # Brute-force guard (see docs/security.md): this many failed sign-ins for one username
+    # from one client address within the window stop that client (429) until it ends...
     authen_signin_max_failures: int = Field(5, ge=1)
     authen_signin_window_s: int = Field(300, ge=1)
+    # ...and past this many failures for the username from all clients together, every
+    # attempt at it waits, longer with each failure, up to the maximum delay (no lock-out).
+    authen_signin_slow_after: int = Field(20, ge=1)
+    authen_signin_max_delay_s: float = Field(2.0, ge=0, le=10)
 
     # Read routing (replicas/).
     authen_replica_max_lag_s: float = Field(5.0, gt=0)

@@ -7,6 +7,7 @@ shared high-water mark makes a sign-up visible at once to every instance.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
@@ -27,13 +28,15 @@ from sqlalchemy import (
     insert,
     select,
 )
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from authen.guard import SigninGuard
 from authen.passwords import Passwords
-from common.errors import Conflict, Unauthorized
-from common.tokens import TokenSigner
+from common.errors import Conflict, DependencyUnavailable, Unauthorized
+from common.tokens import TokenSigner, revoke_user
 from replicas import ReadWriteRouter
 
 log = logging.getLogger("barber.authen.users")
@@ -91,12 +94,32 @@ class SigninResult(BaseModel):
     expires_in: int
 
 
+class RevocationUnavailable(DependencyUnavailable):
+    """The revocation mark could not be written (Redis): the caller retries."""
+
+    dependency = "redis"
+
+
 @dataclass
 class Deps:
     router: ReadWriteRouter
     passwords: Passwords
     signer: TokenSigner | None
     guard: SigninGuard | None
+    redis: Redis | None = None
+    # The admin account's name (case-insensitively): nobody else may sign up with it.
+    admin_username: str = "admin"
+
+
+async def revoke_tokens(deps: Deps, user_id: int) -> None:
+    """Void the user's tokens everywhere (see common.tokens); 503 when Redis is away."""
+    if deps.redis is None:
+        return
+    try:
+        await revoke_user(deps.redis, user_id)
+    except (RedisError, OSError) as e:
+        raise RevocationUnavailable("cannot record the token revocation now; try again") from e
+    log.info("tokens of user %d revoked", user_id)
 
 
 # -- writes ---------------------------------------------------------------------------
@@ -123,7 +146,14 @@ async def _insert_user(deps: Deps, username: str, password_hash: str, first_name
 
 
 async def signup(deps: Deps, req: SignupRequest) -> int:
+    """A new user's id; 409 when the name is taken (or is the admin's), before any hashing,
+    so a name that cannot be had costs no hash; 503 when the hashing queue is full."""
+    if req.username.casefold() == deps.admin_username.casefold():
+        raise Conflict("username already taken")
+    if await find_by_username(deps, req.username) is not None:
+        raise Conflict("username already taken")
     password_hash = await deps.passwords.hash(req.password)
+    # Still decided by the unique index: a concurrent sign-up of the name may win meanwhile.
     user_id = await _insert_user(deps, req.username, password_hash, req.first_name, req.last_name, req.type)
     log.info("user %d signed up as %s", user_id, req.type)
     return user_id
@@ -158,22 +188,27 @@ async def find_by_username(deps: Deps, username: str) -> dict[str, Any] | None:
     return await deps.router.read(run)
 
 
-async def signin(deps: Deps, req: SigninRequest) -> SigninResult:
+async def signin(deps: Deps, req: SigninRequest, client: str = "") -> SigninResult:
     """A token for the right password; 401 otherwise (same message, similar time, whether
-    the user exists or not); 429 once the username is locked out by the guard."""
+    the user exists or not); 429 once this client used up its attempts at the username;
+    slower once the username has many failures from everywhere (authen.guard)."""
     assert deps.signer is not None, "signing key not loaded"
     # The attempt takes its slot before the password is checked (parallel guesses count).
-    attempts = await deps.guard.attempt(req.username) if deps.guard is not None else None
+    attempt = await deps.guard.attempt(req.username, client) if deps.guard is not None else None
+    if attempt is not None and attempt.delay_s > 0:
+        await asyncio.sleep(attempt.delay_s)
     user = await find_by_username(deps, req.username)
     ok = await deps.passwords.verify(user["password_hash"] if user else None, req.password)
     if not ok or user is None or not user["is_active"]:
-        if deps.guard is not None and attempts == deps.guard.max_failures:
-            log.warning("sign-in locked for username %r after %d failures", req.username, attempts)
+        if deps.guard is not None and attempt is not None and attempt.client_attempts == deps.guard.max_failures:
+            log.warning("sign-in attempts at username %r from %s used up (%d failures from all clients)",
+                        req.username, client, attempt.username_attempts)
         else:
-            log.info("failed sign-in (%s failures in window)", attempts if attempts is not None else "?")
+            log.info("failed sign-in (%s failures in window from this client)",
+                     attempt.client_attempts if attempt is not None else "?")
         raise Unauthorized("invalid username or password")
     if deps.guard is not None:
-        await deps.guard.succeeded(req.username)
+        await deps.guard.succeeded(req.username, client)
     token = deps.signer.issue(int(user["id"]), str(user["type"]))
     return SigninResult(user_id=int(user["id"]), token=token, expires_in=deps.signer.ttl_s)
 

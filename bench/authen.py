@@ -39,6 +39,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from common.internal import SERVICE_TOKEN_HEADER, read_secret  # noqa: E402
 from stack.layout import Layout, service_env, signing_env  # noqa: E402
 
 
@@ -49,10 +50,10 @@ class Conn:
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
 
-    async def request(self, method: str, path: str, body: bytes = b"") -> tuple[int, bytes]:
+    async def request(self, method: str, path: str, body: bytes = b"", headers: str = "") -> tuple[int, bytes]:
         if self.writer is None:
             self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
-        head = f"{method} {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Length: {len(body)}\r\n"
+        head = f"{method} {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Length: {len(body)}\r\n{headers}"
         if body:
             head += "Content-Type: application/json\r\n"
         self.writer.write(head.encode() + b"\r\n" + body)
@@ -135,10 +136,10 @@ def start_authen(env: dict[str, str], port: int, log: Path, **extra: str) -> sub
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
 
-async def call_json(port: int, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+async def call_json(port: int, method: str, path: str, body: Any = None, headers: str = "") -> tuple[int, Any]:
     conn = Conn("127.0.0.1", port)
     try:
-        code, raw = await conn.request(method, path, json.dumps(body).encode() if body is not None else b"")
+        code, raw = await conn.request(method, path, json.dumps(body).encode() if body is not None else b"", headers)
     finally:
         conn.close()
     return code, json.loads(raw) if raw else None
@@ -173,7 +174,9 @@ async def run(args: argparse.Namespace, layout: Layout) -> None:
         # Let the replicas replay the sign-ups so reads route to them.
         await asyncio.sleep(1.0)
 
-        _, status = await call_json(rep_port, "GET", "/utilities/status")
+        # Status details (hashing parameters, reads served) need the service credential.
+        credential = f"{SERVICE_TOKEN_HEADER}: {read_secret(layout.service_secret)}\r\n"
+        _, status = await call_json(rep_port, "GET", "/utilities/status", headers=credential)
         print(f"argon2id: {status['password_hashing']}  concurrency {args.concurrency}, {args.seconds:g}s per run")
         print(f"employees in the shop: {args.employees} (plus earlier sign-ups in this database)")
         checks = [(f"/utilities/check?user_id={uid}", b"") for uid in ids]
@@ -181,10 +184,10 @@ async def run(args: argparse.Namespace, layout: Layout) -> None:
         # Alternate the two instances, so drift in the machine's load does not favour one.
         for rnd in range(1, args.rounds + 1):
             for label, port in (("replicas", rep_port), ("primary only", pri_port)):
-                _, st0 = await call_json(port, "GET", "/utilities/status")
+                _, st0 = await call_json(port, "GET", "/utilities/status", headers=credential)
                 r_list = await load(port, "GET", lists, args.seconds, args.concurrency)
                 r_check = await load(port, "GET", checks, args.seconds, args.concurrency)
-                _, st1 = await call_json(port, "GET", "/utilities/status")
+                _, st1 = await call_json(port, "GET", "/utilities/status", headers=credential)
                 served = {k: v - st0["database"]["reads"][k] for k, v in st1["database"]["reads"].items()}
                 print(f"round {rnd}, reading from {label}: reads served {served}")
                 print(fmt("GET /list/employee", r_list))

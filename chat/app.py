@@ -6,6 +6,8 @@ import asyncio
 import logging
 
 from chat.cache import UserCache
+from chat.chats import CLOSE_UNAUTHENTICATED
+from chat.sockets import UserSockets
 from chat.context import ChatContext
 from chat.fanout import Hub, HubConfig
 from chat.handlers import routes
@@ -17,8 +19,10 @@ from chat.participant import ChatParticipant
 from common import internal
 from common.config import chat_frame_bytes
 from common.discovery import InstanceView
+from common.handler import REVOCATIONS
 from common.participant import CoordinatorClient, OutcomeWatcher
 from common.service import ServiceApp, make_app
+from common.tokens import Revocations
 
 log = logging.getLogger("barber.chat")
 
@@ -61,7 +65,8 @@ async def build(settings: ChatSettings) -> ServiceApp:
         ),
     )
     await hub.start()
-    ctx = ChatContext(settings=settings, store=store, cache=cache, users=users, hub=hub)
+    sockets = UserSockets(settings.chat_max_sockets_per_user)
+    ctx = ChatContext(settings=settings, store=store, cache=cache, users=users, hub=hub, sockets=sockets)
     participant = ChatParticipant(store, hub, cache)
     coordinator = CoordinatorClient(settings.discovery_url, internal.read_secret(settings.service_secret_file))
     await coordinator.start()
@@ -78,6 +83,11 @@ async def build(settings: ChatSettings) -> ServiceApp:
         # derives the same limit from the same setting.
         websocket_max_message_size=chat_frame_bytes(settings.chat_max_message_chars),
     )
+    revocations: Revocations | None = app.settings.get(REVOCATIONS)
+    if revocations is not None:
+        # A deleted or deactivated user's sockets close as soon as this instance hears of it.
+        revocations.listeners.append(
+            lambda user_id, mark: sockets.revoked(user_id, mark, CLOSE_UNAUTHENTICATED, "token revoked"))
     app.settings["chat.metrics"] = make_registry(ctx)
     app.settings["chat.context"] = ctx
 

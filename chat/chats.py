@@ -17,6 +17,7 @@ CLOSE_UNAUTHENTICATED = 4401
 CLOSE_FORBIDDEN = 4403
 CLOSE_NOT_FOUND = 4404
 CLOSE_DELETING = 4409
+CLOSE_TOO_MANY_SOCKETS = 4429
 
 
 class SocketRefused(Exception):
@@ -28,6 +29,8 @@ class SocketRefused(Exception):
         self.reason = reason
 
 HISTORY_MAX = 100
+LIST_DEFAULT = 100
+LIST_MAX = 500
 CHAT_ID_MAX_LEN = 64
 
 
@@ -94,35 +97,41 @@ async def history(store: Store, caller: Claims, chat_id: str, before: int | None
     }
 
 
-async def list_mine(store: Store, users: UserDirectory, caller: Claims, base: str) -> list[dict[str, Any]]:
-    """The caller's chats, newest activity first, with the other party and last message."""
+async def list_mine(store: Store, users: UserDirectory, caller: Claims, base: str, *, limit: int = LIST_DEFAULT,
+                    offset: int = 0) -> list[dict[str, Any]]:
+    """A page of the caller's chats, newest activity first, with the other party and last
+    message (``limit`` from ``offset``; the default page holds a usual list whole)."""
+    if not 1 <= limit <= LIST_MAX or offset < 0:
+        raise BadRequest(f"limit: must be between 1 and {LIST_MAX}; offset: at least 0")
     chats = await store.chats_of(caller.user_id)
-    limit = asyncio.Semaphore(16)
+    gate = asyncio.Semaphore(16)
 
-    async def describe(chat: Chat) -> dict[str, Any]:
+    async def last_of(chat: Chat) -> tuple[Chat, ChatMessage | None]:
+        async with gate:
+            return chat, await store.last_message(chat.chat_id)
+
+    ranked = sorted(await asyncio.gather(*(last_of(c) for c in chats)),
+                    key=lambda pair: pair[1].created_at if pair[1] is not None else pair[0].created_at, reverse=True)
+
+    async def describe(chat: Chat, last: ChatMessage | None) -> dict[str, Any]:
         other_id = chat.other(caller.user_id)
-        async with limit:
-            last: ChatMessage | None = await store.last_message(chat.chat_id)
+        async with gate:
             try:
                 other = await users.get(other_id)
             except AuthenUnavailable:
                 other = None  # names unknown for now; the list itself still answers
-        activity = last.created_at if last is not None else chat.created_at
         return {
             "chat_id": chat.chat_id,
             "ws_url": ws_url(base, chat.chat_id),
             "other": other.public() if other is not None else {"id": other_id, "first_name": None, "last_name": None},
             "last_message": last.public if last is not None else None,
             "created_at": iso_now(chat.created_at),
-            "last_activity_at": activity,
+            "last_activity_at": iso_now(last.created_at if last is not None else chat.created_at),
             "deleting": bool(chat.deleting),
         }
 
-    items = await asyncio.gather(*(describe(c) for c in chats))
-    items.sort(key=lambda i: i["last_activity_at"], reverse=True)
-    for item in items:
-        item["last_activity_at"] = iso_now(item["last_activity_at"])
-    return items
+    # Only the page's other parties are looked up in authen.
+    return list(await asyncio.gather(*(describe(c, last) for c, last in ranked[offset:offset + limit])))
 
 
 def parse_since(raw: str | None) -> int | None:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from chat.cache import UserCache
 from chat.fanout import Hub
 from chat.settings import ChatSettings
+from chat.sockets import UserSockets
 from chat.store import Store
 from chat.users import UserDirectory
 
@@ -18,6 +19,7 @@ class ChatContext:
     cache: UserCache
     users: UserDirectory
     hub: Hub
+    sockets: UserSockets
 
     @property
     def instance(self) -> str:

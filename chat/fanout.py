@@ -42,7 +42,7 @@ from redis.exceptions import RedisError
 from chat.chats import CLOSE_DELETING, CLOSE_NOT_FOUND
 from chat.store import Chat, ChatMessage, Store, StoreUnavailable, iso_now, message_id
 from chat.users import User
-from common.errors import Conflict
+from common.errors import BadRequest, Conflict
 from common.tasks import backoff_delay, cancel_and_wait
 
 log = logging.getLogger("barber.chat.fanout")
@@ -644,6 +644,10 @@ class Writer:
                 p.room.accept(msg)
             elif out.duplicate:
                 await self._resolve_duplicate(p, stored)
+            elif out.invalid:
+                # Its seq was never taken (seqs follow what is stored): the next message
+                # of the chat gets it.
+                self._finish(p, error=BadRequest(f"message {out.error}"))
             else:
                 self._finish(p, error=StoreUnavailable(f"message not stored: {out.error}"))
         if stored:

@@ -19,10 +19,11 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from chat import chats
 from chat.context import ChatContext
-from chat.chats import CLOSE_DELETING
+from chat.chats import CLOSE_DELETING, CLOSE_TOO_MANY_SOCKETS, CLOSE_UNAUTHENTICATED
 from chat.fanout import CLOSE_TOO_SLOW, CLOSE_UNAVAILABLE, Subscription
 from chat.metrics import render
-from chat.schemas import ChatQuery, ChatRef, ChatSummary, HistoryPage, HistoryQuery, PurgeQuery, StartQuery
+from chat.schemas import (ChatQuery, ChatRef, ChatSummary, HistoryPage, HistoryQuery, ListQuery, PurgeQuery,
+                          StartQuery)
 from chat.participant import ChatParticipant
 from chat.store import StoreUnavailable
 from chat.users import AuthenUnavailable
@@ -60,11 +61,13 @@ class StartChatHandler(ChatHandler):
 
 
 class ListMyHandler(ChatHandler):
-    @api("The caller's chats, newest activity first", responses={200: list[ChatSummary]}, errors=(503,),
-         auth=True)
+    @api("The caller's chats, newest activity first", query=ListQuery, responses={200: list[ChatSummary]},
+         errors=(503,), auth=True)
     async def get(self) -> None:
         caller = self.require_user()
-        self.write_json(await chats.list_mine(self.ctx.store, self.ctx.users, caller, self.ws_base))
+        q = self.parse_query(ListQuery)
+        self.write_json(await chats.list_mine(self.ctx.store, self.ctx.users, caller, self.ws_base,
+                                              limit=q.limit, offset=q.offset))
 
 
 class ConnectHandler(ChatHandler):
@@ -86,20 +89,27 @@ class HistoryHandler(ChatHandler):
 
 
 class StatusHandler(ChatHandler):
-    @api("This instance's health", responses={200: StatusBody})
+    """Public: up or degraded. Counters and errors only for callers with the service
+    credential or an admin token."""
+
+    @api("This instance's health (details for services and admins)", responses={200: StatusBody})
     async def get(self) -> None:
         ctx = self.ctx
         try:
             mongo_ok = await asyncio.wait_for(ctx.store.ping(), 1.0)
         except TimeoutError:
             mongo_ok = False
+        public = {"status": "ok" if mongo_ok else "degraded", "service": "chat", "instance": ctx.instance}
+        if not self.may_see_details():
+            self.write_json(public)
+            return
         cache = ctx.cache
         self.write_json(
             {
-                "status": "ok" if mongo_ok else "degraded",
-                "service": "chat",
-                "instance": ctx.instance,
+                **public,
                 "sockets": ctx.hub.socket_count,
+                "users_with_sockets": len(ctx.sockets.by_user),
+                "sockets_refused_over_cap": ctx.sockets.refused,
                 "rooms": len(ctx.hub.rooms),
                 "mongo": "ok" if mongo_ok else "unavailable",
                 "pubsub_connected": ctx.hub.bus.connected,
@@ -154,6 +164,11 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         s = ctx.settings
         self.flood = FloodGuard(s.chat_flood_rate_per_s, s.chat_flood_burst)
         self.request_id = self.request.headers.get(REQUEST_ID_HEADER) or new_request_id()
+        # Set once the token is verified: counted against the user's socket cap, closed
+        # when the token expires or is revoked.
+        self.user_id: int | None = None
+        self.issued_at = 0
+        self._expiry: asyncio.TimerHandle | None = None
 
     def check_origin(self, origin: str) -> bool:
         # Authentication is by token, never by cookie, so another origin gains nothing.
@@ -256,21 +271,49 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         if size and stream is not None and stream.socket is not None:
             stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
 
+    def _hold(self, claims: Claims | None) -> bool:
+        """Count the socket against its user's cap and arm its expiry; False if refused."""
+        if claims is None:
+            return True  # admit refuses it
+        cap = self.ctx.sockets
+        if not cap.add(claims.user_id, self):
+            log.warning("refusing a socket of user#%d: %d already open here", claims.user_id, cap.cap)
+            self.close_with(CLOSE_TOO_MANY_SOCKETS, f"too many sockets: at most {cap.cap} per user")
+            return False
+        self.user_id, self.issued_at = claims.user_id, claims.issued_at
+        # The socket lives no longer than the token that opened it.
+        self._expiry = asyncio.get_running_loop().call_later(
+            max(0.0, claims.expires_at - time.time()), self.close_with, CLOSE_UNAUTHENTICATED, "token expired")
+        return True
+
+    def _release(self) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+        if self.user_id is not None:
+            self.ctx.sockets.discard(self.user_id, self)
+            self.user_id = None
+
     async def open(self, chat_id: str) -> None:  # type: ignore[override]
         request_id_var.set(self.request_id)
         ctx = self.ctx
         self._limit_kernel_buffer()
+        claims = self._claims()
+        if not self._hold(claims):
+            return
         try:
-            chat, user = await chats.admit(ctx.store, ctx.users, self._claims(), chat_id)
+            chat, user = await chats.admit(ctx.store, ctx.users, claims, chat_id)
             since = chats.parse_since(self.get_query_argument("since", None))
             if self.is_closed:
                 return
             sub = await ctx.hub.join(chat, self, user, since)
         except chats.SocketRefused as e:
+            self._release()
             self.close_with(e.code, e.reason)
             return
         except (StoreUnavailable, AuthenUnavailable) as e:
             log.warning("refusing a socket for chat %s: %s", chat_id, e.detail)
+            self._release()
             self.close_with(CLOSE_UNAVAILABLE, "temporarily unavailable; try again")
             return
         if self.is_closed:
@@ -318,8 +361,11 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
             self.close_with(CLOSE_DELETING, "chat is being deleted")
         except StoreUnavailable as e:
             self._error("unavailable", e.detail, client_id)
+        except BadRequest as e:  # a message no store can hold (refused alone, see fanout)
+            self._error("invalid", e.detail, client_id)
 
     def on_close(self) -> None:
+        self._release()
         self._closing = True
         self._drained.set()
         sub, self.sub = self.sub, None

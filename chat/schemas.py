@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field
 
-from chat.chats import HISTORY_MAX
+from chat.chats import HISTORY_MAX, LIST_DEFAULT, LIST_MAX
 from common.openapi import QueryInt, QueryModel, bounded_int, optional_param
 
 MAX_ID = 2**63 - 1
@@ -18,6 +18,11 @@ ChatId = Annotated[str, Field(min_length=1, description="a chat's id")]
 
 class StartQuery(QueryModel):
     employee_id: QueryInt = Field(ge=1, le=MAX_ID)
+
+
+class ListQuery(QueryModel):
+    limit: QueryInt = Field(LIST_DEFAULT, ge=1, le=LIST_MAX)
+    offset: QueryInt = Field(0, ge=0, le=1_000_000)
 
 
 class ChatQuery(QueryModel):

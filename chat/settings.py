@@ -39,6 +39,9 @@ class ChatSettings(ServiceSettings):
     chat_ws_sndbuf_bytes: int = Field(0, ge=0)
     # A replay waits this long for a client to take its backlog before giving up on it.
     chat_ws_send_timeout_s: float = Field(10.0, gt=0)
+    # Sockets one user may hold open on one chat instance; past it a new one is closed
+    # with 4429 at once.
+    chat_max_sockets_per_user: int = Field(20, ge=1)
     chat_ws_ping_interval_s: float = Field(20.0, gt=0)
     # No pong within this (at most the interval) closes the socket.
     chat_ws_ping_timeout_s: float = Field(15.0, gt=0)

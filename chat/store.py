@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+import bson
+from bson.errors import BSONError
 from pymongo import ASCENDING, DESCENDING, AsyncMongoClient
 from pymongo.errors import BulkWriteError, DuplicateKeyError, PyMongoError
 
@@ -148,6 +150,8 @@ class InsertOutcome:
     # the two apart by looking the _id up, rather than by parsing server messages.
     duplicate: bool = False
     error: str | None = None
+    # The document itself cannot be stored (not encodable as BSON): retrying cannot help.
+    invalid: bool = False
 
 
 class Store:
@@ -302,15 +306,27 @@ class Store:
 
         A connection failure raises :class:`StoreUnavailable`: the caller retries with the
         same ``_id`` and ``seq``, and a document that did land then reports ``duplicate``.
+        A document that cannot be encoded fails alone (``invalid``): the rest are written,
+        so one bad message never fails other people's messages of the same batch.
         """
         outcomes = [InsertOutcome(ok=True) for _ in docs]
-        if not docs:
+        # Checked one by one before sending: the driver encodes the batch as it sends it,
+        # so one bad document would fail the whole call part-way.
+        sendable: list[int] = []
+        for i, doc in enumerate(docs):
+            try:
+                bson.encode(doc)
+            except (BSONError, UnicodeError, ValueError, OverflowError, TypeError) as e:
+                outcomes[i] = InsertOutcome(invalid=True, error=f"cannot be stored: {type(e).__name__}")
+                continue
+            sendable.append(i)
+        if not sendable:
             return outcomes
         try:
-            await self.messages.insert_many(docs, ordered=False)
+            await self.messages.insert_many([docs[i] for i in sendable], ordered=False)
         except BulkWriteError as e:
             for err in e.details.get("writeErrors", []):
-                i = int(err["index"])
+                i = sendable[int(err["index"])]
                 out = outcomes[i] = InsertOutcome()
                 if err.get("code") == DUPLICATE_KEY:
                     out.duplicate = True

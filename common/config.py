@@ -7,12 +7,22 @@ names the variable, instead of failing later somewhere deep in a request.
 
 from __future__ import annotations
 
+import ipaddress
 import sys
 from pathlib import Path
 from typing import TypeVar
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_networks(spec: str) -> tuple[Network, ...]:
+    """``"127.0.0.1/32, 10.0.0.0/8"`` -> networks (a bare address is a /32 or /128);
+    ValueError names a bad one."""
+    return tuple(ipaddress.ip_network(part.strip(), strict=False) for part in spec.split(",") if part.strip())
 
 
 class ConfigError(Exception):
@@ -33,6 +43,11 @@ class ServiceSettings(BaseSettings):
     jwt_public_key_file: Path = Path(".stack/keys/jwt_ed25519.pub")
     service_secret_file: Path = Path(".stack/keys/service_secret")
     log_level: str = "INFO"
+    # Peers whose X-Forwarded-For is believed (the gateway's addresses), comma-separated
+    # networks; from anyone else the header is ignored.
+    trusted_proxies: str = "127.0.0.1/32,::1/128"
+    # Revoked tokens (deleted or deactivated users) are refused within this many seconds.
+    token_revocation_refresh_s: float = Field(1.0, gt=0, le=60)
     max_body_bytes: int = 64 * 1024
     # Slow clients: all of a request's headers must arrive within this (it is also how
     # long an idle keep-alive connection stays open: above the 15 s after which common
@@ -50,6 +65,12 @@ class ServiceSettings(BaseSettings):
     participant_crash_at: str = ""
     # A transaction left prepared here this long makes the participant ask the coordinator.
     participant_outcome_after_s: float = Field(30.0, gt=0)
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: str) -> str:
+        parse_networks(value)
+        return value
 
     @model_validator(mode="after")
     def _crash_needs_test_hooks(self) -> "ServiceSettings":

@@ -8,8 +8,10 @@ one place; anything else becomes a logged 500 without a traceback to the client.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
+import re
 import time
 from typing import Any, TypeVar
 
@@ -17,6 +19,7 @@ import tornado.web
 from pydantic import BaseModel, ValidationError
 
 from common import internal
+from common.config import Network
 from common.errors import APIError, BadRequest, Forbidden, NotFound, PayloadTooLarge, Unauthorized
 from common.logs import REQUEST_ID_HEADER, level_for_status, new_request_id, request_id_var
 from common.openapi import implemented_methods
@@ -31,6 +34,28 @@ VERIFIER = "barber.verifier"
 SERVICE_SECRET = "barber.service_secret"
 MAX_BODY = "barber.max_body_bytes"
 INFLIGHT = "barber.inflight"
+TRUSTED_PROXIES = "barber.trusted_proxies"
+REVOCATIONS = "barber.revocations"
+
+
+def client_address(remote_ip: str | None, forwarded_for: str | None, trusted: tuple[Network, ...]) -> str:
+    """The client's address: the last ``X-Forwarded-For`` entry when the peer is a trusted
+    proxy (the gateway appends the address it saw last, after whatever the client sent),
+    else the peer itself. A client that reaches the service directly cannot choose it."""
+    peer = remote_ip or ""
+    if not forwarded_for or not trusted:
+        return peer
+    try:
+        peer_addr = ipaddress.ip_address(peer)
+    except ValueError:
+        return peer
+    if not any(peer_addr in net for net in trusted):
+        return peer
+    last = forwarded_for.rsplit(",", 1)[-1].strip()
+    try:
+        return str(ipaddress.ip_address(last))
+    except ValueError:
+        return peer
 
 
 class Inflight:
@@ -51,28 +76,54 @@ def describe_validation_error(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def _has_nul(data: Any) -> bool:
-    """Whether any string in decoded JSON holds U+0000 (iteratively: nesting is unbounded)."""
+_SURROGATE = re.compile("[\ud800-\udfff]")
+# Both can only come from a \u escape (json refuses a raw U+0000, and bytes are decoded as
+# UTF-8, which has no surrogates), so input without these escapes skips the walk.
+_NUL_ESCAPE = re.compile(r"\\u0000")
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_NUL_ESCAPE_B = re.compile(rb"\\u0000")
+_SURROGATE_ESCAPE_B = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _suspect_escapes(raw: bytes | str) -> tuple[bool, bool]:
+    """Whether ``raw`` holds a U+0000 escape, a surrogate escape (cheap for the usual
+    input, which has no ``\\u`` at all)."""
+    if isinstance(raw, bytes):
+        if b"\\u" not in raw:
+            return False, False
+        return bool(_NUL_ESCAPE_B.search(raw)), bool(_SURROGATE_ESCAPE_B.search(raw))
+    if "\\u" not in raw:
+        return False, False
+    return bool(_NUL_ESCAPE.search(raw)), bool(_SURROGATE_ESCAPE.search(raw))
+
+
+def _bad_text(data: Any, nul: bool, surrogates: bool) -> str | None:
+    """What is wrong with the strings of decoded JSON, if anything (iteratively: nesting is
+    unbounded): U+0000, or a lone surrogate (text that is not valid Unicode)."""
     pending = [data]
     while pending:
         item = pending.pop()
         if isinstance(item, str):
-            if "\x00" in item:
-                return True
+            if nul and "\x00" in item:
+                return "text must not contain U+0000"
+            if surrogates and _SURROGATE.search(item):
+                return "text must be valid UTF-8 (a lone surrogate is not)"
         elif isinstance(item, dict):
             pending.extend(item.keys())
             pending.extend(item.values())
         elif isinstance(item, list):
             pending.extend(item)
-    return False
+    return None
 
 
 def decode_json_object(raw: bytes | str, what: str = "body") -> dict[str, Any]:
     """A JSON object from a request body (or a socket frame: ``what``); anything else is a 400.
 
     Refused as well: nesting too deep for the decoder (RecursionError, which json raises
-    instead of ValueError) and U+0000 in any string, which PostgreSQL text cannot hold,
-    so that it is a clear 400 here rather than a database error later.
+    instead of ValueError); U+0000 in any string, which PostgreSQL text cannot hold; and a
+    lone surrogate (``"\\ud800"``), which json accepts but no UTF-8 store can encode (BSON,
+    PostgreSQL): a clear 400 here rather than a failed write later, perhaps in one batch
+    with other people's messages.
     """
     try:
         data = json.loads(raw)
@@ -82,10 +133,11 @@ def decode_json_object(raw: bytes | str, what: str = "body") -> dict[str, Any]:
         raise BadRequest(f"{what} is nested too deeply") from e
     if not isinstance(data, dict):
         raise BadRequest(f"{what} must be a JSON object")
-    # json refuses a raw U+0000 in a string, so one can only come from this escape.
-    escape = b"\\u0000" if isinstance(raw, bytes) else "\\u0000"
-    if escape in raw and _has_nul(data):
-        raise BadRequest(f"{what}: text must not contain U+0000")
+    nul, surrogates = _suspect_escapes(raw)
+    if nul or surrogates:
+        problem = _bad_text(data, nul, surrogates)
+        if problem is not None:
+            raise BadRequest(f"{what}: {problem}")
     return data
 
 
@@ -212,10 +264,26 @@ class BaseHandler(tornado.web.RequestHandler):
             raise Forbidden(f"only {' or '.join(types)} users may do this")
         return claims
 
+    def client_ip(self) -> str:
+        """The client's address (see :func:`client_address`): never taken from a header
+        unless the peer is one of ``TRUSTED_PROXIES``."""
+        return client_address(self.request.remote_ip, self.request.headers.get("X-Forwarded-For"),
+                              self.settings.get(TRUSTED_PROXIES, ()))
+
+    def has_service_credential(self) -> bool:
+        secret: str | None = self.settings.get(SERVICE_SECRET)
+        return secret is not None and internal.is_valid(self.request.headers.get(internal.SERVICE_TOKEN_HEADER), secret)
+
+    def may_see_details(self) -> bool:
+        """Operational details (addresses, errors) are for other services and admins only."""
+        if self.has_service_credential():
+            return True
+        claims = self.get_current_user()
+        return claims is not None and claims.user_type == "admin"
+
     def require_service(self) -> None:
         """Internal endpoints: only callers holding the service credential."""
-        secret: str | None = self.settings.get(SERVICE_SECRET)
-        if secret is None or not internal.is_valid(self.request.headers.get(internal.SERVICE_TOKEN_HEADER), secret):
+        if not self.has_service_credential():
             raise Forbidden("service credential required")
 
 

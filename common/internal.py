@@ -8,9 +8,10 @@ port directly without it.
 from __future__ import annotations
 
 import hmac
-import os
 import secrets
 from pathlib import Path
+
+from common.tokens import write_new_file
 
 SERVICE_TOKEN_HEADER = "X-Service-Token"
 
@@ -20,12 +21,12 @@ def read_secret(path: Path) -> str:
 
 
 def generate_secret(path: Path) -> None:
-    if path.exists():
+    if path.exists() and not path.is_symlink():
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(secrets.token_urlsafe(32))
+    if path.is_symlink():  # never written through: whoever planted it chose its target
+        path.unlink()
+    write_new_file(path, secrets.token_urlsafe(32).encode(), 0o600)
 
 
 def is_valid(presented: str | None, secret: str) -> bool:

@@ -1,4 +1,9 @@
-"""ECS JSON logging: one line per event, carrying the service name and the request id."""
+"""ECS JSON logging: one line per event, carrying the service name and the request id.
+
+Every line passes through :func:`redact` on its way out, whichever logger wrote it
+(tornado's own messages quote the full URI, ``?token=`` included, and its uncaught
+exception report prints the request's headers): tokens never reach a log file.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +18,37 @@ import ecs_logging
 request_id_var: ContextVar[str | None] = ContextVar("request_id", default=None)
 
 REQUEST_ID_HEADER = "X-Request-ID"
+
+REDACTED = "[REDACTED]"
+
+# What a credential looks like in a log line: a query parameter named like a token, an
+# Authorization / Sec-WebSocket-Protocol bearer value, a service credential header, or
+# anything shaped like a JWT (base64url JSON header "eyJ..." and two more segments).
+_SECRETS = re.compile(
+    r"(?P<q>(?:access_token|id_token|token)=)[^&\s\"'\\]+"
+    r"|(?P<b>bearer(?:\s*,\s*|\s+|\.))[A-Za-z0-9._~+/=-]{8,}"
+    r"|(?P<s>x-service-token['\"]?\s*[:=]\s*['\"]?)[^\s'\",}\\]+"
+    r"|eyJ[A-Za-z0-9_-]{2,}\.[A-Za-z0-9_-]{2,}\.[A-Za-z0-9_-]+",
+    re.IGNORECASE,
+)
+
+
+def _replace(m: re.Match[str]) -> str:
+    prefix = m.group("q") or m.group("b") or m.group("s") or ""
+    return prefix + REDACTED
+
+
+# Every pattern above contains one of these (case-folded): lines without any, nearly
+# all of them, skip the regular expression.
+_TRIGGERS = ("token", "bearer", "eyj")
+
+
+def redact(text: str) -> str:
+    """``text`` with every token-like value replaced by ``[REDACTED]``."""
+    folded = text.lower()
+    if not any(t in folded for t in _TRIGGERS):
+        return text
+    return _SECRETS.sub(_replace, text)
 
 
 def new_request_id() -> str:
@@ -37,13 +73,21 @@ class _RequestIdFilter(logging.Filter):
         return True
 
 
+class RedactingFormatter(ecs_logging.StdlibFormatter):
+    """The ECS line with credentials removed: applied to the finished line, so the
+    message, its arguments, extra fields and exception traces are all covered."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record))
+
+
 def setup_logging(service_name: str, level: str = "INFO", instance: str | None = None) -> None:
     """Route every logger (tornado's included) to one ECS JSON line per event on stdout."""
     extra = {"service.name": service_name}
     if instance:
         extra["service.node.name"] = instance
     handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(ecs_logging.StdlibFormatter(extra=extra, exclude_fields=["process", "log.original"]))
+    handler.setFormatter(RedactingFormatter(extra=extra, exclude_fields=["process", "log.original"]))
     handler.addFilter(_RequestIdFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]

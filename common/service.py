@@ -24,12 +24,13 @@ from tornado.iostream import IOStream
 
 from common import internal
 from common.bodylimit import BodyLimit, refuse_connection
-from common.config import ServiceSettings
+from common.config import ServiceSettings, parse_networks
 from common.discovery import Registration
-from common.handler import INFLIGHT, MAX_BODY, SERVICE_SECRET, VERIFIER, Inflight, NotFoundHandler, log_request
+from common.handler import (INFLIGHT, MAX_BODY, REVOCATIONS, SERVICE_SECRET, TRUSTED_PROXIES, VERIFIER, Inflight, NotFoundHandler,
+                            log_request)
 from common.logs import setup_logging
 from common.openapi import with_fragment
-from common.tokens import TokenVerifier
+from common.tokens import Revocations, TokenVerifier
 
 log = logging.getLogger("barber.service")
 
@@ -86,9 +87,12 @@ def make_app(settings: ServiceSettings, routes: list, **extra: Any) -> tornado.w
         "compress_response": False,
         MAX_BODY: settings.max_body_bytes,
         INFLIGHT: Inflight(),
+        TRUSTED_PROXIES: parse_networks(settings.trusted_proxies),
     }
     if settings.jwt_public_key_file.exists():
-        app_settings[VERIFIER] = TokenVerifier.from_file(settings.jwt_public_key_file)
+        revocations = Revocations(settings.redis_url, settings.token_revocation_refresh_s)
+        app_settings[REVOCATIONS] = revocations
+        app_settings[VERIFIER] = TokenVerifier.from_file(settings.jwt_public_key_file, revocations)
     if settings.service_secret_file.exists():
         app_settings[SERVICE_SECRET] = internal.read_secret(settings.service_secret_file)
     app_settings.update(extra)
@@ -97,6 +101,10 @@ def make_app(settings: ServiceSettings, routes: list, **extra: Any) -> tornado.w
 
 
 async def serve(settings: ServiceSettings, service: ServiceApp) -> None:
+    revocations: Revocations | None = service.app.settings.get(REVOCATIONS)
+    if revocations is not None:
+        await revocations.start()
+        service.on_stop.append(revocations.stop)
     server = make_server(settings, service.app)
     try:
         server.listen(settings.port, settings.host)

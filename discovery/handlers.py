@@ -119,6 +119,7 @@ class StatusHandler(DiscoveryHandler):
                 "instance_ttl_s": self.registry.ttl_s,
                 "services": types,
                 "watching": dict(self.watchers.waiting),
+                "watch_events": self.watchers.size,
             }
         )
 

@@ -231,6 +231,15 @@ class Watchers:
             ev = self._events[type_] = asyncio.Event()
         return ev
 
+    def release(self, type_: str, ev: asyncio.Event) -> None:
+        """Forget ``type_``'s event once no long poll waits on it."""
+        if not self.waiting.get(type_) and self._events.get(type_) is ev:
+            del self._events[type_]
+
+    @property
+    def size(self) -> int:
+        return len(self._events)
+
     def notify(self, type_: str) -> None:
         ev = self._events.pop(type_, None)
         if ev is not None:
@@ -249,26 +258,33 @@ class Watchers:
 
 async def wait_for_change(registry: Registry, watchers: Watchers, type_: str, version: str | None,
                           wait_s: float) -> Listing:
-    """The current listing, or, if it still has ``version``, the next one within ``wait_s``."""
+    """The current listing, or, if it still has ``version``, the next one within ``wait_s``.
+
+    A type's event exists only while a long poll holds it, so asking about any number of
+    made-up type names leaves nothing behind."""
     deadline = asyncio.get_running_loop().time() + wait_s
     while True:
         # Take the event before reading, so a change between the read and the wait is not missed.
-        ev = watchers.event(type_)
-        listing = await registry.list(type_)
-        remaining = deadline - asyncio.get_running_loop().time()
-        if version is None or listing.version != version or remaining <= 0 or watchers.closed:
-            return listing
-        watchers.waiting[type_] = watchers.waiting.get(type_, 0) + 1
+        ev = watchers.event(type_) if version is not None and wait_s > 0 else None
         try:
-            await asyncio.wait_for(ev.wait(), remaining)
-            if watchers.closed:
+            listing = await registry.list(type_)
+            remaining = deadline - asyncio.get_running_loop().time()
+            if ev is None or listing.version != version or remaining <= 0 or watchers.closed:
                 return listing
-        except TimeoutError:
-            return await registry.list(type_)
+            watchers.waiting[type_] = watchers.waiting.get(type_, 0) + 1
+            try:
+                await asyncio.wait_for(ev.wait(), remaining)
+                if watchers.closed:
+                    return listing
+            except TimeoutError:
+                return await registry.list(type_)
+            finally:
+                watchers.waiting[type_] -= 1
+                if not watchers.waiting[type_]:
+                    del watchers.waiting[type_]
         finally:
-            watchers.waiting[type_] -= 1
-            if not watchers.waiting[type_]:
-                del watchers.waiting[type_]
+            if ev is not None:
+                watchers.release(type_, ev)
 
 
 class ChangeFeed:

@@ -18,7 +18,7 @@ from tornado.httpclient import AsyncHTTPClient
 from common import internal, tokens
 from stack import datatier
 from stack.control import serve_control, socket_path
-from stack.layout import Layout, service_env, signing_env
+from stack.layout import SETUP_ONLY_ENV, Layout, service_env, signing_env
 from stack.services import SERVICES, ServiceSpec
 from stack.supervisor import ProcSpec, StartFailed, Supervisor, kill_leftovers
 
@@ -144,12 +144,16 @@ class Stack:
     async def start_services(self) -> None:
         tokens.generate_keypair(self.layout.jwt_private_key, self.layout.jwt_public_key)
         internal.generate_secret(self.layout.service_secret)
-        base_env = {**os.environ, **service_env(self.layout)}
+        # Secrets only a setup step needs (the admin's password) stay out of every
+        # service's environment, where /proc and crash reports could show them.
+        setup_only = {k: v for k, v in os.environ.items() if k in SETUP_ONLY_ENV}
+        base_env = {**{k: v for k, v in os.environ.items() if k not in SETUP_ONLY_ENV}, **service_env(self.layout)}
         groups = [(spec, service_specs(self.layout, spec, base_env)) for spec in SERVICES]
         self.check_ports([p for _, procs in groups for p in procs])
         for spec, procs in groups:
             for step in spec.setup:
-                await datatier._run([sys.executable, "-m", spec.module, *step], env={**base_env, **spec.env})
+                await datatier._run([sys.executable, "-m", spec.module, *step],
+                                    env={**base_env, **spec.env, **setup_only})
             # Known before it starts: a failure or Ctrl-C part-way through must still stop
             # the instances already up, before the data tier.
             self.service_groups.insert(0, [p.name for p in procs])

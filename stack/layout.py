@@ -23,6 +23,8 @@ BASE_PORTS = {
 }
 
 PG_USER = "barber"
+# Environment variables handed to the setup steps (create-admin) and to no service.
+SETUP_ONLY_ENV = ("BARBER_ADMIN_PASSWORD",)
 DATABASES = ("authen", "coordinator", "warehouse")
 
 

@@ -14,7 +14,8 @@ from typing import AsyncIterator, Iterator
 import aiohttp
 import pytest
 
-from tests.stackproc import StackProcess
+from tests.http import call
+from tests.stackproc import ADMIN_PASSWORD, ADMIN_USERNAME, StackProcess
 
 
 @pytest.fixture(scope="session")
@@ -61,3 +62,12 @@ def a2(stack: StackProcess) -> str:
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession() as session:
         yield session
+
+
+@pytest.fixture(scope="module")
+async def admin_token(stack: StackProcess) -> str:
+    """A token of the admin account the stack creates."""
+    reply = await call("POST", stack.url("gateway") + "/authen/authen/signin",
+                       {"username": ADMIN_USERNAME, "password": ADMIN_PASSWORD})
+    assert reply.code == 200, reply
+    return reply.json["token"]

@@ -11,6 +11,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from common.internal import SERVICE_TOKEN_HEADER, read_secret
 from stack.control import ControlError, StackControl
 from stack.layout import Layout, service_env
 from tests.util import wait_until_sync
@@ -29,6 +30,9 @@ def _die_with_parent() -> None:
 class StackProcess:
     """A whole local stack started by the real launcher, for the length of a test session."""
 
+    # The session's stack, for helpers that only get a URL (service_headers).
+    current: "StackProcess | None" = None
+
     def __init__(self, port_offset: int, state_dir: Path | None = None) -> None:
         self.state_dir = state_dir or Path(tempfile.mkdtemp(prefix="barber-stack-"))
         self.layout = Layout(self.state_dir, port_offset)
@@ -45,6 +49,7 @@ class StackProcess:
                 "BARBER_ADMIN_USERNAME": ADMIN_USERNAME, "BARBER_ADMIN_PASSWORD": ADMIN_PASSWORD}
 
     def start(self, timeout_s: float = 240.0) -> None:
+        StackProcess.current = self
         self.state_dir.mkdir(parents=True, exist_ok=True)
         with open(self.output, "ab") as out:
             self.process = subprocess.Popen(
@@ -67,6 +72,10 @@ class StackProcess:
         if self.process.poll() is not None:
             raise RuntimeError(f"the stack exited with {self.process.returncode}:\n{self.tail()}")
 
+    def service_headers(self) -> dict[str, str]:
+        """The service credential, which status details (addresses, counters) require."""
+        return {SERVICE_TOKEN_HEADER: read_secret(self.layout.service_secret)}
+
     def tail(self, lines: int = 40) -> str:
         try:
             return "\n".join(self.output.read_text(errors="replace").splitlines()[-lines:])
@@ -87,3 +96,8 @@ class StackProcess:
 
     def remove(self) -> None:
         shutil.rmtree(self.state_dir, ignore_errors=True)
+
+
+def service_headers() -> dict[str, str]:
+    """The running session stack's service credential (empty before a stack started)."""
+    return StackProcess.current.service_headers() if StackProcess.current is not None else {}

@@ -188,7 +188,7 @@ async def test_signin_rejects_bad_bodies(a1: str, body: dict) -> None:
     assert reply.json["detail"]
 
 
-async def test_repeated_failures_lock_the_username_across_instances(a1: str, a2: str) -> None:
+async def test_repeated_failures_lock_the_username_for_this_client_across_instances(a1: str, a2: str) -> None:
     body, created = await signup(a1)
     assert created.code == 201
     bad = {"username": body["username"], "password": "not the password"}
@@ -200,7 +200,8 @@ async def test_repeated_failures_lock_the_username_across_instances(a1: str, a2:
     locked = await call("POST", a2 + "/authen/signin", bad)
     assert locked.code == 429, locked
     assert int(locked.headers["Retry-After"]) >= 1
-    # Even the right password is refused while the username is locked.
+    # Even the right password is refused to this client while the username is locked for it
+    # (another client is not: tests/test_hardening_services.py).
     right = await call("POST", a1 + "/authen/signin", {"username": body["username"], "password": body["password"]})
     assert right.code == 429
     # Another username is unaffected.

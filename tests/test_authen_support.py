@@ -9,6 +9,7 @@ from typing import Any, AsyncIterator
 import psycopg
 
 from tests.http import Reply, call
+from tests.stackproc import service_headers
 
 
 def new_username(prefix: str = "u") -> str:
@@ -32,7 +33,7 @@ async def signup(base: str, **kw: Any) -> tuple[dict, Reply]:
 
 
 async def status(base: str) -> dict:
-    reply = await call("GET", base + "/utilities/status")
+    reply = await call("GET", base + "/utilities/status", headers=service_headers())
     assert reply.code == 200, reply
     return reply.json
 

@@ -15,7 +15,7 @@ from tornado.httpclient import HTTPRequest
 from tornado.websocket import WebSocketClientConnection, websocket_connect
 
 from tests.http import call
-from tests.stackproc import StackProcess
+from tests.stackproc import StackProcess, service_headers
 from tests.util import wait_until
 
 
@@ -50,7 +50,7 @@ async def start_chat(base: str, customer: ChatUser, employee: ChatUser) -> str:
 
 
 async def status(base: str) -> dict:
-    reply = await call("GET", base + "/utilities/status")
+    reply = await call("GET", base + "/utilities/status", headers=service_headers())
     assert reply.code == 200, reply
     return reply.json
 

@@ -20,19 +20,11 @@ from tornado.httpclient import HTTPClientError
 from chat.cache import TOMBSTONE
 from tests.http import call
 from tests.procs import ServiceProcess
-from tests.stackproc import ADMIN_PASSWORD, ADMIN_USERNAME, StackProcess
+from tests.stackproc import StackProcess
 from tests.test_chat_support import ChatClient, ChatUser, make_user, socket_url, start_chat
 from tests.util import free_port, wait_until
 
 PASSWORD = "correct horse"
-
-
-@pytest.fixture(scope="module")
-async def admin_token(stack: StackProcess) -> str:
-    reply = await call("POST", stack.url("gateway") + "/authen/authen/signin",
-                       {"username": ADMIN_USERNAME, "password": ADMIN_PASSWORD})
-    assert reply.code == 200, reply
-    return reply.json["token"]
 
 
 def service_secret(stack: StackProcess) -> str:

@@ -74,7 +74,8 @@ async def gateway_instances(http: aiohttp.ClientSession, gw_url: str, service: s
 
 
 async def authen_status(http: aiohttp.ClientSession, stack: Any, index: int) -> dict:
-    return (await fetch(http, "GET", stack.url("authen", index) + "/utilities/status")).json
+    return (await fetch(http, "GET", stack.url("authen", index) + "/utilities/status",
+                        headers=stack.service_headers())).json
 
 
 async def sleepy_received(http: aiohttp.ClientSession, stack: Any) -> int:
