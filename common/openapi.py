@@ -99,10 +99,11 @@ def _absent_not_null(schema: dict[str, Any]) -> None:
             schema.update(kept[0])
 
 
-def optional_param(description: str | None = None) -> Any:
+def optional_param(description: str | None = None, *, alias: str | None = None) -> Any:
     """A field that may be absent: None in the model, neither ``null`` nor a default in the
-    spec (an integer's bounds go in its type: ``bounded_int(1, 9) | None``)."""
-    return Field(None, json_schema_extra=_absent_not_null, description=description)
+    spec (an integer's bounds go in its type: ``bounded_int(1, 9) | None``). ``alias``: the
+    parameter's name when it is no Python name (``from``)."""
+    return Field(None, json_schema_extra=_absent_not_null, description=description, alias=alias)
 
 
 class QueryModel(BaseModel):
@@ -256,8 +257,8 @@ def _query_parameters(model: type[BaseModel], schemas: Schemas) -> list[dict[str
 def _content(tp: Any, schemas: Schemas) -> dict[str, Any] | None:
     if tp is None:
         return None
-    if tp == TEXT_PLAIN:
-        return {TEXT_PLAIN: {"schema": {"type": "string"}}}
+    if isinstance(tp, str):  # a media type (TEXT_PLAIN, "text/html", "*/*"): not JSON
+        return {tp: {"schema": {"type": "string"}}}
     return {"application/json": {"schema": schemas.schema(tp, "serialization")}}
 
 

@@ -57,7 +57,7 @@ DEFAULT_RATE_LIMITS = [
 class GatewaySettings(ServiceSettings):
     port: int = 8000
     # Service types routed as /<type>/<rest> -> /<rest> on an instance of that type.
-    gateway_services: str = "authen,chat"
+    gateway_services: str = "authen,chat,etl"
 
     timeout_ms: int = Field(default=6000, ge=1, le=600_000)
     # Per-attempt bound (0: an attempt may use all that is left of TIMEOUT_MS).

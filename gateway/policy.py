@@ -44,6 +44,8 @@ PUBLIC_ROUTES: tuple[tuple[frozenset[str] | None, re.Pattern[str]], ...] = (
     (frozenset({"GET", "HEAD"}), re.compile(r"/authen/list/employee/?")),
     (frozenset({"GET", "HEAD"}), re.compile(r"/[a-z][a-z0-9_-]*/utilities/status/?")),
     (frozenset({"GET", "HEAD", "POST"}), re.compile(r"/authen/utilities/sleepy/?")),
+    # The analytics page and its static files hold no data (its script signs in).
+    (frozenset({"GET", "HEAD"}), re.compile(r"/etl/(dashboard/?|static/[A-Za-z0-9._/-]+)")),
     (frozenset({"OPTIONS"}), re.compile(r"/.*")),
 )
 # Test aids that the gateway routes only when ENABLE_SLEEPY is set (never in production).

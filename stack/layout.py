@@ -100,6 +100,7 @@ def service_env(layout: Layout) -> dict[str, str]:
     """The environment every service process gets: every URL and public key path,
     explicitly (the private key's path only through :func:`signing_env`)."""
     replicas = ",".join(layout.pg_url("authen", i) for i in (1, 2))
+    warehouse_replicas = ",".join(layout.pg_url("warehouse", i) for i in (1, 2))
     return {
         "DISCOVERY_URL": layout.discovery_url,
         "REDIS_URL": layout.redis_url,
@@ -109,6 +110,7 @@ def service_env(layout: Layout) -> dict[str, str]:
         "AUTHEN_REPLICA_URLS": replicas,
         "COORDINATOR_DATABASE_URL": layout.pg_url("coordinator"),
         "WAREHOUSE_DATABASE_URL": layout.pg_url("warehouse"),
+        "WAREHOUSE_REPLICA_URLS": warehouse_replicas,
         "GATEWAY_PUBLIC_URL": layout.gateway_url,
         "JWT_PUBLIC_KEY_FILE": str(layout.jwt_public_key.resolve()),
         "SERVICE_SECRET_FILE": str(layout.service_secret.resolve()),

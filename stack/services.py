@@ -38,6 +38,7 @@ SERVICES: list[ServiceSpec] = [
     ServiceSpec("authen", "authen", "authen", env={"ENABLE_SLEEPY": "1"}, signs_tokens=True,
                 setup=(("migrate",), ("create-admin", "--if-configured"))),
     ServiceSpec("chat", "chat", "chat"),
+    ServiceSpec("etl", "etl", "etl", setup=(("migrate",),)),
     # The local stack routes the test-only sleepy endpoint (as authen serves it).
     ServiceSpec("gateway", "gateway", "gateway", env={"ENABLE_SLEEPY": "1"}, health_path="/status"),
 ]

@@ -1,7 +1,7 @@
 """Schemathesis hooks for tests/test_fuzz.py (loaded by the `st` process through SCHEMATHESIS_HOOKS).
 
 Settings come from the environment the test sets:
-FUZZ_ADMIN_TOKEN, FUZZ_CUSTOMER_TOKEN  bearer tokens (admin paths get the admin's)
+FUZZ_ADMIN_TOKEN, FUZZ_CUSTOMER_TOKEN  bearer tokens (/admin and /etl paths get the admin's)
 FUZZ_VICTIMS                           user ids the fuzzer may delete (comma list)
 FUZZ_CHAT_ID                           a chat of the fuzzing customer, so that /chats/connect
                                        and /chats/history reach the database, not only the 404
@@ -27,10 +27,10 @@ ID_RE = re.compile(r"[0-9]{1,18}")
 
 @schemathesis.auth(refresh_interval=None, retry_on=[])
 class Tokens:
-    """The admin's token on the admin API, the customer's everywhere else."""
+    """The admin's token on the admin and analytics APIs, the customer's everywhere else."""
 
     def get(self, case: schemathesis.Case, ctx: schemathesis.AuthContext) -> str:
-        return ADMIN_TOKEN if case.operation.path.startswith("/admin/") else CUSTOMER_TOKEN
+        return ADMIN_TOKEN if case.operation.path.startswith(("/admin/", "/etl/")) else CUSTOMER_TOKEN
 
     def set(self, case: schemathesis.Case, data: str, ctx: schemathesis.AuthContext) -> None:
         case.headers = {**(case.headers or {}), "Authorization": f"Bearer {data}"}
