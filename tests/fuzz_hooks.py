@@ -5,6 +5,8 @@ FUZZ_ADMIN_TOKEN, FUZZ_CUSTOMER_TOKEN  bearer tokens (/admin and /etl paths get 
 FUZZ_VICTIMS                           user ids the fuzzer may delete (comma list)
 FUZZ_CHAT_ID                           a chat of the fuzzing customer, so that /chats/connect
                                        and /chats/history reach the database, not only the 404
+FUZZ_BARBER_ID                         the barber of that chat (for the analytics of one barber)
+FUZZ_STATIC_FILE                       a file the etl service serves under /static/
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ ADMIN_TOKEN = os.environ.get("FUZZ_ADMIN_TOKEN", "")
 CUSTOMER_TOKEN = os.environ.get("FUZZ_CUSTOMER_TOKEN", "")
 VICTIMS = [v for v in os.environ.get("FUZZ_VICTIMS", "").split(",") if v]
 CHAT_ID = os.environ.get("FUZZ_CHAT_ID", "")
+BARBER_ID = os.environ.get("FUZZ_BARBER_ID", "")
+STATIC_FILE = os.environ.get("FUZZ_STATIC_FILE", "")
 # An id no user has: deletions the fuzzer aims anywhere but at a victim go here (404).
 NOBODY = "999999999999999"
 ID_RE = re.compile(r"[0-9]{1,18}")
@@ -40,10 +44,22 @@ def _pick(value: Any, choices: list[str]) -> str:
     return choices[zlib.crc32(str(value).encode()) % len(choices)]
 
 
+def _mostly(value: Any) -> bool:
+    """Three in four values (decided by the value, so a run is repeatable)."""
+    return zlib.crc32(str(value).encode()) % 4 != 0
+
+
+def _real_path_parameter(case: schemathesis.Case, name: str, real: str, valid: re.Pattern[str]) -> None:
+    value = (case.path_parameters or {}).get(name)
+    if real and value is not None and valid.fullmatch(str(value)) and _mostly(value):
+        case.path_parameters = {**case.path_parameters, name: real}
+
+
 @schemathesis.hook
 def before_call(context: schemathesis.HookContext, case: schemathesis.Case, kwargs: dict[str, Any]) -> None:
     """Deletions only ever reach the victims (or nobody): every other user, the fuzzer's own
-    and the admin included, must survive the run. Three in four valid chat ids become the real chat."""
+    and the admin included, must survive the run. Three in four valid chat ids, barber ids
+    and static paths become real ones, so those operations reach more than their 404."""
     op = case.operation
     if op.method.upper() == "DELETE" and op.path == "/admin/users/{user_id}":
         uid = (case.path_parameters or {}).get("user_id")
@@ -51,5 +67,9 @@ def before_call(context: schemathesis.HookContext, case: schemathesis.Case, kwar
             case.path_parameters = {**case.path_parameters, "user_id": _pick(uid, [*VICTIMS, NOBODY])}
     if CHAT_ID and op.path in ("/chat/chats/connect", "/chat/chats/history"):
         chat = (case.query or {}).get("id")
-        if isinstance(chat, str) and 0 < len(chat) <= 64 and zlib.crc32(chat.encode()) % 4 != 0:
+        if isinstance(chat, str) and 0 < len(chat) <= 64 and _mostly(chat):
             case.query = {**case.query, "id": CHAT_ID}
+    if op.path == "/etl/analytics/barbers/{barber_id}/daily":
+        _real_path_parameter(case, "barber_id", BARBER_ID, ID_RE)
+    if op.path == "/etl/static/{path}":
+        _real_path_parameter(case, "path", STATIC_FILE, re.compile(r"[^/]+"))

@@ -96,6 +96,8 @@ async def test_fuzz_the_public_api(stack: StackProcess) -> None:
         "FUZZ_CUSTOMER_TOKEN": customer.token,
         "FUZZ_VICTIMS": ",".join(str(v.id) for v in victims),
         "FUZZ_CHAT_ID": chat_id,
+        "FUZZ_BARBER_ID": str(barber.id),
+        "FUZZ_STATIC_FILE": "dashboard.html",
     }
     proc = await asyncio.create_subprocess_exec(
         st_command(), "run", gateway + "/openapi.json",
