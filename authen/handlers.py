@@ -7,16 +7,16 @@ import asyncio
 from dataclasses import dataclass
 
 from authen import participant, users
+from authen.schemas import (SLEEPY_MAX_S, CheckQuery, Employee, EmployeeQuery, SignupResult, SleepyQuery,
+                            SleepyResult, UserProfile)
 from authen.settings import AuthenSettings
 from common.errors import BadRequest, NotFound
 from common.handler import BaseHandler
+from common.openapi import StatusBody, api
 from common.participant import PrepareRequest, crash_point
 
 DEPS = "authen.deps"
 STATE = "authen.state"
-
-SLEEPY_MAX_S = 60.0
-
 
 def sleepy_seconds(requested: float) -> float:
     """Sleepy never holds a request longer than a minute, whatever is asked."""
@@ -42,6 +42,8 @@ class AuthenHandler(BaseHandler):
 
 
 class SignupHandler(AuthenHandler):
+    @api("Sign up as a customer or an employee", body=users.SignupRequest, responses={201: SignupResult},
+         errors=(409,))
     async def post(self) -> None:
         req = self.parse_body(users.SignupRequest)
         user_id = await users.signup(self.deps, req)
@@ -49,21 +51,24 @@ class SignupHandler(AuthenHandler):
 
 
 class SigninHandler(AuthenHandler):
+    @api("Sign in: a bearer token", body=users.SigninRequest, responses={200: users.SigninResult},
+         errors=(401, 429))
     async def post(self) -> None:
         req = self.parse_body(users.SigninRequest)
         self.write_json(await users.signin(self.deps, req, self.client_ip()))
 
 
 class EmployeeListHandler(AuthenHandler):
+    @api("The barbers (employees), by id", query=EmployeeQuery, responses={200: list[Employee]})
     async def get(self) -> None:
-        limit = self.query_int("limit", 100, minimum=1, maximum=1000)
-        offset = self.query_int("offset", 0, minimum=0, maximum=2**31 - 1)
-        self.write_json(await users.list_employees(self.deps, limit=limit, offset=offset))
+        q = self.parse_query(EmployeeQuery)
+        self.write_json(await users.list_employees(self.deps, limit=q.limit, offset=q.offset))
 
 
 class CheckHandler(AuthenHandler):
+    @api("An active user's public profile", query=CheckQuery, responses={200: UserProfile}, errors=(404,))
     async def get(self) -> None:
-        user_id = self.query_int("user_id")
+        user_id = self.parse_query(CheckQuery).user_id
         user = await users.check(self.deps, user_id)
         if user is None:
             raise NotFound(f"no user with id {user_id}")
@@ -74,6 +79,7 @@ class StatusHandler(AuthenHandler):
     """Public: up or degraded. Database addresses, errors and counters only for callers
     with the service credential or an admin token."""
 
+    @api("This instance's health (details for services and admins)", responses={200: StatusBody})
     def get(self) -> None:
         router = self.deps.router
         body: dict = {
@@ -99,7 +105,7 @@ class SleepyHandler(AuthenHandler):
 
     async def _sleep(self) -> None:
         self.state.sleepy_received += 1
-        seconds = sleepy_seconds(self.query_float("seconds", 5.0, minimum=0.0, maximum=float("inf")))
+        seconds = sleepy_seconds(self.parse_query(SleepyQuery).seconds)
         self.state.sleepy_active += 1
         try:
             await asyncio.sleep(seconds)
@@ -108,9 +114,11 @@ class SleepyHandler(AuthenHandler):
         self.write_json({"detail": f"slept {seconds:g} seconds", "seconds": seconds,
                          "instance": self.state.instance})
 
+    @api("Sleep (a test aid: only with ENABLE_SLEEPY=1)", query=SleepyQuery, responses={200: SleepyResult})
     async def get(self) -> None:
         await self._sleep()
 
+    @api("Sleep (a test aid: only with ENABLE_SLEEPY=1)", query=SleepyQuery, responses={200: SleepyResult})
     async def post(self) -> None:
         await self._sleep()
 

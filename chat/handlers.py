@@ -22,6 +22,8 @@ from chat.context import ChatContext
 from chat.chats import CLOSE_DELETING, CLOSE_TOO_MANY_SOCKETS, CLOSE_UNAUTHENTICATED
 from chat.fanout import CLOSE_TOO_SLOW, CLOSE_UNAVAILABLE, Subscription
 from chat.metrics import render
+from chat.schemas import (ChatQuery, ChatRef, ChatSummary, HistoryPage, HistoryQuery, ListQuery, PurgeQuery,
+                          StartQuery)
 from chat.participant import ChatParticipant
 from chat.store import StoreUnavailable
 from chat.users import AuthenUnavailable
@@ -29,6 +31,7 @@ from common.errors import BadRequest, Conflict
 from common.handler import VERIFIER, BaseHandler, decode_json_object
 from common.participant import PrepareRequest, crash_point
 from common.logs import REQUEST_ID_HEADER, new_request_id, request_id_var
+from common.openapi import TEXT_PLAIN, StatusBody, api
 from common.tokens import Claims, InvalidToken, TokenVerifier
 
 log = logging.getLogger("barber.chat.ws")
@@ -45,49 +48,51 @@ class ChatHandler(BaseHandler):
     def ws_base(self) -> str:
         return chats.ws_base(self.ctx.settings.gateway_public_url)
 
-    def chat_id_arg(self) -> str:
-        chat_id = self.get_query_argument("id", "") or ""
-        if not chat_id:
-            raise BadRequest("id: query parameter is required")
-        return chat_id
 
 
 class StartChatHandler(ChatHandler):
+    @api("Start (or find) the caller's chat with a barber; customers only", query=StartQuery,
+         responses={201: ChatRef, 200: ChatRef}, errors=(403, 404, 409, 503), auth=True)
     async def post(self) -> None:
         caller = self.require_user()
-        employee_id = self.query_int("employee_id", minimum=1)
+        employee_id = self.parse_query(StartQuery).employee_id
         body, created = await chats.start_chat(self.ctx.store, self.ctx.users, caller, employee_id, self.ws_base)
         self.write_json(body, 201 if created else 200)
 
 
 class ListMyHandler(ChatHandler):
+    @api("The caller's chats, newest activity first", query=ListQuery, responses={200: list[ChatSummary]},
+         errors=(503,), auth=True)
     async def get(self) -> None:
         caller = self.require_user()
-        limit = self.query_int("limit", chats.LIST_DEFAULT, minimum=1, maximum=chats.LIST_MAX)
-        offset = self.query_int("offset", 0, minimum=0, maximum=1_000_000)
+        q = self.parse_query(ListQuery)
         self.write_json(await chats.list_mine(self.ctx.store, self.ctx.users, caller, self.ws_base,
-                                              limit=limit, offset=offset))
+                                              limit=q.limit, offset=q.offset))
 
 
 class ConnectHandler(ChatHandler):
+    @api("The socket URL of one of the caller's chats", query=ChatQuery, responses={200: ChatRef},
+         errors=(403, 404, 409, 503), auth=True)
     async def get(self) -> None:
         caller = self.require_user()
-        self.write_json(await chats.connect(self.ctx.store, caller, self.chat_id_arg(), self.ws_base))
+        chat_id = self.parse_query(ChatQuery).id
+        self.write_json(await chats.connect(self.ctx.store, caller, chat_id, self.ws_base))
 
 
 class HistoryHandler(ChatHandler):
+    @api("Older messages of one of the caller's chats, newest first", query=HistoryQuery,
+         responses={200: HistoryPage}, errors=(403, 404, 503), auth=True)
     async def get(self) -> None:
         caller = self.require_user()
-        chat_id = self.chat_id_arg()
-        before = self.query_int("before", 0, minimum=1) or None
-        limit = self.query_int("limit", 50, minimum=1, maximum=chats.HISTORY_MAX)
-        self.write_json(await chats.history(self.ctx.store, caller, chat_id, before, limit))
+        q = self.parse_query(HistoryQuery)
+        self.write_json(await chats.history(self.ctx.store, caller, q.id, q.before, q.limit))
 
 
 class StatusHandler(ChatHandler):
     """Public: up or degraded. Counters and errors only for callers with the service
     credential or an admin token."""
 
+    @api("This instance's health (details for services and admins)", responses={200: StatusBody})
     async def get(self) -> None:
         ctx = self.ctx
         try:
@@ -118,6 +123,7 @@ class StatusHandler(ChatHandler):
 
 
 class MetricsHandler(ChatHandler):
+    @api("Prometheus metrics of this instance", responses={200: TEXT_PLAIN})
     def get(self) -> None:
         self.set_header("Content-Type", CONTENT_TYPE_LATEST)
         self.finish(render(self.application.settings["chat.metrics"]))
@@ -227,6 +233,16 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
             log.warning("closing a socket of user#%s: %d bytes not taken by the client",
                         self.sub.user.id if self.sub else "?", self._buffered)
         self.close(code, reason)
+
+    @api("The real-time chat socket (a WebSocket upgrade)", responses={101: None}, errors=(400,),
+         path_names=("chat_id",), extensions={"x-websocket": True}, description=(
+             "Token as `?token=` or the `Sec-WebSocket-Protocol` pair `bearer, <token>`; `?since=<seq>` first "
+             "replays every later message. Client frames `{\"type\": \"chat_message\", \"message\": str, "
+             "\"client_id\"?: str}`; server frames as in the history's messages, or `{\"type\": \"error\", "
+             "\"code\", \"detail\"}`. Close codes: 4401 not authenticated, 4403 not a participant, 4404 no "
+             "such chat, 4409 chat being deleted."))
+    async def get(self, *args: Any, **kwargs: Any) -> None:
+        await super().get(*args, **kwargs)
 
     # -- protocol ---------------------------------------------------------------------
     def _send_json(self, obj: dict[str, Any]) -> None:
@@ -398,7 +414,7 @@ class TxListHandler(InternalHandler):
 
 class PurgeHandler(InternalHandler):
     async def post(self, user_id: str) -> None:
-        limit = self.query_int("limit", 2000, minimum=1, maximum=100_000)
+        limit = self.parse_query(PurgeQuery).limit
         self.write_json(await self.participant.purge(int(user_id), limit))
 
 

@@ -1,6 +1,6 @@
 """The base Tornado handler: request ids, JSON in and out, typed errors, identity.
 
-Handlers stay thin: parse with :meth:`BaseHandler.parse_body` / the ``query_*`` helpers,
+Handlers stay thin: parse with :meth:`BaseHandler.parse_body` / :meth:`BaseHandler.parse_query`,
 call a domain function, :meth:`BaseHandler.write_json` the result. Anything raised as an
 :class:`~common.errors.APIError` becomes ``{"detail": ...}`` with its status here, in
 one place; anything else becomes a logged 500 without a traceback to the client.
@@ -22,6 +22,7 @@ from common import internal
 from common.config import Network
 from common.errors import APIError, BadRequest, Forbidden, NotFound, PayloadTooLarge, Unauthorized
 from common.logs import REQUEST_ID_HEADER, level_for_status, new_request_id, request_id_var
+from common.openapi import implemented_methods
 from common.tokens import Claims, InvalidToken, TokenVerifier
 
 log = logging.getLogger("barber.http")
@@ -204,6 +205,9 @@ class BaseHandler(tornado.web.RequestHandler):
         exc = kwargs.get("exc_info", (None, None, None))[1]
         if hasattr(self, "request_id"):
             self.set_header(REQUEST_ID_HEADER, self.request_id)
+        if status_code == 405:
+            # RFC 9110 15.5.6: a 405 lists the methods the resource does support.
+            self.set_header("Allow", ", ".join(implemented_methods(type(self))))
         if isinstance(exc, APIError):
             detail = exc.detail
             for name, value in exc.headers.items():
@@ -221,37 +225,17 @@ class BaseHandler(tornado.web.RequestHandler):
             raise BadRequest("Content-Type must be application/json")
         return validate(model, decode_json_object(self.request.body or b""))
 
-    def query_int(self, name: str, default: int | None = None, *, minimum: int | None = None,
-                  maximum: int | None = None) -> int:
-        raw = self.get_query_argument(name, None)
-        if raw is None or raw == "":
-            if default is None:
-                raise BadRequest(f"{name}: query parameter is required")
-            return default
-        try:
-            value = int(raw)
-        except ValueError as e:
-            raise BadRequest(f"{name}: must be an integer") from e
-        if minimum is not None and value < minimum:
-            raise BadRequest(f"{name}: must be at least {minimum}")
-        if maximum is not None and value > maximum:
-            raise BadRequest(f"{name}: must be at most {maximum}")
-        return value
+    def parse_query(self, model: type[M]) -> M:
+        """The query string validated into ``model`` (a :class:`common.openapi.QueryModel`):
+        the last value of each parameter, as ``get_query_argument`` takes it; bounds and
+        types come from the model's fields, so a bad value is a 400 naming the parameter."""
+        data = {name: self.decode_argument(values[-1], name=name)
+                for name, values in self.request.query_arguments.items() if values}
+        return validate(model, data)
 
-    def query_float(self, name: str, default: float | None = None, *, minimum: float | None = None,
-                    maximum: float | None = None) -> float:
-        raw = self.get_query_argument(name, None)
-        if raw is None or raw == "":
-            if default is None:
-                raise BadRequest(f"{name}: query parameter is required")
-            return default
-        try:
-            value = float(raw)
-        except ValueError as e:
-            raise BadRequest(f"{name}: must be a number") from e
-        if value != value or (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
-            raise BadRequest(f"{name}: must be between {minimum} and {maximum}")
-        return value
+    def parse_path(self, model: type[M], *groups: str) -> M:
+        """The route's groups (the handler method's arguments) validated into ``model``."""
+        return validate(model, dict(zip(model.model_fields, groups)))
 
     # -- identity ------------------------------------------------------------------
     def get_current_user(self) -> Claims | None:

@@ -29,6 +29,7 @@ from common.discovery import Registration
 from common.handler import (INFLIGHT, MAX_BODY, REVOCATIONS, SERVICE_SECRET, TRUSTED_PROXIES, VERIFIER, Inflight, NotFoundHandler,
                             log_request)
 from common.logs import setup_logging
+from common.openapi import with_fragment
 from common.tokens import Revocations, TokenVerifier
 
 log = logging.getLogger("barber.service")
@@ -95,7 +96,8 @@ def make_app(settings: ServiceSettings, routes: list, **extra: Any) -> tornado.w
     if settings.service_secret_file.exists():
         app_settings[SERVICE_SECRET] = internal.read_secret(settings.service_secret_file)
     app_settings.update(extra)
-    return tornado.web.Application(routes, **app_settings)
+    # Every service serves its part of the OpenAPI document to the gateway (internal path).
+    return tornado.web.Application(with_fragment(routes), **app_settings)
 
 
 async def serve(settings: ServiceSettings, service: ServiceApp) -> None:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import uuid
-
-from common.errors import BadRequest, NotFound
+from common.errors import NotFound
 from common.handler import BaseHandler
+from common.openapi import api
 from coordinator.deletion import Coordinator
-
-TX_STATES = ("running", "committed", "aborted")
+from coordinator.schemas import (DeleteQuery, DeletionStarted, Transaction, TransactionList, TransactionPath,
+                                 TransactionsQuery)
 
 
 class CoordinatorHandler(BaseHandler):
@@ -16,19 +15,15 @@ class CoordinatorHandler(BaseHandler):
         self.coordinator = coordinator
 
 
-def _tx_id(raw: str) -> uuid.UUID:
-    try:
-        return uuid.UUID(raw)
-    except ValueError as e:
-        raise BadRequest("transaction id must be a UUID") from e
-
-
 class DeleteUserHandler(CoordinatorHandler):
+    @api("Delete a user and all their chats, atomically (admin)", query=DeleteQuery,
+         responses={200: DeletionStarted, 202: DeletionStarted}, errors=(403, 404, 409, 502, 503), auth=True,
+         headers={202: {"Location": "the transaction's URL"}})
     async def delete(self, user_id: str) -> None:
         self.require_user("admin")
-        mode = self.get_query_argument("mode", "2pc")
-        if mode not in ("2pc", "saga"):
-            raise BadRequest("mode: must be 2pc or saga")
+        mode = self.parse_query(DeleteQuery).mode
+        if int(user_id) < 1:
+            raise NotFound(f"no user with id {user_id}")
         tx = await self.coordinator.delete_user(int(user_id), mode)
         body = {"transaction_id": str(tx.id), "state": tx.state}
         if tx.mode == "saga":
@@ -41,23 +36,23 @@ class DeleteUserHandler(CoordinatorHandler):
 
 
 class TransactionHandler(CoordinatorHandler):
+    @api("A deletion's state, participants and steps (admin)", responses={200: Transaction},
+         errors=(400, 403, 404, 503), auth=True, path=TransactionPath)
     async def get(self, raw_id: str) -> None:
         self.require_user("admin")
-        tx = await self.coordinator.txlog.get(_tx_id(raw_id))
+        tx = await self.coordinator.txlog.get(self.parse_path(TransactionPath, raw_id).transaction_id)
         if tx is None:
             raise NotFound(f"no transaction {raw_id}")
         self.write_json(tx.to_json())
 
 
 class TransactionListHandler(CoordinatorHandler):
+    @api("Deletions, newest first (admin)", query=TransactionsQuery, responses={200: TransactionList},
+         errors=(403, 503), auth=True)
     async def get(self) -> None:
         self.require_user("admin")
-        state = self.get_query_argument("state", None) or None
-        if state is not None and state not in TX_STATES:
-            raise BadRequest(f"state: must be one of {', '.join(TX_STATES)}")
-        user_id = self.query_int("user_id", minimum=1) if "user_id" in self.request.query_arguments else None
-        limit = self.query_int("limit", 50, minimum=1, maximum=500)
-        txs = await self.coordinator.txlog.list(state, user_id, limit)
+        q = self.parse_query(TransactionsQuery)
+        txs = await self.coordinator.txlog.list(q.state, q.user_id, q.limit)
         self.write_json({"transactions": [tx.to_json() for tx in txs]})
 
 

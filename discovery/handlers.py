@@ -7,6 +7,7 @@ from pydantic import BaseModel, Field
 
 from common.errors import BadRequest, NotFound
 from common.handler import BaseHandler, decode_json_object, validate
+from common.openapi import QueryFloat, QueryModel
 from discovery.config import DiscoverySettings
 from discovery.registry import TYPE_RE, Registry, Watchers, wait_for_change
 
@@ -21,6 +22,11 @@ class RegisterBody(BaseModel):
     type: str = Field(pattern=TYPE_RE.pattern)
     host: str = Field(min_length=1, max_length=255, pattern=r"^[A-Za-z0-9.:\[\]_-]+$")
     port: int = Field(ge=1, le=65535)
+
+
+class ListingQuery(QueryModel):
+    version: str | None = Field(None, max_length=64, description="the listing's version the caller has")
+    wait: QueryFloat = Field(0.0, ge=0.0, le=300.0, description="seconds to wait for a change of version")
 
 
 def parse_register(raw: bytes) -> RegisterBody:
@@ -82,9 +88,10 @@ class ServicesHandler(DiscoveryHandler):
     async def get(self, type_: str) -> None:
         if not TYPE_RE.fullmatch(type_):
             raise BadRequest("type: must be lower-case letters, digits, '-' or '_'")
-        version = self.get_query_argument("version", None) or None
-        wait_s = self.query_float("wait", 0.0, minimum=0.0, maximum=self.config.max_wait_s)
-        listing = await wait_for_change(self.registry, self.watchers, type_, version, wait_s)
+        q = self.parse_query(ListingQuery)
+        if q.wait > self.config.max_wait_s:
+            raise BadRequest(f"wait: must be at most {self.config.max_wait_s:g}")
+        listing = await wait_for_change(self.registry, self.watchers, type_, q.version or None, q.wait)
         self.write_json(listing.as_dict())
 
 

@@ -17,15 +17,18 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from common import internal
 from common.config import chat_frame_bytes
 from common.discovery import InstanceView
+from common.openapi import fragment
 from common.service import ServiceApp, make_app
 from gateway.breaker import BreakerConfig, State
 from gateway.config import GatewaySettings
 from gateway.context import GATEWAY, GatewayContext
-from gateway.handlers import routes
+from gateway.handlers import OPENAPI, routes
 from gateway.limiter import Limiter
 from gateway.metrics import GatewayMetrics
+from gateway.openapi import SpecSource
 from gateway.proxy import Proxy, make_session
 from gateway.upstreams import Breakers, Service
 
@@ -99,12 +102,17 @@ async def build(settings: GatewaySettings, plugins: Sequence[str] | None = None)
     if not settings.jwt_public_key_file.exists():
         log.error("no JWT public key at %s: every path that needs a token will answer 401",
                   settings.jwt_public_key_file)
-    app = make_app(settings, extra_routes + routes(settings.services),
+    table = extra_routes + routes(settings.services)
+    secret = internal.read_secret(settings.service_secret_file) if settings.service_secret_file.exists() else ""
+    spec = SpecSource(settings, fragment(table), lambda name: services[name].instances, session, secret)
+    app = make_app(settings, table,
                    websocket_max_message_size=chat_frame_bytes(settings.chat_max_message_chars),
                    websocket_ping_interval=settings.ws_ping_interval_s,
-                   websocket_ping_timeout=settings.ws_ping_timeout_s, **{GATEWAY: ctx})
+                   websocket_ping_timeout=settings.ws_ping_timeout_s, **{GATEWAY: ctx, OPENAPI: spec})
+    spec.start()
 
     async def close() -> None:
+        await spec.stop()
         for closer in closers:
             await closer()
         for svc in services.values():

@@ -23,6 +23,7 @@ from tornado.httputil import HTTPServerRequest
 from common.errors import APIError, BadGateway, BadRequest, NotFound, Unauthorized
 from common.handler import VERIFIER, BaseHandler, bearer_token
 from common.logs import REQUEST_ID_HEADER, REQUEST_ID_RE, request_id_var, sane_request_id
+from common.openapi import TEXT_PLAIN, StatusBody, api
 from common.tokens import Claims, InvalidToken, TokenVerifier
 from gateway.context import GATEWAY, GatewayContext
 from gateway.limiter import RateCharge
@@ -39,6 +40,9 @@ from gateway.policy import (
 )
 
 log = logging.getLogger("barber.gateway")
+
+# Application settings key of the gateway.openapi.SpecSource.
+OPENAPI = "gateway.openapi"
 
 ROUTE_LABEL = re.compile(r"[A-Za-z0-9_-]{1,32}")
 
@@ -93,6 +97,8 @@ class ProxyHandler(GatewayHandler):
     """``/<service>/<rest>`` -> ``/<rest>`` on an instance of ``<service>``."""
 
     SUPPORTED_METHODS = ("GET", "HEAD", "POST", "DELETE", "PATCH", "PUT", "OPTIONS")
+    # Its operations are the services' own, which the public document takes from them.
+    openapi_exclude = True
 
     def compute_etag(self) -> None:
         # The upstream's ETag (if any) is passed through; the gateway adds none.
@@ -190,6 +196,7 @@ class WebSocketProxyHandler(tornado.websocket.WebSocketHandler):
     a valid one the socket is accepted and closed with 4401, as the chat protocol says."""
 
     request_id: str
+    openapi_exclude = True
     _upstream: tornado.websocket.WebSocketClientConnection | None = None
     _reject: tuple[int, str] | None = None
     _pump: asyncio.Task[None] | None = None
@@ -359,6 +366,7 @@ class StatusHandler(GatewayHandler):
     """Public: up. Instance addresses, breakers, limits and configuration only for callers
     with the service credential or an admin token (and only then computed: it reads Redis)."""
 
+    @api("The gateway: instances with breaker state, in-flight and load", responses={200: StatusBody})
     async def get(self) -> None:
         if not self.may_see_details():
             s = self.gw.settings
@@ -368,10 +376,17 @@ class StatusHandler(GatewayHandler):
 
 
 class MetricsHandler(GatewayHandler):
+    @api("Prometheus metrics of this gateway", responses={200: TEXT_PLAIN})
     def get(self) -> None:
         self.gw.refresh_gauges()
         self.set_header("Content-Type", CONTENT_TYPE_LATEST)
         self.finish(self.gw.metrics.render())
+
+
+class OpenAPIHandler(GatewayHandler):
+    @api("This document: the public API (OpenAPI 3.1)", responses={200: dict[str, Any]})
+    def get(self) -> None:
+        self.finish(self.settings[OPENAPI].body)
 
 
 def routes(services: list[str]) -> list[Any]:
@@ -379,6 +394,7 @@ def routes(services: list[str]) -> list[Any]:
     return [
         (r"/status", StatusHandler),
         (r"/metrics", MetricsHandler),
+        (r"/openapi.json", OpenAPIHandler),
         Rule(WebSocketMatches(rf"/({names})/(.*)"), WebSocketProxyHandler),
         (rf"/({names})/(.*)", ProxyHandler),
     ]

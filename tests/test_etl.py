@@ -16,7 +16,7 @@ from tests.etl_support import (
 from tests.http import call
 from tests.stackproc import StackProcess
 from tests.test_chat_support import ChatClient, ChatUser, make_user, socket_url, start_chat
-from tests.test_coordinator import admin_token, delete, wait_finished  # noqa: F401 -- the fixture
+from tests.test_coordinator import delete, wait_finished
 
 pytestmark = pytest.mark.timeout(600)
 

@@ -27,7 +27,6 @@ from tests.http import call
 from tests.procs import start_service
 from tests.stackproc import StackProcess
 from tests.test_chat_support import make_user
-from tests.test_coordinator import admin_token  # noqa: F401 -- the fixture
 from tests.util import wait_until
 
 pytestmark = pytest.mark.timeout(900)
