@@ -35,10 +35,19 @@ CREATE TEMP TABLE tmp_in (chat_key bigint, seq int, barber_id bigint, sender_rol
 # (none yet, or one after that seq).
 _WORKING_SET = """
 SELECT m.chat_key, m.seq, m.barber_id, m.sender_role, (extract(epoch FROM m.sent_at) * 1000000)::bigint AS sent_us
-FROM fact_message m JOIN unnest(%s::bigint[], %s::int[]) AS n(chat_key, min_seq) USING (chat_key)
-WHERE m.seq > n.min_seq
-   OR (m.sender_role = 'customer' AND (m.reply_seq IS NULL OR m.reply_seq > n.min_seq))
+FROM unnest(%s::bigint[], %s::int[]) AS n(chat_key, min_seq)
+CROSS JOIN LATERAL (
+    SELECT f.* FROM fact_message f WHERE f.chat_key = n.chat_key AND f.seq > n.min_seq
+    UNION
+    SELECT f.* FROM fact_message f
+    WHERE f.chat_key = n.chat_key AND f.sender_role = 'customer' AND f.reply_seq IS NULL
+    UNION
+    SELECT f.* FROM fact_message f
+    WHERE f.chat_key = n.chat_key AND f.sender_role = 'customer' AND f.reply_seq > n.min_seq
+) m
 """
+# (Per chat, three index range scans (the primary key, and ix_fact_message_open on the
+# customer messages' replies), so the cost follows the batch, never the table.)
 
 _AFFECTED_BY_BATCH = f"""
 INSERT INTO tmp_affected (barber_id, day)
@@ -255,6 +264,9 @@ async def upsert_messages(conn: AsyncConnection, work: pd.DataFrame) -> int:
     async with conn.cursor() as cur:
         async with cur.copy(f"COPY tmp_in ({', '.join(cols)}) FROM STDIN WITH (FORMAT csv)") as copy:
             await copy.write(buf.getvalue())
+    # Temporary tables have no statistics: without them the planner would hash-join the
+    # whole fact table instead of probing its index once per batch row.
+    await conn.execute("ANALYZE tmp_in")
     await conn.execute(_AFFECTED_BY_BATCH)
     await conn.execute(_UPSERT_MESSAGES)
     await conn.execute("INSERT INTO tmp_touched SELECT DISTINCT chat_key FROM tmp_in ON CONFLICT DO NOTHING")
@@ -263,6 +275,7 @@ async def upsert_messages(conn: AsyncConnection, work: pd.DataFrame) -> int:
 
 async def finish(conn: AsyncConnection, run_id: int) -> int:
     """Recompute the per-chat facts and the touched (barber, day) rows; returns how many days."""
+    await conn.execute("ANALYZE tmp_touched, tmp_affected")
     await conn.execute(_REFRESH_CHATS)
     await conn.execute(_REFRESH_DAYS, {"run_id": run_id})
     await conn.execute(_DROP_EMPTY_DAYS)

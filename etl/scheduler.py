@@ -61,5 +61,9 @@ class Scheduler:
                 self.failures += 1
                 log.error("scheduled run could not start: %s", e.detail)
                 continue
+            except Exception:  # the schedule must survive anything; the next round retries
+                self.failures += 1
+                log.exception("scheduled run could not start")
+                continue
             ok = await self._execute(run)
             self.failures = 0 if ok else self.failures + 1

@@ -243,3 +243,8 @@ async def test_api_errors_and_access(stack: StackProcess, admin_token: str) -> N
     assert b"<html" in page.raw.lower()
     missing = await call("GET", f"{base}/static/no-such-file.js")
     assert missing.code == 404
+    # Status and metrics, on the instance itself.
+    status = await call("GET", stack.url("etl") + "/utilities/status")
+    assert status.code == 200 and status.json["service"] == "etl" and status.json["mongo"] == "ok"
+    scrape = await call("GET", stack.url("etl") + "/metrics")
+    assert scrape.code == 200 and b'etl_runs_total{state="succeeded"}' in scrape.raw

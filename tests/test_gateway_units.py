@@ -117,6 +117,11 @@ def test_public_paths() -> None:
     assert not is_public("GET", "/authen/authen/signin")
     assert not is_public("GET", "/chat/chats/list/my")
     assert not is_public("POST", "/authen/authen/signin/../x")
+    assert is_public("GET", "/etl/dashboard")
+    assert is_public("GET", "/etl/static/dashboard.js")
+    assert not is_public("POST", "/etl/dashboard")
+    assert not is_public("GET", "/etl/analytics/barbers")
+    assert not is_public("GET", "/etl/runs")
 
 
 @pytest.mark.parametrize("rest", ["internal/x", "internal", "Internal/x", "%69nternal/x", "/internal/x"])

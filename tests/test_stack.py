@@ -35,12 +35,12 @@ def test_only_authen_is_told_where_the_signing_key_is(stack: StackProcess) -> No
     """authen alone signs tokens; the other services get only the public key's path."""
     seen = {}
     for name, proc in stack.control.status()["processes"].items():
-        if proc["pid"] is None or not name.startswith(("authen", "chat", "gateway", "discovery")):
+        if proc["pid"] is None or not name.startswith(("authen", "chat", "gateway", "discovery", "etl")):
             continue
         with open(f"/proc/{proc['pid']}/environ", "rb") as f:
             names = {item.split(b"=", 1)[0] for item in f.read().split(b"\0") if item}
         seen[name] = (b"JWT_PRIVATE_KEY_FILE" in names, b"JWT_PUBLIC_KEY_FILE" in names)
-    assert {n.split("-")[0] for n in seen} == {"authen", "chat", "gateway", "discovery"}, seen
+    assert {n.split("-")[0] for n in seen} == {"authen", "chat", "gateway", "discovery", "etl"}, seen
     for name, (private, public) in seen.items():
         assert public and private == name.startswith("authen"), (name, seen)
 

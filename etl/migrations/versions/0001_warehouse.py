@@ -80,6 +80,9 @@ def upgrade() -> None:
         sa.CheckConstraint("sender_role IN ('customer', 'barber')", name="ck_fact_message_role"),
     )
     op.create_index("ix_fact_message_barber_day", "fact_message", ["barber_id", "day"])
+    # A batch's working set: customer messages not answered yet, or answered after a seq.
+    op.create_index("ix_fact_message_open", "fact_message", ["chat_key", "reply_seq"],
+                    postgresql_where=sa.text("sender_role = 'customer'"))
     op.create_index("ix_fact_message_barber_reply_day", "fact_message", ["barber_id", "reply_day"],
                     postgresql_where=sa.text("reply_day IS NOT NULL"))
     # Per barber per day: what the analytics API and Kibana read. es_pending: changed
