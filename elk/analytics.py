@@ -116,16 +116,24 @@ class AnalyticsIndexer:
         ids = sorted({int(i) for i in barber_ids})
         if not ids:
             return 0
+        return await self._delete({"terms": {"barber.id": ids}}, f"the documents of barbers {ids}")
+
+    async def delete_before_run(self, run_id: int) -> int:
+        """After a full refresh has indexed every barber-day again (each document now carries
+        ``run_id``): delete the older ones, days the warehouse no longer holds; the number deleted."""
+        return await self._delete({"range": {"etl.run_id": {"lt": int(run_id)}}},
+                                  f"the documents written before run {run_id}")
+
+    async def _delete(self, query: dict[str, Any], what: str) -> int:
         try:
             resp = await self.client.options(retry_on_status=(429, 502, 503, 504), retry_backoff_base=0.5,
                                               retry_backoff_cap=5.0).delete_by_query(
-                index=self.index, query={"terms": {"barber.id": ids}}, conflicts="proceed", refresh=True,
-                ignore_unavailable=True,
+                index=self.index, query=query, conflicts="proceed", refresh=True, ignore_unavailable=True,
             )
         except (ApiError, TransportError) as e:
-            raise IndexingError(f"deleting the documents of barbers {ids} failed: {e}") from e
+            raise IndexingError(f"deleting {what} failed: {e}") from e
         if resp.get("failures"):
-            raise IndexingError(f"deleting the documents of barbers {ids} failed: {resp['failures'][:1]}")
+            raise IndexingError(f"deleting {what} failed: {resp['failures'][:1]}")
         return int(resp.get("deleted", 0))
 
     async def close(self) -> None:

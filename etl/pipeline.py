@@ -164,7 +164,7 @@ async def execute(ctx: Context, run: Run, progress: Progress | None = None) -> d
             metrics.ROWS.labels(phase).inc(n)
         log.info("run %d succeeded in %.2fs: %s", run.run_id, elapsed, run.rows,
                  extra=run_fields(run, "succeeded", elapsed))
-        indexed, es_error = await search.index_pending(ctx.settings, run.conn, run.run_id)
+        indexed, es_error = await search.index_pending(ctx.settings, run.conn, run.run_id, run.full_refresh)
         try:
             await runs.set_elasticsearch(run.conn, run.run_id, indexed, es_error)
         except psycopg.Error as e:

@@ -31,7 +31,8 @@ ORDER BY d.barber_id, d.day LIMIT %s
 """
 
 
-async def index_pending(settings: EtlSettings, conn: AsyncConnection, run_id: int) -> tuple[int, str | None]:
+async def index_pending(settings: EtlSettings, conn: AsyncConnection, run_id: int,
+                        full_refresh: bool = False) -> tuple[int, str | None]:
     """(documents indexed, error or None)."""
     if not settings.elasticsearch_url:
         return 0, None
@@ -57,6 +58,10 @@ async def index_pending(settings: EtlSettings, conn: AsyncConnection, run_id: in
                 ([r["barber_id"] for r in rows], [r["day"] for r in rows]),
             )
             after = (rows[-1]["barber_id"], rows[-1]["day"])
+        if full_refresh:
+            # Every barber-day was indexed again by this run: what older runs wrote and this
+            # one did not is a day the warehouse no longer holds.
+            await indexer.delete_before_run(run_id)
         gone = [r[0] for r in await (await conn.execute("SELECT barber_id FROM es_pending_delete")).fetchall()]
         if gone:
             await indexer.delete_barbers(gone)

@@ -338,11 +338,18 @@ class FakeElastic:
                     return _json(self._dbq_result(0))
                 return _error(404, "index_not_found_exception", f"no such index [{index}]")
             query = body.get("query", {})
-            if set(query) != {"terms"} or len(query["terms"]) != 1:
-                return _error(400, "parsing_exception", "esfake answers only a single terms query")
-            (fname, values), = query["terms"].items()
             docs = self.state.indices[index]
-            gone = [i for i, d in docs.items() if get_field(d["_source"], fname) in values]
+            if set(query) == {"terms"} and len(query["terms"]) == 1:
+                (fname, values), = query["terms"].items()
+                gone = [i for i, d in docs.items() if get_field(d["_source"], fname) in values]
+            elif set(query) == {"range"} and len(query["range"]) == 1:
+                (fname, bounds), = query["range"].items()
+                tests = {"lt": lambda v, b: v < b, "lte": lambda v, b: v <= b,
+                         "gt": lambda v, b: v > b, "gte": lambda v, b: v >= b}
+                gone = [i for i, d in docs.items() if (v := get_field(d["_source"], fname)) is not None
+                        and all(tests[op](v, b) for op, b in bounds.items())]
+            else:
+                return _error(400, "parsing_exception", "esfake answers a single terms or range query only")
             for i in gone:
                 del docs[i]
         return _json(self._dbq_result(len(gone)))

@@ -179,3 +179,14 @@ async def test_credentials_come_from_the_environment(fake: FakeElastic, monkeypa
         await ix.close()
     (req,) = bulk_requests(fake)
     assert req.headers["Authorization"] == "ApiKey " + base64.b64encode(b"kid:secret").decode()
+
+
+async def test_delete_before_run_removes_what_a_full_refresh_did_not_rewrite(fake: FakeElastic,
+                                                                            indexer: AnalyticsIndexer) -> None:
+    await indexer.index_days(rows(barbers=(7, 9), run_id=3))
+    refreshed = rows(barbers=(9,), run_id=5)  # a full refresh: barber 7's days are gone from the source
+    await indexer.index_days(refreshed)
+    assert await indexer.delete_before_run(5) == 3
+    (req,) = fake.matching("POST", f"/{ANALYTICS_INDEX}/_delete_by_query")
+    assert req.json() == {"query": {"range": {"etl.run_id": {"lt": 5}}}}
+    assert set(fake.docs(ANALYTICS_INDEX)) == expected_ids(refreshed)

@@ -154,3 +154,16 @@ def test_recovery_fields_fit_the_template(action: str, kind: str) -> None:
     event = {"@timestamp": "2026-01-01T00:00:00.000Z", "log.level": "warning", "message": "m", **fields}
     assert t.mapping_problems(event) == []
     assert t.mapping_problems({**event, "barber.transaction.user": 1}) == ["barber.transaction.user: not mapped"]
+
+
+def test_failed_etl_run_fields_fit_the_template() -> None:
+    """A failed run's line (tests/test_etl_faults.py causes those) carries these fields."""
+    from etl.pipeline import Run, run_fields
+
+    run = Run(conn=None, run_id=4, full_refresh=True)  # type: ignore[arg-type]
+    run.rows["extracted"] = 12
+    fields = run_fields(run, "failed", 1.5, **{"error.type": "SourceUnavailable"})
+    event = {"@timestamp": "2026-01-01T00:00:00.000Z", "log.level": "error", "message": "m", **fields}
+    assert t.mapping_problems(event) == []
+    assert fields["barber.etl.mode"] == "full" and fields["event.duration"] == 1_500_000_000
+    assert fields["barber.etl.rows.extracted"] == 12
