@@ -17,7 +17,7 @@ from tests.esfake import FakeElastic, fake  # noqa: F401 (the fixture)
 from tests.etl_support import warehouse
 from tests.http import call
 from tests.stackproc import ROOT, StackProcess
-from tests.test_coordinator import admin_token, delete, make_party  # noqa: F401 (a fixture)
+from tests.test_coordinator import delete, make_party
 
 BUSY = 3  # `python -m etl run`: another run holds the lock
 

@@ -19,7 +19,7 @@ from stack.services import SERVICES
 from tests.http import call
 from tests.procs import ServiceProcess
 from tests.stackproc import StackProcess
-from tests.test_coordinator import admin_token, delete, make_party  # noqa: F401 (a fixture)
+from tests.test_coordinator import delete, make_party
 from tests.test_gateway_support import ECHO_TYPE, echo_upstream, fetch, start_gateway, token_for, wait_routed
 from tests.util import wait_until
 

@@ -22,7 +22,6 @@ from playwright.async_api import Browser, BrowserContext, ConsoleMessage, Page, 
 from tests.etl_support import leaderboard, percentile, run_etl
 from tests.stackproc import ADMIN_PASSWORD, ADMIN_USERNAME, StackProcess
 from tests.test_chat_support import ChatClient, ChatUser, make_user, socket_url, start_chat
-from tests.test_coordinator import admin_token  # noqa: F401 -- the fixture
 from tests.util import wait_until
 
 CHROMIUM = shutil.which("chromium")
