@@ -28,7 +28,7 @@ from chat.participant import ChatParticipant
 from chat.store import StoreUnavailable
 from chat.users import AuthenUnavailable
 from common.errors import BadRequest, Conflict
-from common.handler import VERIFIER, BaseHandler, decode_json_object
+from common.handler import VERIFIER, BaseHandler, decode_json_object, offered_subprotocols, websocket_token
 from common.participant import PrepareRequest, crash_point
 from common.logs import REQUEST_ID_HEADER, new_request_id, request_id_var
 from common.openapi import TEXT_PLAIN, StatusBody, api
@@ -155,7 +155,6 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
     def initialize(self, ctx: ChatContext) -> None:
         self.ctx = ctx
         self.sub: Subscription | None = None
-        self._protocol_token: str | None = None
         self._buffered = 0
         self._low_water = ctx.settings.chat_ws_max_buffer_bytes // 2
         self._drained = asyncio.Event()
@@ -175,11 +174,12 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         return True
 
     def select_subprotocol(self, subprotocols: list[str]) -> str | None:
-        # Browsers cannot set headers on a WebSocket; they offer ["bearer", <token>].
-        if SUBPROTOCOL in subprotocols:
-            others = [p for p in subprotocols if p != SUBPROTOCOL]
-            self._protocol_token = others[0] if others else None
-            return SUBPROTOCOL
+        # Browsers cannot set headers on a WebSocket; they offer ["bearer", <token>] or
+        # "bearer.<token>" (common.handler.websocket_token reads either); the answer must
+        # name one of the offers, or the browser fails the handshake.
+        for proto in subprotocols:
+            if proto.lower() == SUBPROTOCOL or proto.lower().startswith(SUBPROTOCOL + "."):
+                return proto
         return None
 
     # -- Transport (what chat.fanout needs) -------------------------------------------
@@ -256,7 +256,9 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         self._send_json(frame)
 
     def _claims(self) -> Claims | None:
-        token = self.get_query_argument("token", None) or self._protocol_token
+        token = websocket_token(self.get_query_argument("token", None),
+                                offered_subprotocols(self.request.headers.get("Sec-WebSocket-Protocol")),
+                                self.request.headers.get("Authorization"))
         verifier: TokenVerifier | None = self.settings.get(VERIFIER)
         if not token or verifier is None:
             return None

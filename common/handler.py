@@ -158,6 +158,26 @@ def bearer_token(authorization: str | None) -> str | None:
     return token.strip()
 
 
+def websocket_token(query_token: str | None, subprotocols: list[str], authorization: str | None = None) -> str | None:
+    """The token of a WebSocket handshake, from ``?token=``, the ``Sec-WebSocket-Protocol``
+    offer (browsers cannot set headers there) as ``bearer.<token>`` or ``bearer, <token>``,
+    or an ``Authorization: Bearer`` header (non-browser clients). The gateway and chat both
+    read it here, so every form the gateway accepts reaches chat too."""
+    if query_token:
+        return query_token
+    for i, proto in enumerate(subprotocols):
+        low = proto.lower()
+        if low.startswith("bearer.") and len(proto) > 7:
+            return proto[7:]
+        if low == "bearer" and i + 1 < len(subprotocols):
+            return subprotocols[i + 1]
+    return bearer_token(authorization)
+
+
+def offered_subprotocols(header: str | None) -> list[str]:
+    return [p.strip() for p in (header or "").split(",") if p.strip()]
+
+
 class BaseHandler(tornado.web.RequestHandler):
     request_id: str
     _counted = False

@@ -21,7 +21,7 @@ from tornado.routing import PathMatches, Rule
 from tornado.httputil import HTTPServerRequest
 
 from common.errors import APIError, BadGateway, BadRequest, NotFound, Unauthorized
-from common.handler import VERIFIER, BaseHandler, bearer_token
+from common.handler import VERIFIER, BaseHandler, bearer_token, offered_subprotocols, websocket_token
 from common.logs import REQUEST_ID_HEADER, REQUEST_ID_RE, request_id_var, sane_request_id
 from common.openapi import TEXT_PLAIN, StatusBody, api
 from common.tokens import Claims, InvalidToken, TokenVerifier
@@ -36,7 +36,6 @@ from gateway.policy import (
     is_public,
     is_test_only,
     upstream_request_headers,
-    websocket_token,
 )
 
 log = logging.getLogger("barber.gateway")
@@ -229,10 +228,9 @@ class WebSocketProxyHandler(tornado.websocket.WebSocketHandler):
         service_name = self.path_args[0]
         self._service_name = service_name
         path = _service_path(self.request, service_name, test_routes=self.gw.settings.enable_sleepy)
-        offered = [p.strip() for p in self.request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
-        token = websocket_token(self.get_query_argument("token", None), offered)
-        if token is None:
-            token = bearer_token(self.request.headers.get("Authorization"))
+        offered = offered_subprotocols(self.request.headers.get("Sec-WebSocket-Protocol"))
+        token = websocket_token(self.get_query_argument("token", None), offered,
+                                self.request.headers.get("Authorization"))
         claims = _verify(self.settings.get(VERIFIER), token)
         if claims is None:
             self.gw.metrics.rejections.labels(service_name, "unauthorized").inc()

@@ -179,15 +179,3 @@ def downstream_response_headers(headers: Iterable[tuple[str, str]]) -> list[tupl
     return [(k, v) for k, v in pairs if k.lower() not in drop]
 
 
-def websocket_token(query_token: str | None, subprotocols: list[str]) -> str | None:
-    """The token of a WebSocket handshake: ``?token=`` or the ``Sec-WebSocket-Protocol``
-    offer (browsers cannot set headers), as ``bearer.<token>`` or ``bearer, <token>``."""
-    if query_token:
-        return query_token
-    for i, proto in enumerate(subprotocols):
-        low = proto.lower()
-        if low.startswith("bearer.") and len(proto) > 7:
-            return proto[7:]
-        if low == "bearer" and i + 1 < len(subprotocols):
-            return subprotocols[i + 1]
-    return None

@@ -169,6 +169,30 @@ async def test_the_returned_ws_url_works_through_the_gateway(stack: StackProcess
     assert await refused_with(f"{ws_url}?token={outsider.token}") == 4403
 
 
+async def test_every_token_form_the_gateway_takes_reaches_chat(stack: StackProcess, c1: str) -> None:
+    """The gateway and chat read a socket's token by one rule: ``bearer.<token>`` as the
+    offered protocol and an Authorization header work end to end, not only at the gateway."""
+    if "gateway" not in stack.control.status()["processes"]:
+        pytest.skip("needs the gateway in the stack")
+    customer = await make_user(stack, "customer")
+    employee = await make_user(stack, "employee")
+    started = await call("POST", f"{c1}/chats/start?employee_id={employee.id}", token=customer.token)
+    ws_url = started.json["ws_url"]
+    a = await ChatClient.connect(ws_url, subprotocols=[f"bearer.{customer.token}"])
+    b = await ChatClient.connect(ws_url, headers={"Authorization": f"Bearer {employee.token}"})
+    try:
+        assert a.conn.selected_subprotocol == f"bearer.{customer.token}"
+        await a.send("dotted protocol")
+        await b.wait_messages(1)
+        await b.send("header")
+        await a.wait_messages(2)
+        assert [m["sender"]["id"] for m in a.messages] == [customer.id, employee.id]
+    finally:
+        await a.close()
+        await b.close()
+    assert await refused_with(ws_url, subprotocols=["bearer.not-a-token"]) == 4401
+
+
 # -- refusals ------------------------------------------------------------------------------
 async def test_refusals_close_with_the_right_codes(stack: StackProcess, c1: str) -> None:
     customer, employee, chat_id = await pair(stack, c1)

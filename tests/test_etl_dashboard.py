@@ -9,7 +9,6 @@ paths must log no console error and no failed or refused request.
 
 from __future__ import annotations
 
-import asyncio
 import shutil
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -343,7 +342,7 @@ async def test_a_pasted_token_works_and_a_bad_one_sends_back_to_sign_in(stack: S
     await page.click(".token-entry summary")
     await page.fill("#token-input", f"Bearer {scene.admin_token}")
     await page.click("#token-submit")
-    await page.wait_for_selector(f'#lb-body tr[data-barber-id]')
+    await page.wait_for_selector('#lb-body tr[data-barber-id]')
     assert watch.problems == []
 
     # A token whose signature is wrong: the API refuses it and the page says so.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from common.config import ConfigError, load_settings
+from common.handler import websocket_token
 from gateway.breaker import BreakerConfig, CircuitBreaker, State
 from gateway.config import GatewaySettings, RateRule
 from gateway.policy import (
@@ -13,7 +14,6 @@ from gateway.policy import (
     downstream_response_headers,
     is_public,
     upstream_request_headers,
-    websocket_token,
 )
 
 
@@ -186,6 +186,8 @@ def test_websocket_token_sources() -> None:
     assert websocket_token(None, ["chat.v1", "bearer.tok2"]) == "tok2"
     assert websocket_token(None, ["chat.v1"]) is None
     assert websocket_token(None, ["bearer"]) is None
+    assert websocket_token(None, [], "Bearer tok3") == "tok3"
+    assert websocket_token(None, ["bearer.tok4"], "Bearer tok3") == "tok4"
 
 
 def test_rate_rules_and_settings(monkeypatch: pytest.MonkeyPatch) -> None:
