@@ -93,7 +93,7 @@ async def test_real_log_lines_fit_the_template(stack: StackProcess, http: Any, a
     async with echo_upstream(stack), await start_gateway(
             stack, gateway_services=f"authen,chat,{ECHO_TYPE}", load_threshold_per_s_per_service=3,
             breaker_failures=2, breaker_min_requests=2, breaker_open_ms=100, breaker_open_max_ms=200,
-            breaker_half_open_trials=1) as g:
+            breaker_half_open_trials=1, breaker_min_clients=1) as g:
         own = await breaker_and_load_traffic(stack, g, http)
 
     logs = stack.layout.logs_dir
