@@ -4,22 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from alembic import command
-from alembic.config import Config
-
-from replicas import normalize_url
-
-HERE = Path(__file__).parent
-
-
-def alembic_config(database_url: str) -> Config:
-    """A Config built in code (no alembic.ini needed)."""
-    cfg = Config()
-    cfg.set_main_option("script_location", str(HERE))
-    # ConfigParser interpolation: a literal % in a password must be doubled.
-    cfg.set_main_option("sqlalchemy.url", normalize_url(database_url).replace("%", "%%"))
-    return cfg
+from common import migrations
 
 
 def upgrade(database_url: str, revision: str = "head") -> None:
-    command.upgrade(alembic_config(database_url), revision)
+    migrations.upgrade(Path(__file__).parent, database_url, revision)

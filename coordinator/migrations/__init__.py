@@ -1,17 +1,11 @@
-"""Alembic migrations of the coordinator log, applied when the gateway mounts the coordinator."""
+"""Alembic migrations of the coordinator log, applied when the gateway mounts the coordinator (or ``python -m coordinator migrate``)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from alembic import command
-from alembic.config import Config
-
-HERE = Path(__file__).parent
+from common import migrations
 
 
 def upgrade(database_url: str, revision: str = "head") -> None:
-    cfg = Config()
-    cfg.set_main_option("script_location", str(HERE))
-    cfg.set_main_option("sqlalchemy.url", database_url.replace("%", "%%"))
-    command.upgrade(cfg, revision)
+    migrations.upgrade(Path(__file__).parent, database_url, revision)
