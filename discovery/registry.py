@@ -266,24 +266,26 @@ async def wait_for_change(registry: Registry, watchers: Watchers, type_: str, ve
     while True:
         # Take the event before reading, so a change between the read and the wait is not missed.
         ev = watchers.event(type_) if version is not None and wait_s > 0 else None
+        if ev is not None:
+            # Counted from the moment the event is taken: another poll finishing meanwhile
+            # must not release an event this one is about to wait on (a missed change).
+            watchers.waiting[type_] = watchers.waiting.get(type_, 0) + 1
         try:
             listing = await registry.list(type_)
             remaining = deadline - asyncio.get_running_loop().time()
             if ev is None or listing.version != version or remaining <= 0 or watchers.closed:
                 return listing
-            watchers.waiting[type_] = watchers.waiting.get(type_, 0) + 1
             try:
                 await asyncio.wait_for(ev.wait(), remaining)
                 if watchers.closed:
                     return listing
             except TimeoutError:
                 return await registry.list(type_)
-            finally:
+        finally:
+            if ev is not None:
                 watchers.waiting[type_] -= 1
                 if not watchers.waiting[type_]:
                     del watchers.waiting[type_]
-        finally:
-            if ev is not None:
                 watchers.release(type_, ev)
 
 
