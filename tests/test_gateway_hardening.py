@@ -288,7 +288,14 @@ async def test_connections_over_the_cap_are_refused_while_others_are_served(stac
         idle = [await Raw.open(g.url) for _ in range(3)]
         try:
             async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as client:
-                # The fourth connection (the client's, kept alive) is served, again and again.
+                # The fourth connection (the client's, kept alive) is served. The health
+                # check's connection may not have been reaped by the server yet (its close is
+                # seen a moment later), so the first may be refused: wait for one served.
+                async def fourth_served() -> bool:
+                    return (await fetch(client, "GET", g.url + "/status")).status == 200
+
+                await wait_until(fourth_served, timeout=15, message="a fourth connection served")
+                # Then that connection is kept, and served again and again.
                 for _ in range(5):
                     assert (await fetch(client, "GET", g.url + "/status")).status == 200
                 # A fifth is refused at once with a JSON 503.
