@@ -36,6 +36,11 @@ MAX_BODY = "barber.max_body_bytes"
 INFLIGHT = "barber.inflight"
 TRUSTED_PROXIES = "barber.trusted_proxies"
 REVOCATIONS = "barber.revocations"
+# The service's one context object (its stores, clients, metrics, settings): every
+# handler reaches its dependencies through ``self.context`` (a typed property in each
+# service's own base handler), never through route ``initialize`` arguments or other
+# settings keys.
+CONTEXT = "barber.context"
 
 
 def client_address(remote_ip: str | None, forwarded_for: str | None, trusted: tuple[Network, ...]) -> str:
@@ -211,6 +216,12 @@ class BaseHandler(tornado.web.RequestHandler):
 
     def set_default_headers(self) -> None:
         self.set_header("Content-Type", "application/json; charset=UTF-8")
+
+    @property
+    def context(self) -> Any:
+        """The service's context object (``make_app(..., context=...)``). Each service's
+        base handler narrows the type: ``def context(self) -> ChatContext``."""
+        return self.settings[CONTEXT]
 
     # -- output --------------------------------------------------------------------
     def write_json(self, obj: Any, status: int = 200) -> None:

@@ -26,7 +26,7 @@ from common import internal
 from common.bodylimit import BodyLimit, refuse_connection
 from common.config import ServiceSettings, parse_networks
 from common.discovery import Registration
-from common.handler import (INFLIGHT, MAX_BODY, REVOCATIONS, SERVICE_SECRET, TRUSTED_PROXIES, VERIFIER, Inflight, NotFoundHandler,
+from common.handler import (CONTEXT, INFLIGHT, MAX_BODY, REVOCATIONS, SERVICE_SECRET, TRUSTED_PROXIES, VERIFIER, Inflight, NotFoundHandler,
                             log_request)
 from common.logs import setup_logging
 from common.openapi import with_fragment
@@ -79,9 +79,11 @@ class ServiceApp:
     on_drain: list[Callable[[], Any]] = field(default_factory=list)
 
 
-def make_app(settings: ServiceSettings, routes: list, **extra: Any) -> tornado.web.Application:
-    """An Application wired with the base handler's settings (verifier, secret, limits)."""
+def make_app(settings: ServiceSettings, routes: list, context: Any = None, **extra: Any) -> tornado.web.Application:
+    """An Application wired with the base handler's settings (verifier, secret, limits)
+    and the service's context object, which handlers reach as ``self.context``."""
     app_settings: dict[str, Any] = {
+        CONTEXT: context,
         "default_handler_class": NotFoundHandler,
         "log_function": log_request,
         "compress_response": False,
