@@ -7,20 +7,20 @@ never costs a registry round trip. Lookups of one user that overlap share one re
 from __future__ import annotations
 
 import asyncio
-import itertools
-import json
 import logging
 from dataclasses import dataclass
 from typing import Any
 
-from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
-
 from chat.cache import UserCache
 from common.discovery import InstanceView
 from common.errors import DependencyUnavailable
-from common.logs import REQUEST_ID_HEADER, request_id_var
+from common.internal import InternalClient, Refused, Unreachable
 
 log = logging.getLogger("barber.chat.users")
+
+# authen's answers meaning "no such user": 404, or the id refused as no valid user id.
+# Any other answer but a 200 is that instance failing: the next one is asked.
+NO_SUCH_USER = (400, 404, 422)
 
 
 class AuthenUnavailable(DependencyUnavailable):
@@ -62,14 +62,22 @@ class User:
 
 
 class UserDirectory:
-    def __init__(self, view: InstanceView, cache: UserCache, *, timeout_s: float = 3.0) -> None:
+    def __init__(self, view: InstanceView, cache: UserCache, *, timeout_s: float = 3.0,
+                 secret: str | None = None) -> None:
         self.view = view
         self.cache = cache
         self.timeout_s = timeout_s
-        self._rr = itertools.count()
+        self.authen = InternalClient("authen", lambda: view.instances, secret, timeout_s=timeout_s,
+                                     connect_timeout_s=min(1.0, timeout_s), refusals=NO_SUCH_USER)
         self._inflight: dict[int, asyncio.Future[User | None]] = {}
-        self.authen_calls = 0
-        self.authen_failures = 0
+
+    @property
+    def authen_calls(self) -> int:
+        return self.authen.calls
+
+    @property
+    def authen_failures(self) -> int:
+        return self.authen.failures
 
     async def get(self, user_id: int) -> User | None:
         """The user, or None if authen says there is no such user.
@@ -119,44 +127,17 @@ class UserDirectory:
         return user
 
     async def check(self, user_id: int) -> dict[str, Any] | None:
-        """authen's answer for ``user_id`` (None on 404), trying each instance once."""
-        instances = self.view.instances
-        if not instances:
-            raise AuthenUnavailable("no authen instance is available")
-        start = next(self._rr)
-        last_error = "no answer"
-        headers = {}
-        rid = request_id_var.get()
-        if rid:
-            headers[REQUEST_ID_HEADER] = rid
-        for i in range(len(instances)):
-            inst = instances[(start + i) % len(instances)]
-            self.authen_calls += 1
-            req = HTTPRequest(
-                f"{inst.url}/utilities/check?user_id={user_id}",
-                headers=headers,
-                request_timeout=self.timeout_s,
-                connect_timeout=min(1.0, self.timeout_s),
-            )
-            try:
-                resp = await AsyncHTTPClient().fetch(req)
-            except HTTPClientError as e:
-                if e.code == 404:
-                    return None
-                if e.code in (400, 422):
-                    # authen refused the id itself (not a valid user id): no such user.
-                    return None
-                last_error = f"{inst.address} answered {e.code}"
-            except (OSError, asyncio.TimeoutError) as e:
-                last_error = f"{inst.address}: {type(e).__name__}: {e}"
-            else:
-                try:
-                    data = json.loads(resp.body)
-                    int(data["id"])
-                    return data
-                except (ValueError, KeyError, TypeError) as e:
-                    last_error = f"{inst.address} answered an unreadable body"
-                    log.warning("authen %s: unreadable /utilities/check answer: %s", inst.address, e)
-            self.authen_failures += 1
-            log.warning("user lookup user#%d failed on authen %s", user_id, last_error)
-        raise AuthenUnavailable(f"authen unavailable: {last_error}")
+        """authen's answer for ``user_id`` (None when there is no such user), trying each
+        instance once; when none answers, the error names every instance's failure."""
+        try:
+            return await self.authen.call("GET", f"/utilities/check?user_id={user_id}", accept=_check_answer)
+        except Refused:
+            return None  # 404, or authen refused the id itself (not a valid user id)
+        except Unreachable as e:
+            if not e.errors:
+                raise AuthenUnavailable("no authen instance is available") from e
+            raise AuthenUnavailable(f"authen unavailable: {'; '.join(e.errors)}") from e
+
+
+def _check_answer(data: Any) -> None:
+    int(data["id"])

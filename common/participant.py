@@ -10,18 +10,16 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import re
 from typing import Awaitable, Callable
 
 from pydantic import BaseModel, ConfigDict, Field
-from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 
 from common.discovery import InstanceView
 from common.errors import BadRequest
-from common.internal import SERVICE_TOKEN_HEADER
+from common.internal import InternalClient, Unreachable
 from common.tasks import cancel_and_wait
 
 log = logging.getLogger("barber.participant")
@@ -58,7 +56,9 @@ def crash_point(enabled: bool, configured: str, point: str) -> None:
 class CoordinatorClient:
     def __init__(self, discovery_url: str, secret: str) -> None:
         self.view = InstanceView(discovery_url, "gateway")
-        self._secret = secret
+        # No refusals: any answer but a decision means "ask another gateway".
+        self._client = InternalClient("coordinator", lambda: self.view.instances, secret, timeout_s=5,
+                                      connect_timeout_s=2, refusals=())
 
     async def start(self) -> None:
         await self.view.start(initial_timeout_s=1.0)
@@ -67,18 +67,10 @@ class CoordinatorClient:
         await self.view.stop()
 
     async def outcome(self, gid: str) -> str | None:
-        """'commit', 'abort', or None while undecided. Raises when no gateway answers."""
-        last: Exception | None = None
-        for gateway in self.view.instances:
-            try:
-                resp = await AsyncHTTPClient().fetch(
-                    f"{gateway.url}/internal/coordinator/transactions/{gid}",
-                    headers={SERVICE_TOKEN_HEADER: self._secret}, request_timeout=5, connect_timeout=2,
-                )
-                return json.loads(resp.body)["decision"]
-            except (HTTPClientError, OSError, ValueError, KeyError) as e:
-                last = e
-        raise ConnectionError(f"no coordinator answered about {gid}: {last}")
+        """'commit', 'abort', or None while undecided. Raises Unreachable when no gateway answers."""
+        answer = await self._client.call("GET", f"/internal/coordinator/transactions/{gid}",
+                                         accept=lambda data: data["decision"])
+        return answer["decision"]
 
 
 class OutcomeWatcher:
@@ -107,7 +99,7 @@ class OutcomeWatcher:
                     await self.commit(gid)
                 elif decision == "abort":
                     await self.abort(gid)
-            except ConnectionError as e:  # no coordinator reachable: ask again next time
+            except Unreachable as e:  # no coordinator reachable: ask again next time
                 log.warning("%s", e)
             except Exception:  # one stuck transaction must not hold up the others
                 log.exception("resolving %s failed; trying again later", gid)

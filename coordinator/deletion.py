@@ -23,7 +23,7 @@ from typing import Any, Awaitable
 from common.errors import BadGateway, NotFound, ServiceUnavailable
 from common.tasks import backoff_delay, cancel_and_wait
 from coordinator.log import Transaction, TxLog, already_running, gid_of, tx_of
-from coordinator.participants import Participant, Refused, Unreachable
+from coordinator.participants import ParticipantClient, Refused, Unreachable
 from coordinator.settings import CoordinatorSettings
 
 log = logging.getLogger("barber.coordinator")
@@ -43,7 +43,7 @@ def tx_fields(tx_id: uuid.UUID | str, mode: str, state: str, action: str, **more
 
 
 class Coordinator:
-    def __init__(self, settings: CoordinatorSettings, txlog: TxLog, participants: dict[str, Participant],
+    def __init__(self, settings: CoordinatorSettings, txlog: TxLog, participants: dict[str, ParticipantClient],
                  owner: str) -> None:
         self.settings = settings
         self.txlog = txlog
