@@ -9,13 +9,13 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from authen import handlers
+from authen.context import AuthenContext
 from authen.guard import SigninGuard
+from authen.participant import AuthenParticipant
 from authen.passwords import Passwords
 from authen.settings import AuthenSettings
 from authen.users import Deps, revoke_tokens
-from authen import participant
-from common import internal
-from common.participant import CoordinatorClient, OutcomeWatcher
+from common.participant import watch_outcomes
 from common.service import ServiceApp, make_app
 from common.tokens import TokenSigner
 from replicas import ReadWriteRouter
@@ -73,22 +73,14 @@ async def build(settings: AuthenSettings) -> ServiceApp:
     await router.start()
     deps = Deps(router=router, passwords=passwords, signer=signer, guard=guard, redis=redis,
                 admin_username=settings.barber_admin_username)
-    state = handlers.State(settings=settings, instance=f"{settings.advertise_host}:{settings.port}")
-    app = make_app(settings, handlers.routes(settings), **{handlers.DEPS: deps, handlers.STATE: state})
-    coordinator = CoordinatorClient(settings.discovery_url, internal.read_secret(settings.service_secret_file))
-    await coordinator.start()
-    watcher = OutcomeWatcher(
-        stale=lambda after_s: participant.stale_prepared(router, after_s),
-        ask=coordinator.outcome,
-        commit=lambda gid: participant.commit(router, gid, lambda user_id: revoke_tokens(deps, user_id)),
-        abort=lambda gid: participant.abort(router, gid),
-        after_s=settings.participant_outcome_after_s,
-    )
-    watcher.start()
+    participant = AuthenParticipant(router, lambda user_id: revoke_tokens(deps, user_id))
+    ctx = AuthenContext(settings=settings, deps=deps, participant=participant,
+                        instance=f"{settings.advertise_host}:{settings.port}")
+    app = make_app(settings, handlers.routes(settings), context=ctx)
+    stop_watching = await watch_outcomes(settings, participant)
 
     async def close() -> None:
-        await watcher.stop()
-        await coordinator.stop()
+        await stop_watching()
         await router.close()
         await redis.aclose()
         passwords.close()

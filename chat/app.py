@@ -16,11 +16,10 @@ from chat.settings import ChatSettings
 from chat.store import Store, StoreUnavailable
 from chat.users import UserDirectory
 from chat.participant import ChatParticipant
-from common import internal
 from common.config import chat_frame_bytes
 from common.discovery import InstanceView
 from common.handler import REVOCATIONS
-from common.participant import CoordinatorClient, OutcomeWatcher
+from common.participant import watch_outcomes
 from common.service import ServiceApp, make_app
 from common.tokens import Revocations
 
@@ -66,16 +65,14 @@ async def build(settings: ChatSettings) -> ServiceApp:
     )
     await hub.start()
     sockets = UserSockets(settings.chat_max_sockets_per_user)
-    ctx = ChatContext(settings=settings, store=store, cache=cache, users=users, hub=hub, sockets=sockets)
     participant = ChatParticipant(store, hub, cache)
-    coordinator = CoordinatorClient(settings.discovery_url, internal.read_secret(settings.service_secret_file))
-    await coordinator.start()
-    watcher = OutcomeWatcher(stale=participant.stale_prepared, ask=coordinator.outcome, commit=participant.commit,
-                             abort=participant.abort, after_s=settings.participant_outcome_after_s)
-    watcher.start()
+    ctx = ChatContext(settings=settings, store=store, cache=cache, users=users, hub=hub, sockets=sockets,
+                      participant=participant)
+    stop_watching = await watch_outcomes(settings, participant)
     app = make_app(
         settings,
-        routes(ctx, participant),
+        routes(ctx),
+        context=ctx,
         websocket_ping_interval=settings.chat_ws_ping_interval_s,
         websocket_ping_timeout=settings.chat_ws_ping_timeout_s,
         # Incoming frames over this close the socket (1009) before any JSON parsing; the
@@ -92,8 +89,7 @@ async def build(settings: ChatSettings) -> ServiceApp:
     app.settings["chat.context"] = ctx
 
     async def close() -> None:
-        await watcher.stop()
-        await coordinator.stop()
+        await stop_watching()
         await hub.stop()
         await view.stop()
         await cache.close()

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from chat.cache import UserCache
 from chat.fanout import Hub
+from chat.participant import ChatParticipant
 from chat.settings import ChatSettings
 from chat.sockets import UserSockets
 from chat.store import Store
@@ -20,6 +21,7 @@ class ChatContext:
     users: UserDirectory
     hub: Hub
     sockets: UserSockets
+    participant: ChatParticipant
 
     @property
     def instance(self) -> str:

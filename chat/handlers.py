@@ -24,12 +24,11 @@ from chat.fanout import CLOSE_TOO_SLOW, CLOSE_UNAVAILABLE, Subscription
 from chat.metrics import render
 from chat.schemas import (ChatQuery, ChatRef, ChatSummary, HistoryPage, HistoryQuery, ListQuery, PurgeQuery,
                           StartQuery)
-from chat.participant import ChatParticipant
 from chat.store import StoreUnavailable
 from chat.users import AuthenUnavailable
 from common.errors import BadRequest, Conflict
 from common.handler import VERIFIER, BaseHandler, decode_json_object, offered_subprotocols, websocket_token
-from common.participant import PrepareRequest, crash_point
+from common.participant import tx_routes
 from common.logs import REQUEST_ID_HEADER, new_request_id, request_id_var
 from common.openapi import TEXT_PLAIN, StatusBody, api
 from common.tokens import Claims, InvalidToken, TokenVerifier
@@ -375,60 +374,28 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
             self.ctx.hub.spawn(self.ctx.hub.leave(sub))
 
 
-# -- internal: the deletion coordinator's participant endpoints (service credential only) --
+# -- internal: the saga steps of the deletion coordinator (service credential only); the
+# two-phase-commit endpoints are common.participant's --
 class InternalHandler(ChatHandler):
-    def initialize(self, ctx: ChatContext, participant: ChatParticipant) -> None:  # type: ignore[override]
-        super().initialize(ctx)
-        self.participant = participant
-
     def prepare(self) -> None:
         super().prepare()
         self.require_service()
 
 
-class TxActionHandler(InternalHandler):
-    async def post(self, gid: str, action: str) -> None:
-        if action == "prepare":
-            body = self.parse_body(PrepareRequest)
-            settings = self.ctx.settings
-            state = await self.participant.prepare(
-                gid, body.user_id,
-                after_prepare=lambda: crash_point(settings.barber_test_hooks, settings.participant_crash_at,
-                                                  "after_prepare"))
-        elif action == "commit":
-            state = await self.participant.commit(gid)
-        else:
-            state = await self.participant.abort(gid)
-        self.write_json({"gid": gid, "state": state})
-
-
-class TxStatusHandler(InternalHandler):
-    async def get(self, gid: str) -> None:
-        self.write_json({"gid": gid, "state": await self.participant.state_of(gid)})
-
-
-class TxListHandler(InternalHandler):
-    async def get(self) -> None:
-        if self.get_query_argument("state", "prepared") != "prepared":
-            raise BadRequest("state: only 'prepared' can be listed")
-        self.write_json({"transactions": await self.participant.prepared()})
-
-
 class PurgeHandler(InternalHandler):
     async def post(self, user_id: str) -> None:
         limit = self.parse_query(PurgeQuery).limit
-        self.write_json(await self.participant.purge(int(user_id), limit))
+        self.write_json(await self.ctx.participant.purge(int(user_id), limit))
 
 
 class CacheEntryHandler(InternalHandler):
     async def delete(self, user_id: str) -> None:
-        await self.participant.invalidate(int(user_id))
+        await self.ctx.participant.invalidate(int(user_id))
         self.write_json({"user_id": int(user_id), "invalidated": True})
 
 
-def routes(ctx: ChatContext, participant: ChatParticipant) -> list[tuple[str, type, dict[str, Any]]]:
+def routes(ctx: ChatContext) -> list[tuple[Any, ...]]:
     args = {"ctx": ctx}
-    internal = {"ctx": ctx, "participant": participant}
     return [
         (r"/chats/start", StartChatHandler, args),
         (r"/chats/list/my", ListMyHandler, args),
@@ -437,9 +404,7 @@ def routes(ctx: ChatContext, participant: ChatParticipant) -> list[tuple[str, ty
         (r"/chat/([^/]+)", ChatSocket, args),
         (r"/utilities/status", StatusHandler, args),
         (r"/metrics", MetricsHandler, args),
-        (r"/internal/tx", TxListHandler, internal),
-        (r"/internal/tx/([^/]+)", TxStatusHandler, internal),
-        (r"/internal/tx/([^/]+)/(prepare|commit|abort)", TxActionHandler, internal),
-        (r"/internal/users/([0-9]{1,18})/purge", PurgeHandler, internal),
-        (r"/internal/cache/users/([0-9]{1,18})", CacheEntryHandler, internal),
+        *tx_routes(),
+        (r"/internal/users/([0-9]{1,18})/purge", PurgeHandler, args),
+        (r"/internal/cache/users/([0-9]{1,18})", CacheEntryHandler, args),
     ]
