@@ -367,6 +367,9 @@ def fragment_handler(routes: Callable[[], Iterable[Any]], prefix: str = "") -> t
     return FragmentHandler
 
 
-def with_fragment(table: list[Any]) -> list[Any]:
-    """``table`` plus the route serving its fragment (common.service.make_app adds it)."""
-    return [*table, (FRAGMENT_PATH, fragment_handler(lambda: table))]
+def with_fragment(table: list[Any], described: list[Any] | None = None) -> list[Any]:
+    """``table`` plus the route serving its fragment (common.service.make_app adds it):
+    the fragment of ``described`` when given (a table whose mounted parts are served by
+    child applications, which the fragment cannot see through)."""
+    shown = table if described is None else described
+    return [*table, (FRAGMENT_PATH, fragment_handler(lambda: shown))]

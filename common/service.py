@@ -16,11 +16,12 @@ import logging
 import signal
 import time
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Sequence
 
 import tornado.web
 from tornado.httpserver import HTTPServer
 from tornado.iostream import IOStream
+from tornado.routing import PathMatches, Rule
 
 from common import internal
 from common.bodylimit import BodyLimit, refuse_connection
@@ -29,7 +30,7 @@ from common.discovery import Registration
 from common.handler import (CONTEXT, INFLIGHT, MAX_BODY, REVOCATIONS, SERVICE_SECRET, TRUSTED_PROXIES, VERIFIER, Inflight, NotFoundHandler,
                             log_request)
 from common.logs import setup_logging
-from common.openapi import with_fragment
+from common.openapi import route_pattern, with_fragment
 from common.tokens import Revocations, TokenVerifier
 
 log = logging.getLogger("barber.service")
@@ -79,9 +80,36 @@ class ServiceApp:
     on_drain: list[Callable[[], Any]] = field(default_factory=list)
 
 
-def make_app(settings: ServiceSettings, routes: list, context: Any = None, **extra: Any) -> tornado.web.Application:
+@dataclass
+class Mount:
+    """A component served inside another service's application (the deletion coordinator
+    inside the gateway) with a context object of its own: its routes get a child
+    Application that shares the host's settings (verifier, service secret, limits, the
+    in-flight count a graceful stop waits for) except the context, so its handlers reach
+    their dependencies as ``self.context`` like any service's."""
+
+    routes: list
+    context: Any
+    on_stop: list[Callable[[], Awaitable[Any]]] = field(default_factory=list)
+
+
+def _mounted(mount: Mount, app_settings: dict[str, Any]) -> Rule:
+    """The rule sending the mount's paths (exactly those of its routes) to its child app."""
+    patterns = []
+    for rule in mount.routes:
+        found = route_pattern(rule)
+        if found is None:
+            raise ValueError(f"a mount's routes are (pattern, handler) pairs, not {rule!r}")
+        patterns.append(found[0].removesuffix("$"))
+    child = tornado.web.Application(mount.routes, **{**app_settings, CONTEXT: mount.context})
+    return Rule(PathMatches("(?:" + "|".join(f"(?:{p})" for p in patterns) + ")$"), child)
+
+
+def make_app(settings: ServiceSettings, routes: list, context: Any = None, mounts: Sequence[Mount] = (),
+             **extra: Any) -> tornado.web.Application:
     """An Application wired with the base handler's settings (verifier, secret, limits)
-    and the service's context object, which handlers reach as ``self.context``."""
+    and the service's context object, which handlers reach as ``self.context``;
+    ``mounts`` are served before ``routes``."""
     app_settings: dict[str, Any] = {
         CONTEXT: context,
         "default_handler_class": NotFoundHandler,
@@ -98,8 +126,10 @@ def make_app(settings: ServiceSettings, routes: list, context: Any = None, **ext
     if settings.service_secret_file.exists():
         app_settings[SERVICE_SECRET] = internal.read_secret(settings.service_secret_file)
     app_settings.update(extra)
+    served = [*(_mounted(mount, app_settings) for mount in mounts), *routes]
+    described = [*(rule for mount in mounts for rule in mount.routes), *routes]
     # Every service serves its part of the OpenAPI document to the gateway (internal path).
-    return tornado.web.Application(with_fragment(routes), **app_settings)
+    return tornado.web.Application(with_fragment(served, described), **app_settings)
 
 
 async def serve(settings: ServiceSettings, service: ServiceApp) -> None:

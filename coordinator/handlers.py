@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 from common.errors import NotFound
-from common.handler import BaseHandler
+from common.handler import CONTEXT, BaseHandler
 from common.openapi import api
-from coordinator.deletion import Coordinator
+from coordinator.context import CoordinatorContext
 from coordinator.schemas import (DeleteQuery, DeletionStarted, Transaction, TransactionList, TransactionPath,
                                  TransactionsQuery)
 
 
 class CoordinatorHandler(BaseHandler):
-    def initialize(self, coordinator: Coordinator) -> None:
-        self.coordinator = coordinator
+    @property
+    def context(self) -> CoordinatorContext:
+        return self.settings[CONTEXT]
 
 
 class DeleteUserHandler(CoordinatorHandler):
@@ -24,7 +25,7 @@ class DeleteUserHandler(CoordinatorHandler):
         mode = self.parse_query(DeleteQuery).mode
         if int(user_id) < 1:
             raise NotFound(f"no user with id {user_id}")
-        tx = await self.coordinator.delete_user(int(user_id), mode)
+        tx = await self.context.coordinator.delete_user(int(user_id), mode)
         body = {"transaction_id": str(tx.id), "state": tx.state}
         if tx.mode == "saga":
             self.set_header("Location", f"/admin/transactions/{tx.id}")
@@ -40,7 +41,7 @@ class TransactionHandler(CoordinatorHandler):
          errors=(400, 403, 404, 503), auth=True, path=TransactionPath)
     async def get(self, raw_id: str) -> None:
         self.require_user("admin")
-        tx = await self.coordinator.txlog.get(self.parse_path(TransactionPath, raw_id).transaction_id)
+        tx = await self.context.coordinator.txlog.get(self.parse_path(TransactionPath, raw_id).transaction_id)
         if tx is None:
             raise NotFound(f"no transaction {raw_id}")
         self.write_json(tx.to_json())
@@ -52,7 +53,7 @@ class TransactionListHandler(CoordinatorHandler):
     async def get(self) -> None:
         self.require_user("admin")
         q = self.parse_query(TransactionsQuery)
-        txs = await self.coordinator.txlog.list(q.state, q.user_id, q.limit)
+        txs = await self.context.coordinator.txlog.list(q.state, q.user_id, q.limit)
         self.write_json({"transactions": [tx.to_json() for tx in txs]})
 
 
@@ -61,14 +62,13 @@ class OutcomeHandler(CoordinatorHandler):
 
     async def get(self, gid: str) -> None:
         self.require_service()
-        self.write_json({"gid": gid, "decision": await self.coordinator.outcome(gid)})
+        self.write_json({"gid": gid, "decision": await self.context.coordinator.outcome(gid)})
 
 
-def routes(coordinator: Coordinator) -> list:
-    args = {"coordinator": coordinator}
+def routes() -> list[tuple[str, type[CoordinatorHandler]]]:
     return [
-        (r"/admin/users/([0-9]{1,18})", DeleteUserHandler, args),
-        (r"/admin/transactions", TransactionListHandler, args),
-        (r"/admin/transactions/([^/]+)", TransactionHandler, args),
-        (r"/internal/coordinator/transactions/([^/]+)", OutcomeHandler, args),
+        (r"/admin/users/([0-9]{1,18})", DeleteUserHandler),
+        (r"/admin/transactions", TransactionListHandler),
+        (r"/admin/transactions/([^/]+)", TransactionHandler),
+        (r"/internal/coordinator/transactions/([^/]+)", OutcomeHandler),
     ]

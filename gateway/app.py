@@ -1,27 +1,27 @@
 """Builds the gateway Application.
 
-Plugins: a module named in :data:`PLUGINS` exposes ``async def mount(ctx: GatewayContext)
--> Mount``; its routes are served by the gateway before the proxy routes, and its
-closers run at shutdown. The deletion coordinator mounts ``/admin/...`` this way.
+The deletion coordinator is mounted into it (``/admin/...`` and the participants'
+outcome query), served before the proxy routes: it gets only a
+:class:`coordinator.app.Host` (the discovery views) and brings its own context.
 """
 
 from __future__ import annotations
 
 import asyncio
-import importlib
 import logging
-from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Sequence
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from common import internal
-from common.config import chat_frame_bytes
+from common.config import chat_frame_bytes, load_settings
 from common.discovery import InstanceView
 from common.openapi import fragment
 from common.service import ServiceApp, make_app
+from coordinator.app import Host as CoordinatorHost
+from coordinator.app import build as build_coordinator
+from coordinator.settings import CoordinatorSettings
 from gateway.breaker import BreakerConfig, State
 from gateway.config import GatewaySettings
 from gateway.context import GATEWAY, GatewayContext
@@ -33,16 +33,6 @@ from gateway.proxy import Proxy, make_session
 from gateway.upstreams import Breakers, Service
 
 log = logging.getLogger("barber.gateway")
-
-# Modules mounted into the gateway (e.g. "coordinator.plugin").
-PLUGINS: list[str] = ["coordinator.plugin"]
-
-
-@dataclass
-class Mount:
-    routes: list[Any] = field(default_factory=list)
-    on_stop: list[Callable[[], Awaitable[Any]]] = field(default_factory=list)
-
 
 def breaker_config(s: GatewaySettings) -> BreakerConfig:
     return BreakerConfig(
@@ -57,7 +47,7 @@ def breaker_config(s: GatewaySettings) -> BreakerConfig:
     )
 
 
-async def build(settings: GatewaySettings, plugins: Sequence[str] | None = None) -> ServiceApp:
+async def build(settings: GatewaySettings) -> ServiceApp:
     metrics = GatewayMetrics()
     # No client-side retries: a Redis that is down must fail fast (the limiter falls back).
     redis = aioredis.from_url(
@@ -92,20 +82,16 @@ async def build(settings: GatewaySettings, plugins: Sequence[str] | None = None)
     proxy = Proxy(settings, services, limiter, metrics, session)
     ctx = GatewayContext(settings, services, breakers, limiter, metrics, proxy, session, redis)
 
-    extra_routes: list[Any] = []
-    closers: list[Callable[[], Awaitable[Any]]] = []
-    for module_name in PLUGINS if plugins is None else plugins:
-        mount: Mount = await importlib.import_module(module_name).mount(ctx)
-        extra_routes += mount.routes
-        closers += mount.on_stop
+    coordinator = await build_coordinator(load_settings(CoordinatorSettings),
+                                          CoordinatorHost(instances=lambda name: services[name].instances))
 
     if not settings.jwt_public_key_file.exists():
         log.error("no JWT public key at %s: every path that needs a token will answer 401",
                   settings.jwt_public_key_file)
-    table = extra_routes + routes(settings.services)
+    table = routes(settings.services)
     secret = internal.read_secret(settings.service_secret_file) if settings.service_secret_file.exists() else ""
-    spec = SpecSource(settings, fragment(table), lambda name: services[name].instances, session, secret)
-    app = make_app(settings, table,
+    spec = SpecSource(settings, fragment(coordinator.routes + table), lambda name: services[name].instances, session, secret)
+    app = make_app(settings, table, mounts=[coordinator],
                    websocket_max_message_size=chat_frame_bytes(settings.chat_max_message_chars),
                    websocket_ping_interval=settings.ws_ping_interval_s,
                    websocket_ping_timeout=settings.ws_ping_timeout_s, **{GATEWAY: ctx, OPENAPI: spec})
@@ -113,7 +99,7 @@ async def build(settings: GatewaySettings, plugins: Sequence[str] | None = None)
 
     async def close() -> None:
         await spec.stop()
-        for closer in closers:
+        for closer in coordinator.on_stop:
             await closer()
         for svc in services.values():
             await svc.view.stop()

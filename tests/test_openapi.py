@@ -43,7 +43,7 @@ SERVICE_ROUTES: dict[str, Callable[[], list[Any]]] = {
 
 
 def gateway_routes(services: list[str]) -> list[Any]:
-    return coordinator.handlers.routes(None) + gateway.handlers.routes(services)  # type: ignore[arg-type]
+    return coordinator.handlers.routes() + gateway.handlers.routes(services)
 
 
 def public_operations(routes: list[Any], prefix: str = "") -> set[tuple[str, str]]:
