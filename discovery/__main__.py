@@ -3,7 +3,7 @@
 from common.config import load_settings_or_exit
 from common.service import run
 from discovery.app import build
-from discovery.config import DiscoverySettings
+from discovery.settings import DiscoverySettings
 
 
 def main() -> None:

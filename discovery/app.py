@@ -7,9 +7,10 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
 from common.service import ServiceApp, make_app
-from discovery.config import DiscoverySettings
-from discovery.handlers import REGISTRY, SETTINGS, WATCHERS, routes
+from discovery.context import DiscoveryContext
+from discovery.handlers import routes
 from discovery.registry import ChangeFeed, Registry, Watchers
+from discovery.settings import DiscoverySettings
 
 
 async def build(settings: DiscoverySettings) -> ServiceApp:
@@ -21,7 +22,7 @@ async def build(settings: DiscoverySettings) -> ServiceApp:
     watchers = Watchers()
     feed = ChangeFeed(registry, watchers, settings.sweep_interval_s)
     feed.start()
-    app = make_app(settings, routes, **{REGISTRY: registry, WATCHERS: watchers, SETTINGS: settings})
+    app = make_app(settings, routes(), context=DiscoveryContext(settings, registry, watchers))
 
     async def close() -> None:
         await feed.stop()

@@ -6,14 +6,10 @@ from __future__ import annotations
 from pydantic import BaseModel, Field
 
 from common.errors import BadRequest, NotFound
-from common.handler import BaseHandler, decode_json_object, validate
+from common.handler import CONTEXT, BaseHandler, decode_json_object, validate
 from common.openapi import QueryFloat, QueryModel
-from discovery.config import DiscoverySettings
+from discovery.context import DiscoveryContext
 from discovery.registry import TYPE_RE, Registry, Watchers, wait_for_change
-
-REGISTRY = "discovery.registry"
-WATCHERS = "discovery.watchers"
-SETTINGS = "discovery.settings"
 
 SEED_MISSING = "Host and service type are required."
 
@@ -41,16 +37,16 @@ def parse_register(raw: bytes) -> RegisterBody:
 
 class DiscoveryHandler(BaseHandler):
     @property
+    def context(self) -> DiscoveryContext:
+        return self.settings[CONTEXT]
+
+    @property
     def registry(self) -> Registry:
-        return self.settings[REGISTRY]
+        return self.context.registry
 
     @property
     def watchers(self) -> Watchers:
-        return self.settings[WATCHERS]
-
-    @property
-    def config(self) -> DiscoverySettings:
-        return self.settings[SETTINGS]
+        return self.context.watchers
 
 
 class RegisterHandler(DiscoveryHandler):
@@ -89,8 +85,8 @@ class ServicesHandler(DiscoveryHandler):
         if not TYPE_RE.fullmatch(type_):
             raise BadRequest("type: must be lower-case letters, digits, '-' or '_'")
         q = self.parse_query(ListingQuery)
-        if q.wait > self.config.max_wait_s:
-            raise BadRequest(f"wait: must be at most {self.config.max_wait_s:g}")
+        if q.wait > self.context.settings.max_wait_s:
+            raise BadRequest(f"wait: must be at most {self.context.settings.max_wait_s:g}")
         listing = await wait_for_change(self.registry, self.watchers, type_, q.version or None, q.wait)
         self.write_json(listing.as_dict())
 
@@ -114,7 +110,7 @@ class StatusHandler(DiscoveryHandler):
             {
                 "status": "ok" if redis_ok else "degraded",
                 "service": "discovery",
-                "instance": f"{self.config.advertise_host}:{self.config.port}",
+                "instance": f"{self.context.settings.advertise_host}:{self.context.settings.port}",
                 "redis": "ok" if redis_ok else "unavailable",
                 "instance_ttl_s": self.registry.ttl_s,
                 "services": types,
@@ -124,10 +120,11 @@ class StatusHandler(DiscoveryHandler):
         )
 
 
-routes = [
-    (r"/register", RegisterHandler),
-    (r"/register/([A-Za-z0-9_.-]{1,100})", InstanceHandler),
-    (r"/services", AllServicesHandler),
-    (r"/services/([^/]+)", ServicesHandler),
-    (r"/status", StatusHandler),
-]
+def routes() -> list[tuple[str, type[DiscoveryHandler]]]:
+    return [
+        (r"/register", RegisterHandler),
+        (r"/register/([A-Za-z0-9_.-]{1,100})", InstanceHandler),
+        (r"/services", AllServicesHandler),
+        (r"/services/([^/]+)", ServicesHandler),
+        (r"/status", StatusHandler),
+    ]

@@ -8,6 +8,7 @@ from redis.backoff import NoBackoff
 
 from common.service import ServiceApp, make_app
 from etl import handlers
+from etl.context import EtlContext
 from etl.extract import ChatSource, UserSource
 from etl.pipeline import Context
 from etl.scheduler import Scheduler
@@ -53,7 +54,7 @@ async def build(settings: EtlSettings) -> ServiceApp:
     await start_context(ctx)
     scheduler = Scheduler(ctx)
     scheduler.start()
-    app = make_app(settings, handlers.routes(ctx, scheduler))
+    app = make_app(settings, handlers.routes(), context=EtlContext(ctx, scheduler))
 
     async def close() -> None:
         await scheduler.stop()

@@ -12,20 +12,24 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from tornado.web import StaticFileHandler
 
 from common.errors import Forbidden, NotFound
-from common.handler import BaseHandler
+from common.handler import CONTEXT, BaseHandler
 from common.openapi import TEXT_PLAIN, StatusBody, api
 from etl import analytics, metrics, pipeline, runs
 from etl.schemas import (Daily, Leaderboard, LeaderboardQuery, PeriodQuery, Run, RunList, RunsQuery, RunStarted,
                          StartRunQuery)
-from etl.scheduler import Scheduler
+from etl.context import EtlContext
 
 STATIC_DIR = Path(__file__).parent / "static"
 
 
 class EtlHandler(BaseHandler):
-    def initialize(self, ctx: pipeline.Context, scheduler: Scheduler) -> None:
-        self.ctx = ctx
-        self.scheduler = scheduler
+    @property
+    def context(self) -> EtlContext:
+        return self.settings[CONTEXT]
+
+    @property
+    def ctx(self) -> pipeline.Context:
+        return self.context.pipeline
 
     async def on_primary(self, fn: Any) -> Any:
         """Run records are read on the primary: a run's state must never look older than
@@ -46,7 +50,7 @@ class RunsHandler(EtlHandler):
         self.require_user("admin")
         full = self.parse_query(StartRunQuery).full_refresh in ("1", "true", "yes")
         run = await pipeline.begin(self.ctx, full_refresh=full)  # 409 when another run holds the lock
-        self.scheduler.spawn(run)
+        self.context.scheduler.spawn(run)
         self.set_header("Location", f"/etl/runs/{run.run_id}")
         self.write_json({"run_id": run.run_id}, status=202)
 
@@ -116,7 +120,7 @@ class StatusHandler(EtlHandler):
             "warehouse": warehouse,
             "authen_database": self.ctx.users.router.view(),
             "schedule": {"interval_s": self.ctx.settings.etl_interval_s,
-                         "consecutive_failures": self.scheduler.failures},
+                         "consecutive_failures": self.context.scheduler.failures},
         })
 
 
@@ -143,15 +147,15 @@ class StaticHandler(StaticFileHandler):
         return self.get(path, include_body=False)
 
 
-def routes(ctx: pipeline.Context, scheduler: Scheduler) -> list[tuple[Any, ...]]:
-    args = {"ctx": ctx, "scheduler": scheduler}
+def routes() -> list[tuple[Any, ...]]:
     return [
-        (r"/runs", RunsHandler, args),
-        (r"/runs/([0-9]{1,18})", RunHandler, args),
-        (r"/analytics/barbers", LeaderboardHandler, args),
-        (r"/analytics/barbers/([0-9]{1,18})/daily", DailyHandler, args),
+        (r"/runs", RunsHandler),
+        (r"/runs/([0-9]{1,18})", RunHandler),
+        (r"/analytics/barbers", LeaderboardHandler),
+        (r"/analytics/barbers/([0-9]{1,18})/daily", DailyHandler),
         (r"/dashboard", DashboardHandler),
+        # Tornado's static handler takes its directory as an argument (not a dependency).
         (r"/static/(.*)", StaticHandler, {"path": str(STATIC_DIR)}),
-        (r"/utilities/status", StatusHandler, args),
+        (r"/utilities/status", StatusHandler),
         (r"/metrics", MetricsHandler),
     ]

@@ -49,7 +49,7 @@ from authen.settings import AuthenSettings
 from chat.settings import ChatSettings
 from coordinator.settings import CoordinatorSettings
 from deploy.keygen import KeySettings
-from discovery.config import DiscoverySettings
+from discovery.settings import DiscoverySettings
 from elk.settings import ElkSettings
 from etl.settings import EtlSettings
 from gateway.config import GatewaySettings

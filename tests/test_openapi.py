@@ -38,7 +38,7 @@ SERVICE_ROUTES: dict[str, Callable[[], list[Any]]] = {
     "authen": lambda: authen.handlers.routes(
         SimpleNamespace(enable_sleepy=_service_env("authen").get("ENABLE_SLEEPY") == "1")),
     "chat": lambda: chat.handlers.routes(None),  # type: ignore[arg-type]
-    "etl": lambda: etl.handlers.routes(None, None),  # type: ignore[arg-type]
+    "etl": lambda: etl.handlers.routes(),
 }
 
 
