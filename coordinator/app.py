@@ -44,11 +44,11 @@ async def build(settings: CoordinatorSettings, host: Host) -> Mount:
     txlog = TxLog(settings.coordinator_database_url, settings.coordinator_lease_s)
     secret = internal.read_secret(settings.service_secret_file)
     http = AsyncHTTPClient(force_instance=True, max_clients=MAX_CALLS)
-    participants = {
-        name: ParticipantClient(InternalClient(name, lambda name=name: host.instances(name), secret,
-                                               timeout_s=settings.coordinator_participant_timeout_s, http=http))
-        for name in PARTICIPANTS
-    }
+    def client(name: str) -> ParticipantClient:
+        return ParticipantClient(InternalClient(name, lambda: host.instances(name), secret,
+                                                timeout_s=settings.coordinator_participant_timeout_s, http=http))
+
+    participants = {name: client(name) for name in PARTICIPANTS}
     coordinator = Coordinator(settings, txlog, participants, owner=f"{settings.advertise_host}:{settings.port}")
     coordinator.start()
 
