@@ -152,8 +152,8 @@ class AuthenParticipant:
                     await conn.execute(text("BEGIN"))
                     await conn.execute(text("SET LOCAL lock_timeout = '1s'"))
                     await conn.execute(text(
-                        "INSERT INTO participant_tx (gid, state) VALUES (:gid, 'aborted') ON CONFLICT (gid) DO NOTHING"),
-                        {"gid": gid})
+                        "INSERT INTO participant_tx (gid, state) VALUES (:gid, 'aborted') "
+                        "ON CONFLICT (gid) DO NOTHING"), {"gid": gid})
                     await conn.execute(text("COMMIT"))
                 except DBAPIError as e:
                     await conn.execute(text("ROLLBACK"))

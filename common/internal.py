@@ -77,10 +77,10 @@ class _BadAnswer(Exception):
 class InternalClient:
     """Calls one service's instances (tornado's AsyncHTTPClient) with the service
     credential and the current request id, trying each instance in turn (starting from
-    the next one each call, which spreads the load) until one answers: a 2xx is the answer, a status in ``refusals`` raises
-    :class:`Refused` at once, anything else (5xx, network error, timeout, an unreadable
-    body) moves on to the next instance; when none answers, :class:`Unreachable` names
-    every instance's error.
+    the next one each call, which spreads the load) until one answers: a 2xx is the
+    answer, a status in ``refusals`` raises :class:`Refused` at once, anything else (5xx,
+    network error, timeout, an unreadable body) moves on to the next instance; when none
+    answers, :class:`Unreachable` names every instance's error.
 
     Any instance can serve any call (services keep their state in their stores), so this
     is the one place that decides how internal calls fail over.

@@ -90,7 +90,8 @@ async def build(settings: GatewaySettings) -> ServiceApp:
                   settings.jwt_public_key_file)
     table = routes(settings.services)
     secret = internal.read_secret(settings.service_secret_file) if settings.service_secret_file.exists() else ""
-    spec = SpecSource(settings, fragment(coordinator.routes + table), lambda name: services[name].instances, session, secret)
+    spec = SpecSource(settings, fragment(coordinator.routes + table), lambda name: services[name].instances,
+                      session, secret)
     app = make_app(settings, table, mounts=[coordinator],
                    websocket_max_message_size=chat_frame_bytes(settings.chat_max_message_chars),
                    websocket_ping_interval=settings.ws_ping_interval_s,
