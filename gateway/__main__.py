@@ -3,7 +3,7 @@
 from common.config import load_settings_or_exit
 from common.service import run
 from gateway.app import build
-from gateway.config import GatewaySettings
+from gateway.settings import GatewaySettings
 
 
 def main() -> None:

@@ -23,7 +23,7 @@ from common.discovery import InstanceView
 from common.openapi import fragment
 from common.service import ServiceApp, make_app
 from gateway.breaker import BreakerConfig, State
-from gateway.config import GatewaySettings
+from gateway.settings import GatewaySettings
 from gateway.context import GATEWAY, GatewayContext
 from gateway.handlers import OPENAPI, routes
 from gateway.limiter import Limiter

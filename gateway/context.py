@@ -11,7 +11,7 @@ import aiohttp
 import redis.asyncio as aioredis
 
 from gateway.breaker import State
-from gateway.config import GatewaySettings
+from gateway.settings import GatewaySettings
 from gateway.limiter import Limiter
 from gateway.metrics import GatewayMetrics
 from gateway.proxy import Proxy

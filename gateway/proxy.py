@@ -21,7 +21,7 @@ import aiohttp
 from yarl import URL
 
 from common.errors import DEPENDENCY_HEADER, BadGateway, GatewayTimeout, ServiceUnavailable, TooManyRequests
-from gateway.config import GatewaySettings
+from gateway.settings import GatewaySettings
 from gateway.limiter import Admission, Full, Limiter, RateCharge, RateLimited
 from gateway.metrics import GatewayMetrics
 from gateway.policy import IDEMPOTENT_METHODS
