@@ -24,8 +24,8 @@ from common.openapi import fragment
 from common.service import ServiceApp, make_app
 from gateway.breaker import BreakerConfig, State
 from gateway.settings import GatewaySettings
-from gateway.context import GATEWAY, GatewayContext
-from gateway.handlers import OPENAPI, routes
+from gateway.context import GatewayContext
+from gateway.handlers import routes
 from gateway.limiter import Limiter
 from gateway.metrics import GatewayMetrics
 from gateway.openapi import SpecSource
@@ -105,10 +105,11 @@ async def build(settings: GatewaySettings, plugins: Sequence[str] | None = None)
     table = extra_routes + routes(settings.services)
     secret = internal.read_secret(settings.service_secret_file) if settings.service_secret_file.exists() else ""
     spec = SpecSource(settings, fragment(table), lambda name: services[name].instances, session, secret)
-    app = make_app(settings, table,
+    ctx.spec = spec
+    app = make_app(settings, table, context=ctx,
                    websocket_max_message_size=chat_frame_bytes(settings.chat_max_message_chars),
                    websocket_ping_interval=settings.ws_ping_interval_s,
-                   websocket_ping_timeout=settings.ws_ping_timeout_s, **{GATEWAY: ctx, OPENAPI: spec})
+                   websocket_ping_timeout=settings.ws_ping_timeout_s)
     spec.start()
 
     async def close() -> None:
