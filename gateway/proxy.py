@@ -87,6 +87,8 @@ class Proxy:
         self.metrics = metrics
         self.session = session
         self.least_outstanding = settings.lb_policy == "least_outstanding"
+        limiter.load_threshold = settings.load_threshold_per_s_per_service
+        limiter.on_load_alert = self._alert_on_load
 
     # -- the whole request -----------------------------------------------------------
     async def forward(self, service: Service, method: str, path_qs: str, headers: Sequence[tuple[str, str]],
@@ -134,7 +136,6 @@ class Proxy:
                 # Trial slots of half-open breakers that this request will not use go back.
                 service.give_back(candidates, admission.instance if admission is not None else None)
             chosen = next(c for c in candidates if c.instance.address == admission.instance)
-            self._alert_on_load(service, admission)
             attempt += 1
             tried.add(admission.instance)
             try:
@@ -233,26 +234,28 @@ class Proxy:
             headers={"Retry-After": "1"},
         )
 
-    def _alert_on_load(self, service: Service, admission: Admission) -> None:
+    def _alert_on_load(self, instance: str, load: int, shared: bool) -> None:
+        """The limiter saw ``instance`` cross the threshold this second (once per instance
+        per second: over all gateways when ``shared``)."""
         threshold = self.settings.load_threshold_per_s_per_service
-        # Once per instance per second: on the request that crosses the threshold.
-        if admission.load == threshold + 1:
-            self.metrics.load_alerts.labels(service.name, admission.instance).inc()
-            log.warning(
-                "ALERT: Load on %s [%s] has exceeded %d req/s",
-                service.name, admission.instance, threshold,
-                extra={
-                    "event.kind": "alert",
-                    "event.category": ["network"],
-                    "event.type": ["info"],
-                    "event.action": "load-alert",
-                    "barber.upstream.service": service.name,
-                    "barber.upstream.instance": admission.instance,
-                    "barber.load.threshold_per_s": threshold,
-                    "barber.load.shared": admission.shared,
-                    "barber.load.per_s": admission.load,
-                },
-            )
+        name = next((n for n, svc in self.services.items() if any(i.address == instance for i in svc.instances)),
+                    "unknown")
+        self.metrics.load_alerts.labels(name, instance).inc()
+        log.warning(
+            "ALERT: Load on %s [%s] has exceeded %d req/s",
+            name, instance, threshold,
+            extra={
+                "event.kind": "alert",
+                "event.category": ["network"],
+                "event.type": ["info"],
+                "event.action": "load-alert",
+                "barber.upstream.service": name,
+                "barber.upstream.instance": instance,
+                "barber.load.threshold_per_s": threshold,
+                "barber.load.shared": shared,
+                "barber.load.per_s": load,
+            },
+        )
 
     # -- WebSocket: an instance for a long-lived connection --------------------------
     def pick_for_socket(self, service: Service, exclude: set[str]) -> Candidate:
