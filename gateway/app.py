@@ -22,6 +22,7 @@ from common.config import chat_frame_bytes
 from common.discovery import InstanceView
 from common.openapi import fragment
 from common.service import ServiceApp, make_app
+from gateway.accesslog import AccessLog
 from gateway.breaker import BreakerConfig, State
 from gateway.settings import GatewaySettings
 from gateway.context import GatewayContext
@@ -29,7 +30,7 @@ from gateway.handlers import routes
 from gateway.limiter import Limiter
 from gateway.metrics import GatewayMetrics
 from gateway.openapi import SpecSource
-from gateway.proxy import Proxy, make_session
+from gateway.proxy import Proxy, make_pool, make_session
 from gateway.upstreams import Breakers, Service
 
 log = logging.getLogger("barber.gateway")
@@ -89,7 +90,8 @@ async def build(settings: GatewaySettings, plugins: Sequence[str] | None = None)
     await asyncio.gather(*(svc.view.start(initial_timeout_s=3.0) for svc in services.values()))
     limiter.start()
     session = make_session(settings)
-    proxy = Proxy(settings, services, limiter, metrics, session)
+    pool = make_pool(settings)
+    proxy = Proxy(settings, services, limiter, metrics, pool)
     ctx = GatewayContext(settings, services, breakers, limiter, metrics, proxy, session, redis)
 
     extra_routes: list[Any] = []
@@ -110,6 +112,9 @@ async def build(settings: GatewaySettings, plugins: Sequence[str] | None = None)
                    websocket_max_message_size=chat_frame_bytes(settings.chat_max_message_chars),
                    websocket_ping_interval=settings.ws_ping_interval_s,
                    websocket_ping_timeout=settings.ws_ping_timeout_s)
+    # The same ECS access line as every service's, written in batches (gateway.accesslog).
+    access_log = AccessLog("gateway", f"{settings.advertise_host}:{settings.port}")
+    app.settings["log_function"] = access_log.log_request
     spec.start()
 
     async def close() -> None:
@@ -120,6 +125,8 @@ async def build(settings: GatewaySettings, plugins: Sequence[str] | None = None)
             await svc.view.stop()
         await limiter.stop()
         await session.close()
+        await pool.close()
         await redis.aclose()
+        access_log.flush()
 
     return ServiceApp(app, on_stop=[close], register_as="gateway")

@@ -18,13 +18,13 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import aiohttp
-from yarl import URL
 
 from common.errors import DEPENDENCY_HEADER, BadGateway, GatewayTimeout, ServiceUnavailable, TooManyRequests
 from gateway.settings import GatewaySettings
 from gateway.limiter import Admission, Full, Limiter, RateCharge, RateLimited
 from gateway.metrics import GatewayMetrics
 from gateway.policy import IDEMPOTENT_METHODS
+from gateway.pool import ConnectFailed, UpstreamFailed, UpstreamPool
 from gateway.upstreams import Candidate, Service
 
 log = logging.getLogger("barber.gateway.proxy")
@@ -57,8 +57,19 @@ class _AttemptFailed(Exception):
         self.cause = cause
 
 
+def make_pool(settings: GatewaySettings) -> UpstreamPool:
+    """The proxy's keep-alive connections to the instances."""
+    # Upstream servers close idle connections after their HEADER_TIMEOUT_S (the same
+    # default as ours); we close ours well before, so no request goes out on a
+    # connection the server is closing.
+    return UpstreamPool(connect_timeout_s=settings.upstream_connect_timeout_ms / 1000,
+                        max_per_address=settings.upstream_max_connections,
+                        idle_s=min(30.0, settings.header_timeout_s / 2))
+
+
 def make_session(settings: GatewaySettings) -> aiohttp.ClientSession:
-    """One pooled, keep-alive client for every upstream call."""
+    """A pooled, keep-alive client for the gateway's own calls (OpenAPI fragments, the
+    coordinator's participants); proxied requests go through :func:`make_pool`."""
     connector = aiohttp.TCPConnector(
         limit=0,
         limit_per_host=settings.upstream_max_connections,
@@ -80,12 +91,12 @@ def make_session(settings: GatewaySettings) -> aiohttp.ClientSession:
 
 class Proxy:
     def __init__(self, settings: GatewaySettings, services: dict[str, Service], limiter: Limiter,
-                 metrics: GatewayMetrics, session: aiohttp.ClientSession) -> None:
+                 metrics: GatewayMetrics, pool: UpstreamPool) -> None:
         self.settings = settings
         self.services = services
         self.limiter = limiter
         self.metrics = metrics
-        self.session = session
+        self.pool = pool
         self.least_outstanding = settings.lb_policy == "least_outstanding"
         limiter.load_threshold = settings.load_threshold_per_s_per_service
         limiter.on_load_alert = self._alert_on_load
@@ -194,19 +205,15 @@ class Proxy:
         m.child(m.in_flight, inst.address).inc()
         try:
             async with asyncio.timeout(budget):
-                async with self.session.request(
-                    method, URL(inst.url + path_qs, encoded=True), headers=list(headers), data=body,
-                    allow_redirects=False,
-                ) as resp:
-                    data = await resp.read()
-                    return UpstreamResponse(resp.status, resp.reason, list(resp.headers.items()), data,
-                                            inst.address, attempt)
+                status, reason, resp_headers, data = await self.pool.request(
+                    inst.address, method, path_qs, headers, body)
+                return UpstreamResponse(status, reason, resp_headers, data, inst.address, attempt)
         except TimeoutError:
             return _AttemptFailed(inst.address, reached=True, timed_out=True, cause="timed out")
-        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as e:
-            return _AttemptFailed(inst.address, reached=False, timed_out=False, cause=_describe(e))
-        except (aiohttp.ClientError, OSError) as e:
-            return _AttemptFailed(inst.address, reached=True, timed_out=False, cause=_describe(e))
+        except ConnectFailed as e:
+            return _AttemptFailed(inst.address, reached=False, timed_out=False, cause=str(e))
+        except UpstreamFailed as e:
+            return _AttemptFailed(inst.address, reached=True, timed_out=False, cause=str(e)[:200])
         finally:
             m.child(m.in_flight, inst.address).dec()
             m.child(m.upstream_latency, inst.address).observe(time.perf_counter() - started)
@@ -275,11 +282,4 @@ class Proxy:
             breaker.record_success(chosen.breaker_state)
         else:
             breaker.record_failure(chosen.breaker_state, client=client)
-
-
-def _describe(e: BaseException) -> str:
-    if isinstance(e, aiohttp.ClientConnectorError):
-        return f"cannot connect ({e.os_error.strerror or e.os_error})"
-    text = str(e) or type(e).__name__
-    return text[:200]
 
