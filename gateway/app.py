@@ -26,6 +26,7 @@ from gateway.accesslog import AccessLog
 from gateway.breaker import BreakerConfig, State
 from gateway.settings import GatewaySettings
 from gateway.context import GatewayContext
+from gateway.forwarding import LeanProxy
 from gateway.handlers import routes
 from gateway.limiter import Limiter
 from gateway.metrics import GatewayMetrics
@@ -104,17 +105,19 @@ async def build(settings: GatewaySettings, plugins: Sequence[str] | None = None)
     if not settings.jwt_public_key_file.exists():
         log.error("no JWT public key at %s: every path that needs a token will answer 401",
                   settings.jwt_public_key_file)
-    table = extra_routes + routes(settings.services)
+    lean = LeanProxy(ctx)
+    table = extra_routes + routes(settings.services, lean)
     secret = internal.read_secret(settings.service_secret_file) if settings.service_secret_file.exists() else ""
     spec = SpecSource(settings, fragment(table), lambda name: services[name].instances, session, secret)
     ctx.spec = spec
+    ctx.access_log = AccessLog("gateway", f"{settings.advertise_host}:{settings.port}")
     app = make_app(settings, table, context=ctx,
                    websocket_max_message_size=chat_frame_bytes(settings.chat_max_message_chars),
                    websocket_ping_interval=settings.ws_ping_interval_s,
                    websocket_ping_timeout=settings.ws_ping_timeout_s)
+    lean.app_settings = app.settings
     # The same ECS access line as every service's, written in batches (gateway.accesslog).
-    access_log = AccessLog("gateway", f"{settings.advertise_host}:{settings.port}")
-    app.settings["log_function"] = access_log.log_request
+    app.settings["log_function"] = ctx.access_log.log_request
     spec.start()
 
     async def close() -> None:
@@ -127,6 +130,6 @@ async def build(settings: GatewaySettings, plugins: Sequence[str] | None = None)
         await session.close()
         await pool.close()
         await redis.aclose()
-        access_log.flush()
+        ctx.access_log.flush()
 
     return ServiceApp(app, on_stop=[close], register_as="gateway")

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 import redis.asyncio as aioredis
 
+from gateway.accesslog import AccessLog
 from gateway.breaker import State
 from gateway.settings import GatewaySettings
 from gateway.limiter import Limiter
@@ -35,6 +36,7 @@ class GatewayContext:
     started_at: float = field(default_factory=time.time)
     # The public OpenAPI document; set once the route table (plugins included) is known.
     spec: "SpecSource" = field(init=False)
+    access_log: AccessLog = field(init=False)
 
     def refresh_gauges(self) -> None:
         for address, breaker in self.breakers.known().items():

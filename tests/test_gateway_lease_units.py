@@ -1,4 +1,4 @@
-"""The limiter's leases without a stack: which admissions stay local, what goes back to
+"""The limiter's leases and the proxy's candidate/breaker routine without a stack: which admissions stay local, what goes back to
 Redis and when. Redis is replaced by a narrow fake of the one call the limiter makes (the
 admission script's protocol, gateway.limiter.ADMIT_LUA), counting like the script does."""
 
@@ -8,9 +8,15 @@ from typing import Any
 
 import pytest
 
+from common.discovery import Instance
+from common.errors import ServiceUnavailable
 from gateway import limiter as limiter_module
 from gateway.breaker import BreakerConfig, CircuitBreaker, State
 from gateway.limiter import Full, Limiter
+from gateway.metrics import GatewayMetrics
+from gateway.proxy import Proxy
+from gateway.settings import GatewaySettings
+from gateway.upstreams import Breakers, Service
 
 # The "unit" marker is registered in pyproject by the test-infrastructure change.
 pytestmark = [pytest.mark.unit, pytest.mark.filterwarnings("ignore::pytest.PytestUnknownMarkWarning")]
@@ -171,3 +177,29 @@ def test_breaker_half_open_trials_are_bounded_and_given_back() -> None:
     b.record_success(State.HALF_OPEN)
     b.record_success(State.HALF_OPEN)
     assert b.current() is State.CLOSED
+
+
+class FakeView:
+    """The one attribute of common.discovery.InstanceView the balancer reads."""
+
+    def __init__(self, *ports: int) -> None:
+        self.instances = tuple(Instance(f"i{p}", "authen", "127.0.0.1", p) for p in ports)
+
+
+def test_requests_and_sockets_share_the_candidate_and_breaker_routine() -> None:
+    breakers = Breakers(BreakerConfig(failures=2, min_clients=2, open_s=60), lambda *_: None)
+    service = Service("authen", FakeView(1, 2), breakers)  # type: ignore[arg-type]
+    proxy = Proxy(GatewaySettings(), {"authen": service}, Limiter(None, owner_ttl_ms=3000, timeout_s=1),
+                  GatewayMetrics(), None)  # type: ignore[arg-type]
+    first = proxy.candidates(service, set())
+    assert first is not None and [c.instance.port for c in first] == [1, 2]
+    # Failures a client may have caused need two clients to trip the breaker.
+    for client in ("ip:a", "ip:a", "ip:b"):
+        proxy.record(service, first[0], ok=False, client=client)
+    assert breakers.get("127.0.0.1:1").current() is State.OPEN
+    assert [c.instance.port for c in proxy.candidates(service, set()) or []] == [2]
+    assert proxy.pick_for_socket(service, set()).instance.port == 2
+    # Nothing left: 503 for a first attempt, "give the last answer" after one.
+    assert proxy.candidates(service, {"127.0.0.1:2"}, have_answer=True) is None
+    with pytest.raises(ServiceUnavailable, match="circuit is open for all 2"):
+        proxy.candidates(service, {"127.0.0.1:2"})
