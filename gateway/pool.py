@@ -200,19 +200,15 @@ class UpstreamPool:
 
     # -- connections -----------------------------------------------------------------
     async def _acquire(self, address: str) -> _Conn:
-        idle = self._idle.get(address)
-        while idle:
-            conn = idle.pop()
-            if conn.reusable and time.monotonic() - conn.idle_since < self.idle_s:
-                return conn
-            self._forget(address, conn)
-        while self._open.get(address, 0) >= self.max_per_address:
+        conn = self._idle_conn(address)
+        while conn is None and self._open.get(address, 0) >= self.max_per_address:
+            # At UPSTREAM_MAX_CONNECTIONS: wait for one to come back or close.
             waiter = asyncio.get_running_loop().create_future()
             self._waiting.setdefault(address, deque()).append(waiter)
             await waiter
-            idle = self._idle.get(address)
-            if idle:
-                return idle.pop()
+            conn = self._idle_conn(address)
+        if conn is not None:
+            return conn
         self._open[address] = self._open.get(address, 0) + 1
         try:
             return await self._connect(address)
@@ -220,6 +216,16 @@ class UpstreamPool:
             self._open[address] -= 1
             self._wake_one(address)
             raise
+
+    def _idle_conn(self, address: str) -> _Conn | None:
+        """The most recently used idle connection still fit for a request."""
+        idle = self._idle.get(address)
+        while idle:
+            conn = idle.pop()
+            if conn.reusable and time.monotonic() - conn.idle_since < self.idle_s:
+                return conn
+            self._forget(address, conn)
+        return None
 
     async def _connect(self, address: str) -> _Conn:
         host, _, port = address.rpartition(":")

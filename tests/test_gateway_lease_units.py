@@ -4,6 +4,7 @@ admission script's protocol, gateway.limiter.ADMIT_LUA), counting like the scrip
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -14,9 +15,11 @@ from gateway import limiter as limiter_module
 from gateway.breaker import BreakerConfig, CircuitBreaker, State
 from gateway.limiter import Full, Limiter
 from gateway.metrics import GatewayMetrics
+from gateway.pool import ConnectFailed, UpstreamPool
 from gateway.proxy import Proxy
 from gateway.settings import GatewaySettings
 from gateway.upstreams import Breakers, Service
+from tests.util import free_port
 
 # The "unit" marker is registered in pyproject by the test-infrastructure change.
 pytestmark = [pytest.mark.unit, pytest.mark.filterwarnings("ignore::pytest.PytestUnknownMarkWarning")]
@@ -203,3 +206,44 @@ def test_requests_and_sockets_share_the_candidate_and_breaker_routine() -> None:
     assert proxy.candidates(service, {"127.0.0.1:2"}, have_answer=True) is None
     with pytest.raises(ServiceUnavailable, match="circuit is open for all 2"):
         proxy.candidates(service, {"127.0.0.1:2"})
+
+
+async def test_upstream_pool_reuses_bounded_connections_and_reads_each_framing() -> None:
+    """The proxy's client against a real (tiny) HTTP/1.1 server of the test's own."""
+    connections = 0
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                if b"/chunked" in head:
+                    writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nhel\r\n2\r\nlo\r\n0\r\n\r\n")
+                elif b"/close" in head:
+                    writer.write(b"HTTP/1.1 404 Not Found\r\nConnection: close\r\n\r\ngone")
+                    writer.close()
+                    return
+                else:
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-A: b\r\n\r\nhello")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    address = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    pool = UpstreamPool(connect_timeout_s=1, max_per_address=2, idle_s=5)
+    try:
+        answers = await asyncio.gather(*(pool.request(address, "GET", "/x", [], None) for _ in range(10)))
+        assert {(a[0], a[3]) for a in answers} == {(200, b"hello")} and connections == 2
+        assert ("X-A", "b") in answers[0][2]
+        assert (await pool.request(address, "GET", "/chunked", [], None))[3] == b"hello"
+        assert (await pool.request(address, "HEAD", "/x", [], None))[3] == b""
+        status, reason, _, body = await pool.request(address, "GET", "/close", [], None)
+        assert (status, reason, body) == (404, "Not Found", b"gone")
+        assert (await pool.request(address, "GET", "/x", [], None))[3] == b"hello"  # a fresh connection
+        with pytest.raises(ConnectFailed, match="cannot connect"):
+            await pool.request(f"127.0.0.1:{free_port()}", "GET", "/", [], None)
+    finally:
+        await pool.close()
+        server.close()
