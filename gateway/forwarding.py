@@ -137,16 +137,22 @@ async def proxy_request(ctx: GatewayContext, verifier: TokenVerifier | None, req
         status = e.status_code
         raise
     finally:
-        route = path[1:].split("/", 1)[0]
-        # Route labels only for paths that exist (or passed the token check), so that
-        # random paths cannot grow the label set without bound.
-        label = f"/{service_name}/{route}" if status not in (400, 401, 404) and ROUTE_LABEL.fullmatch(route) else "other"
-        m = ctx.metrics
-        m.child(m.requests, service_name, label, method, str(status), instance).inc()
-        m.child(m.latency, service_name).observe(time.perf_counter() - started)
-        # On the access line, for the traffic dashboard.
-        log_fields.update({"barber.route": label, "barber.upstream.service": service_name,
-                           "barber.upstream.instance": instance})
+        _count(ctx, service_name, path, method, status, instance, time.perf_counter() - started, log_fields)
+
+
+def _count(ctx: GatewayContext, service_name: str, path: str, method: str, status: int, instance: str,
+           seconds: float, log_fields: dict[str, Any]) -> None:
+    """Metrics of a forwarded request, and its fields on the access line (for the traffic
+    dashboard)."""
+    route = path[1:].split("/", 1)[0]
+    # Route labels only for paths that exist (or passed the token check), so that
+    # random paths cannot grow the label set without bound.
+    label = f"/{service_name}/{route}" if status not in (400, 401, 404) and ROUTE_LABEL.fullmatch(route) else "other"
+    m = ctx.metrics
+    m.child(m.requests, service_name, label, method, str(status), instance).inc()
+    m.child(m.latency, service_name).observe(seconds)
+    log_fields.update({"barber.route": label, "barber.upstream.service": service_name,
+                       "barber.upstream.instance": instance})
 
 
 def response_headers(resp: UpstreamResponse, method: str, request_id: str) -> list[tuple[str, str]]:
