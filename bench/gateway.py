@@ -8,7 +8,7 @@ another offset)::
 Four targets, in one run, with the same load generator:
   direct   one authen instance, GET /utilities/status
   gateway  the stack's gateway, GET /authen/utilities/status (balanced over both instances;
-           task limits shared through Redis: one round trip a request)
+           task limits shared through Redis, admitted on leased slots: rarely a round trip)
   gw-local a gateway started here with TASK_LIMIT_SCOPE=local (no Redis on the hot path)
   nginx    Debian's nginx, started here on a free port with a temporary config, proxying
            /authen/ to the same two instances with keep-alive upstream connections and

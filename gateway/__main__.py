@@ -1,13 +1,21 @@
 """`python -m gateway`: run the API gateway."""
 
+import asyncio
+
 from common.config import load_settings_or_exit
 from common.service import run
 from gateway.app import build
-from gateway.config import GatewaySettings
+from gateway.settings import GatewaySettings
 
 
 def main() -> None:
-    run(load_settings_or_exit(GatewaySettings), "gateway", build)
+    settings = load_settings_or_exit(GatewaySettings)
+    if settings.gateway_event_loop == "uvloop":
+        # Optional (pip install uvloop): a faster event loop for the proxy's I/O.
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    run(settings, "gateway", build)
 
 
 if __name__ == "__main__":

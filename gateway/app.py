@@ -22,14 +22,16 @@ from common.service import ServiceApp, make_app
 from coordinator.app import Host as CoordinatorHost
 from coordinator.app import build as build_coordinator
 from coordinator.settings import CoordinatorSettings
+from gateway.accesslog import AccessLog
 from gateway.breaker import BreakerConfig, State
-from gateway.config import GatewaySettings
-from gateway.context import GATEWAY, GatewayContext
-from gateway.handlers import OPENAPI, routes
+from gateway.settings import GatewaySettings
+from gateway.context import GatewayContext
+from gateway.forwarding import LeanProxy
+from gateway.handlers import routes
 from gateway.limiter import Limiter
 from gateway.metrics import GatewayMetrics
 from gateway.openapi import SpecSource
-from gateway.proxy import Proxy, make_session
+from gateway.proxy import Proxy, make_pool, make_session
 from gateway.upstreams import Breakers, Service
 
 log = logging.getLogger("barber.gateway")
@@ -79,7 +81,8 @@ async def build(settings: GatewaySettings) -> ServiceApp:
     await asyncio.gather(*(svc.view.start(initial_timeout_s=3.0) for svc in services.values()))
     limiter.start()
     session = make_session(settings)
-    proxy = Proxy(settings, services, limiter, metrics, session)
+    pool = make_pool(settings)
+    proxy = Proxy(settings, services, limiter, metrics, pool)
     ctx = GatewayContext(settings, services, breakers, limiter, metrics, proxy, session, redis)
 
     coordinator = await build_coordinator(load_settings(CoordinatorSettings),
@@ -88,14 +91,20 @@ async def build(settings: GatewaySettings) -> ServiceApp:
     if not settings.jwt_public_key_file.exists():
         log.error("no JWT public key at %s: every path that needs a token will answer 401",
                   settings.jwt_public_key_file)
-    table = routes(settings.services)
+    lean = LeanProxy(ctx)
+    table = routes(settings.services, lean)
     secret = internal.read_secret(settings.service_secret_file) if settings.service_secret_file.exists() else ""
     spec = SpecSource(settings, fragment(coordinator.routes + table), lambda name: services[name].instances,
                       session, secret)
-    app = make_app(settings, table, mounts=[coordinator],
+    ctx.spec = spec
+    ctx.access_log = AccessLog("gateway", f"{settings.advertise_host}:{settings.port}")
+    app = make_app(settings, table, context=ctx, mounts=[coordinator],
                    websocket_max_message_size=chat_frame_bytes(settings.chat_max_message_chars),
                    websocket_ping_interval=settings.ws_ping_interval_s,
-                   websocket_ping_timeout=settings.ws_ping_timeout_s, **{GATEWAY: ctx, OPENAPI: spec})
+                   websocket_ping_timeout=settings.ws_ping_timeout_s)
+    lean.app_settings = app.settings
+    # The same ECS access line as every service's, written in batches (gateway.accesslog).
+    app.settings["log_function"] = ctx.access_log.log_request
     spec.start()
 
     async def close() -> None:
@@ -106,6 +115,8 @@ async def build(settings: GatewaySettings) -> ServiceApp:
             await svc.view.stop()
         await limiter.stop()
         await session.close()
+        await pool.close()
         await redis.aclose()
+        ctx.access_log.flush()
 
     return ServiceApp(app, on_stop=[close], register_as="gateway")

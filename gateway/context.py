@@ -5,23 +5,23 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import redis.asyncio as aioredis
 
+from gateway.accesslog import AccessLog
 from gateway.breaker import State
-from gateway.config import GatewaySettings
+from gateway.settings import GatewaySettings
 from gateway.limiter import Limiter
 from gateway.metrics import GatewayMetrics
 from gateway.proxy import Proxy
 from gateway.upstreams import Breakers, Service
 
+if TYPE_CHECKING:
+    from gateway.openapi import SpecSource
+
 log = logging.getLogger("barber.gateway")
-
-# Application settings key under which handlers find the GatewayContext.
-GATEWAY = "gateway.context"
-
 
 @dataclass
 class GatewayContext:
@@ -34,6 +34,9 @@ class GatewayContext:
     session: aiohttp.ClientSession
     redis: aioredis.Redis
     started_at: float = field(default_factory=time.time)
+    # The public OpenAPI document; set once the route table (plugins included) is known.
+    spec: "SpecSource" = field(init=False)
+    access_log: AccessLog = field(init=False)
 
     def refresh_gauges(self) -> None:
         for address, breaker in self.breakers.known().items():

@@ -20,70 +20,30 @@ from tornado.httpclient import HTTPClientError, HTTPRequest
 from tornado.routing import PathMatches, Rule
 from tornado.httputil import HTTPServerRequest
 
-from common.errors import APIError, BadGateway, BadRequest, NotFound, Unauthorized
-from common.handler import VERIFIER, BaseHandler, bearer_token, offered_subprotocols, websocket_token
+from common.errors import APIError, BadGateway
+from common.handler import CONTEXT, VERIFIER, BaseHandler, offered_subprotocols, websocket_token
 from common.logs import REQUEST_ID_HEADER, REQUEST_ID_RE, request_id_var, sane_request_id
 from common.openapi import TEXT_PLAIN, StatusBody, api
-from common.tokens import Claims, InvalidToken, TokenVerifier
-from gateway.context import GATEWAY, GatewayContext
-from gateway.limiter import RateCharge
-from gateway.metrics import CONTENT_TYPE_LATEST
-from gateway.policy import (
-    MalformedPath,
-    UnsafePath,
-    check_service_path,
-    downstream_response_headers,
-    is_public,
-    is_test_only,
-    upstream_request_headers,
+from gateway.context import GatewayContext
+from gateway.forwarding import (
+    LeanMatches,
+    LeanProxy,
+    client_key,
+    has_body,
+    proxy_request,
+    response_headers,
+    service_path,
+    verify,
 )
+from gateway.metrics import CONTENT_TYPE_LATEST
+from gateway.policy import upstream_request_headers
 
 log = logging.getLogger("barber.gateway")
 
-# Application settings key of the gateway.openapi.SpecSource.
-OPENAPI = "gateway.openapi"
-
-ROUTE_LABEL = re.compile(r"[A-Za-z0-9_-]{1,32}")
-
-
-def _service_path(request: HTTPServerRequest, service: str, *, test_routes: bool) -> str:
-    """The canonical service path for ``/<service>/<rest>``, taken from the path as the
-    client encoded it (Tornado's decoded path arguments are never forwarded: what is
-    checked is what goes). 400 for malformed paths, 404 for internal or unsafe ones and
-    for test aids unless ``test_routes``."""
-    rest = request.path[len(service) + 2:]
-    try:
-        path = check_service_path(rest)
-    except PermissionError as e:
-        raise NotFound(f"no route for /{service}/{rest}") from e
-    except MalformedPath as e:
-        raise BadRequest(f"bad path: {e}") from e
-    except UnsafePath as e:
-        raise NotFound(f"no route for /{service}/{rest}: {e}") from e
-    if not test_routes and is_test_only(f"/{service}{path}"):
-        raise NotFound(f"no route for /{service}{path}")
-    return path
-
-
-def client_key(claims: Claims | None, remote_ip: str | None) -> str:
-    """Who a request comes from, for rate limits and breakers: the verified user, else
-    the address."""
-    return f"u:{claims.user_id}" if claims else f"ip:{remote_ip}"
-
-
-def _verify(verifier: TokenVerifier | None, token: str | None) -> Claims | None:
-    if token is None or verifier is None:
-        return None
-    try:
-        return verifier.verify(token)
-    except InvalidToken:
-        return None
-
-
 class GatewayHandler(BaseHandler):
     @property
-    def gw(self) -> GatewayContext:
-        return self.settings[GATEWAY]
+    def context(self) -> GatewayContext:
+        return self.settings[CONTEXT]
 
     def prepare(self) -> None:
         presented = self.request.headers.get(REQUEST_ID_HEADER)
@@ -104,78 +64,18 @@ class ProxyHandler(GatewayHandler):
         return None
 
     async def _proxy(self, service_name: str, _rest: str) -> None:
-        gw = self.gw
-        started = time.perf_counter()
-        request = self.request
-        method = request.method or "GET"
-        service = gw.services[service_name]
-        path = _service_path(request, service_name, test_routes=gw.settings.enable_sleepy)
-        public_path = f"/{service_name}{path}"
-
-        token = bearer_token(request.headers.get("Authorization"))
-        claims = _verify(self.settings.get(VERIFIER), token)
-        if claims is None and not is_public(method, public_path):
-            gw.metrics.rejections.labels(service_name, "unauthorized").inc()
-            if token is None:
-                raise Unauthorized("authentication required: send Authorization: Bearer <token>")
-            raise Unauthorized("invalid or expired token")
-
-        client = client_key(claims, request.remote_ip)
-        charge = self._rate_charge(method, public_path, client)
-        headers = upstream_request_headers(
-            request.headers.get_all(),
-            request_id=self.request_id,
-            client_ip=request.remote_ip or "",
-            host=request.host,
-            proto=request.protocol,
-            user_id=claims.user_id if claims else None,
-            user_type=claims.user_type if claims else None,
-        )
-        path_qs = path + (f"?{request.query}" if request.query else "")
-        body = request.body if (request.body or method in ("POST", "PUT", "PATCH")) else None
-        deadline = asyncio.get_running_loop().time() + gw.settings.timeout_ms / 1000
-        status = 0
-        instance = "none"
-        try:
-            resp = await gw.proxy.forward(service, method, path_qs, headers, body, deadline=deadline, charge=charge,
-                                          client=client)
-            status, instance = resp.status, resp.instance
-        except APIError as e:
-            status = e.status_code
-            raise
-        finally:
-            route = path[1:].split("/", 1)[0]
-            # Route labels only for paths that exist (or passed the token check), so that
-            # random paths cannot grow the label set without bound.
-            label = f"/{service_name}/{route}" if status not in (400, 401, 404) and ROUTE_LABEL.fullmatch(route) else "other"
-            m = gw.metrics
-            m.child(m.requests, service_name, label, method, str(status), instance).inc()
-            m.child(m.latency, service_name).observe(time.perf_counter() - started)
-            # On the access line (common.handler.log_request), for the traffic dashboard.
-            self.log_fields = {"barber.route": label, "barber.upstream.service": service_name,
-                               "barber.upstream.instance": instance}
-
+        # Requests of the proxied methods are served by forwarding.LeanProxy; this path
+        # serves the same requests when routed here (and answers 405 to other methods).
+        self.log_fields: dict[str, Any] = {}
+        method = self.request.method or "GET"
+        resp = await proxy_request(self.context, self.settings.get(VERIFIER), self.request, service_name,
+                                   self.request_id, self.log_fields)
         self.set_status(resp.status, resp.reason or None)
         for name in ("Content-Type", "Server", "Date"):
             self.clear_header(name)
-        for name, value in downstream_response_headers(resp.headers):
+        for name, value in response_headers(resp, method, self.request_id):
             self.add_header(name, value)
-        if method == "HEAD":
-            length = next((v for k, v in resp.headers if k.lower() == "content-length"), None)
-            if length is not None:
-                self.set_header("Content-Length", length)
-        self.set_header(REQUEST_ID_HEADER, self.request_id)
-        if resp.status in (204, 304) or method == "HEAD":
-            self.finish()
-        else:
-            self.finish(resp.body)
-
-    def _rate_charge(self, method: str, public_path: str, client: str) -> RateCharge | None:
-        for rule in self.gw.settings.rate_limits:
-            if rule.matches(method, public_path):
-                # Gateways configured with the same rule share its buckets.
-                return RateCharge(f"{rule.key}:{client}", rule.rate_per_s, rule.burst)
-        return None
+        self.finish(resp.body if has_body(resp.status, method) else None)
 
     get = post = put = patch = delete = head = options = _proxy
 
@@ -202,8 +102,8 @@ class WebSocketProxyHandler(tornado.websocket.WebSocketHandler):
     _service_name = ""
 
     @property
-    def gw(self) -> GatewayContext:
-        return self.settings[GATEWAY]
+    def context(self) -> GatewayContext:
+        return self.settings[CONTEXT]
 
     def check_origin(self, origin: str) -> bool:
         # Any origin: the credential is the bearer token, never a cookie.
@@ -227,13 +127,13 @@ class WebSocketProxyHandler(tornado.websocket.WebSocketHandler):
         self.set_header(REQUEST_ID_HEADER, self.request_id)
         service_name = self.path_args[0]
         self._service_name = service_name
-        path = _service_path(self.request, service_name, test_routes=self.gw.settings.enable_sleepy)
+        path = service_path(self.request, service_name, test_routes=self.context.settings.enable_sleepy)
         offered = offered_subprotocols(self.request.headers.get("Sec-WebSocket-Protocol"))
         token = websocket_token(self.get_query_argument("token", None), offered,
                                 self.request.headers.get("Authorization"))
-        claims = _verify(self.settings.get(VERIFIER), token)
+        claims = verify(self.settings.get(VERIFIER), token)
         if claims is None:
-            self.gw.metrics.rejections.labels(service_name, "unauthorized").inc()
+            self.context.metrics.rejections.labels(service_name, "unauthorized").inc()
             self._reject = (4401, "not authenticated")
             return
         headers = upstream_request_headers(
@@ -251,14 +151,14 @@ class WebSocketProxyHandler(tornado.websocket.WebSocketHandler):
 
     async def _connect(self, service_name: str, path: str, headers: list[tuple[str, str]],
                        subprotocols: list[str], client: str) -> tornado.websocket.WebSocketClientConnection:
-        gw = self.gw
-        service = gw.services[service_name]
+        ctx = self.context
+        service = ctx.services[service_name]
         query = f"?{self.request.query}" if self.request.query else ""
         tried: set[str] = set()
-        deadline = time.monotonic() + gw.settings.timeout_ms / 1000
+        deadline = time.monotonic() + ctx.settings.timeout_ms / 1000
         last_error = ""
-        for _ in range(gw.settings.max_retries + 1):
-            chosen = gw.proxy.pick_for_socket(service, tried)
+        for _ in range(ctx.settings.max_retries + 1):
+            chosen = ctx.proxy.pick_for_socket(service, tried)
             inst = chosen.instance
             tried.add(inst.address)
             hdrs = tornado.httputil.HTTPHeaders()
@@ -267,7 +167,7 @@ class WebSocketProxyHandler(tornado.websocket.WebSocketHandler):
             request = HTTPRequest(
                 f"ws://{inst.address}{path}{query}",
                 headers=hdrs,
-                connect_timeout=gw.settings.upstream_connect_timeout_ms / 1000,
+                connect_timeout=ctx.settings.upstream_connect_timeout_ms / 1000,
                 request_timeout=max(0.001, deadline - time.monotonic()),
             )
             try:
@@ -276,19 +176,19 @@ class WebSocketProxyHandler(tornado.websocket.WebSocketHandler):
                 )
             except HTTPClientError as e:
                 if e.code == 599:  # never reached an answer: connect failure or timeout
-                    gw.proxy.socket_outcome(service, chosen, ok=False)
+                    ctx.proxy.record(service, chosen, ok=False)
                     last_error = str(e)
                     if time.monotonic() >= deadline:
                         break
                     continue
                 # The instance answered the handshake with an HTTP error: pass it on.
-                gw.proxy.socket_outcome(service, chosen, ok=e.code < 500, client=client)
+                ctx.proxy.record(service, chosen, ok=e.code < 500, client=client)
                 raise APIError(_detail_of(e), status=e.code) from e
             except OSError as e:
-                gw.proxy.socket_outcome(service, chosen, ok=False)
+                ctx.proxy.record(service, chosen, ok=False)
                 last_error = str(e)
                 continue
-            gw.proxy.socket_outcome(service, chosen, ok=True)
+            ctx.proxy.record(service, chosen, ok=True)
             return conn
         raise BadGateway(f"cannot open a socket to {service_name}: {last_error or 'no instance answered'}.")
 
@@ -306,7 +206,7 @@ class WebSocketProxyHandler(tornado.websocket.WebSocketHandler):
         if self._reject is not None:
             self.close(*self._reject)
             return
-        self.gw.metrics.websockets.labels(self._service_name).inc()
+        self.context.metrics.websockets.labels(self._service_name).inc()
         self._pump = asyncio.create_task(self._pump_upstream())
 
     async def _pump_upstream(self) -> None:
@@ -335,7 +235,7 @@ class WebSocketProxyHandler(tornado.websocket.WebSocketHandler):
 
     def on_close(self) -> None:
         if self._reject is None:
-            self.gw.metrics.websockets.labels(self._service_name).dec()
+            self.context.metrics.websockets.labels(self._service_name).dec()
         if self._upstream is not None:
             code = self.close_code
             self._upstream.close(code if code and code not in (1005, 1006) else 1000, self.close_reason)
@@ -367,32 +267,33 @@ class StatusHandler(GatewayHandler):
     @api("The gateway: instances with breaker state, in-flight and load", responses={200: StatusBody})
     async def get(self) -> None:
         if not self.may_see_details():
-            s = self.gw.settings
+            s = self.context.settings
             self.write_json({"status": "ok", "service": "gateway", "instance": f"{s.advertise_host}:{s.port}"})
             return
-        self.write_json(await self.gw.status())
+        self.write_json(await self.context.status())
 
 
 class MetricsHandler(GatewayHandler):
     @api("Prometheus metrics of this gateway", responses={200: TEXT_PLAIN})
     def get(self) -> None:
-        self.gw.refresh_gauges()
+        self.context.refresh_gauges()
         self.set_header("Content-Type", CONTENT_TYPE_LATEST)
-        self.finish(self.gw.metrics.render())
+        self.finish(self.context.metrics.render())
 
 
 class OpenAPIHandler(GatewayHandler):
     @api("This document: the public API (OpenAPI 3.1)", responses={200: dict[str, Any]})
     def get(self) -> None:
-        self.finish(self.settings[OPENAPI].body)
+        self.finish(self.context.spec.body)
 
 
-def routes(services: list[str]) -> list[Any]:
+def routes(services: list[str], lean: LeanProxy | None = None) -> list[Any]:
     names = "|".join(re.escape(s) for s in services)
     return [
         (r"/status", StatusHandler),
         (r"/metrics", MetricsHandler),
         (r"/openapi.json", OpenAPIHandler),
         Rule(WebSocketMatches(rf"/({names})/(.*)"), WebSocketProxyHandler),
+        *([Rule(LeanMatches(rf"/({names})/(.*)"), lean)] if lean is not None else []),
         (rf"/({names})/(.*)", ProxyHandler),
     ]

@@ -1,20 +1,32 @@
 """Admission: the per-instance task limit, per-client rate limits and load counts.
 
-One Redis round trip per request, at most. Every admission (choose an instance that is
-under ``TASK_LIMIT_PER_SERVICE``, take a token from the client's bucket, count the
-instance's load this second) is one Lua script, and the scripts of requests that arrive
-while one is in flight are batched into the next call. So the hot path costs one round
-trip, usually less.
+Usually no Redis round trip at all: each gateway *leases* slots of an instance's task
+limit from Redis and admits requests on slots it holds, locally. A request that finds no
+leased slot free on its first (round-robin) candidate goes to Redis: one Lua script
+chooses an instance under ``TASK_LIMIT_PER_SERVICE`` over all gateways' leases, takes a
+token from the client's bucket when a rate rule applies, counts the instance's load, and
+leases a few spare slots with the admission (at most ``LEASE_BLOCK``, and at most a
+quarter of what is left free, so near the limit leases are exact and one gateway cannot
+starve another). The scripts of requests arriving while one is in flight are batched into
+the next call. Spares this gateway does not use go back within ``LEASE_IDLE_S``; beyond
+``LEASE_BLOCK`` they go back at once. ``least_outstanding`` needs every gateway's exact
+counts, so it leases no spares (one round trip a request, as rate-limited requests).
 
-Task counts are owned per gateway, so a gateway killed mid-request leaks nothing:
-``barber:gw:tasks:<instance>`` is a hash ``{gateway id: its in-flight count}``, and
+Leases are owned per gateway, so a gateway killed mid-request leaks nothing:
+``barber:gw:tasks:<instance>`` is a hash ``{gateway id: slots it holds}``, and
 ``barber:gw:alive:<gateway id>`` lives ``LIMITER_OWNER_TTL_MS`` unless renewed. The
 script sums only the fields of live gateways (and deletes the others). Each call also
 writes this gateway's *absolute* counts for the instances it passes (not increments), and
-calls are strictly one at a time, so a release needs no round trip of its own (it is
-carried by the next call or the periodic heartbeat), a lost reply heals on the next
-call, and a Redis that restarted empty is refilled at once. Other gateways may see a
-count some milliseconds high after a release, never low: the limit is never exceeded.
+calls are strictly one at a time, so returning slots needs no round trip of its own (it
+is carried by the next call or the periodic heartbeat), a lost reply heals on the next
+call, and a Redis that restarted empty is refilled at once. A gateway holds at least the
+slots it has in flight, so other gateways may see a count high (by its spares, or for
+some milliseconds after a release), never low: the limit is never exceeded.
+
+Load counts of admissions made on leased slots are added in Redis with the next call
+(at most ``LOAD_SYNC_S`` later); the call that takes an instance past the threshold
+reports it, so a load alert is still raised once per instance per second over all
+gateways.
 
 With ``TASK_LIMIT_SCOPE=local`` each gateway admits by its own counts (no round trip
 unless a rate limit applies: then the script only takes the token) and still publishes
@@ -30,7 +42,7 @@ import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -41,17 +53,27 @@ log = logging.getLogger("barber.gateway.limiter")
 
 PREFIX = "barber:gw:"
 RELEASE_SYNC_DELAY_S = 0.02
+# Spare slots leased with an admission (round robin), and how long unused ones are kept.
+LEASE_BLOCK = 8
+LEASE_IDLE_S = 0.25
+# Load counts of locally admitted requests reach Redis at most this late.
+LOAD_SYNC_S = 0.05
 
 ADMIT_LUA = """
--- ARGV: prefix, gateway id, owner ttl ms, n_own, (instance, count) * n_own,
+-- ARGV: prefix, gateway id, owner ttl ms, load threshold, spare block,
+--       n_own, (instance, slots held) * n_own, n_hits, (instance, hits) * n_hits,
 --       n_req, per request: policy, limit, rl_key, rl_rate_per_s, rl_burst, n_cand, cand * n_cand
--- Returns per request: {code, value, load}: code 1 admitted (value = instance, load = its
--- requests this second), 2 every candidate full, 3 rate limited (value = retry ms),
--- 4 within the rate limit (policy 'none': the caller admits by its own counts).
+-- Returns {per request {code, value, load}, {instance, spare} *, {instance, load} *}:
+-- code 1 admitted (value = instance, load = its requests this second), 2 every candidate
+-- full, 3 rate limited (value = retry ms), 4 within the rate limit (policy 'none': the
+-- caller admits by its own counts). Spares are extra slots leased to this gateway with an
+-- admission ('rr' only, at most a quarter of what is left free); the last list names the
+-- instances whose load crossed the threshold in this call (exactly one call crosses).
 local p, gw = ARGV[1], ARGV[2]
 local task_ttl = tonumber(ARGV[3]) * 10
+local threshold, block = tonumber(ARGV[4]), tonumber(ARGV[5])
 redis.call('SET', p .. 'alive:' .. gw, '1', 'PX', ARGV[3])
-local i = 4
+local i = 6
 local n_own = tonumber(ARGV[i]); i = i + 1
 for _ = 1, n_own do
   local key = p .. 'tasks:' .. ARGV[i]
@@ -66,6 +88,21 @@ end
 local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local sec = t[1]
+local alerts = {}
+local function count_load(inst, n)
+  local lkey = p .. 'load:' .. inst .. ':' .. sec
+  local load = redis.call('INCRBY', lkey, n)
+  if load == n then redis.call('EXPIRE', lkey, 2) end
+  if load > threshold and load - n <= threshold then
+    table.insert(alerts, inst); table.insert(alerts, load)
+  end
+  return load
+end
+local n_hits = tonumber(ARGV[i]); i = i + 1
+for _ = 1, n_hits do
+  count_load(ARGV[i], tonumber(ARGV[i + 1]))
+  i = i + 2
+end
 local totals = {}
 local alive = {[gw] = true}
 local function total(inst)
@@ -88,6 +125,7 @@ local function total(inst)
   return sum
 end
 local out = {}
+local lease = {}
 local n_req = tonumber(ARGV[i]); i = i + 1
 for _ = 1, n_req do
   local policy, limit = ARGV[i], tonumber(ARGV[i + 1])
@@ -128,16 +166,23 @@ for _ = 1, n_req do
       local key = p .. 'tasks:' .. chosen
       redis.call('HINCRBY', key, gw, 1)
       redis.call('PEXPIRE', key, task_ttl)
-      local lkey = p .. 'load:' .. chosen .. ':' .. sec
-      local load = redis.call('INCR', lkey)
-      if load == 1 then redis.call('EXPIRE', lkey, 2) end
-      table.insert(out, {1, chosen, load})
+      if policy == 'rr' then lease[chosen] = limit end
+      table.insert(out, {1, chosen, count_load(chosen, 1)})
     else
       table.insert(out, {2, '', 0})
     end
   end
 end
-return out
+local spares = {}
+for inst, limit in pairs(lease) do
+  local spare = math.min(block, math.floor((limit - totals[inst]) / 4))
+  if spare > 0 then
+    totals[inst] = totals[inst] + spare
+    redis.call('HINCRBY', p .. 'tasks:' .. inst, gw, spare)
+    table.insert(spares, inst); table.insert(spares, spare)
+  end
+end
+return {out, spares, alerts}
 """
 
 
@@ -185,6 +230,10 @@ class Admission:
     shared: bool
 
 
+# (instance, its requests this second, counted over all gateways?)
+LoadAlert = Callable[[str, int, bool], None]
+
+
 @dataclass
 class _Pending:
     candidates: Sequence[str]
@@ -220,18 +269,29 @@ class LocalLoad:
 
 class Limiter:
     def __init__(self, redis: aioredis.Redis | None, *, owner_ttl_ms: int, timeout_s: float,
-                 gateway_id: str | None = None, shared: bool = True) -> None:
+                 gateway_id: str | None = None, shared: bool = True, load_threshold: int = 0,
+                 on_load_alert: LoadAlert | None = None, lease_block: int = LEASE_BLOCK) -> None:
         self.redis = redis
-        # shared: admissions are decided in Redis over every gateway's counts (exact across
+        # shared: admissions are decided over every gateway's leases (exact across
         # gateways). Not shared: each gateway decides by its own counts (exact for itself,
         # no Redis on the hot path unless a rate limit applies), still publishing them.
         self.shared = shared
         self.gateway_id = gateway_id or uuid.uuid4().hex[:16]
         self.owner_ttl_ms = owner_ttl_ms
         self.timeout_s = timeout_s
-        # This gateway's in-flight requests per instance: the truth it publishes.
+        # Requests per second per instance past which on_load_alert is called (0: never).
+        self.load_threshold = load_threshold
+        self.on_load_alert = on_load_alert
+        self.lease_block = lease_block
+        # This gateway's in-flight requests per instance, and the slots it holds in Redis
+        # (in flight + spare): what it publishes is max(held, in flight).
         self.in_flight: dict[str, int] = {}
+        self.held: dict[str, int] = {}
         self.load: dict[str, LocalLoad] = {}
+        self._used_at: dict[str, float] = {}
+        # Spares of the last lease per instance: what a release keeps (0 near the limit).
+        self._spare_cap: dict[str, int] = {}
+        self._hits: dict[str, int] = {}
         self._dirty: set[str] = set()
         self._queue: list[_Pending] = []
         self._sync_requested = False
@@ -242,6 +302,8 @@ class Limiter:
         self._count = redis.register_script(COUNT_LUA) if redis is not None else None
         self.redis_ok = redis is not None
         self._retry_redis_at = 0.0
+        # Calls that admitted requests (the round trips requests waited for; background
+        # syncs of releases, leases and load are not counted).
         self.round_trips = 0
 
     # -- public ----------------------------------------------------------------------
@@ -255,6 +317,10 @@ class Limiter:
         if (self._script is None or (not self.shared and charge is None)
                 or (not self.redis_ok and time.monotonic() < self._retry_redis_at)):
             return self._admit_locally(candidates, limit, least_outstanding)
+        if charge is None and not least_outstanding and candidates and self.redis_ok:
+            leased = self._admit_leased(candidates[0], limit)
+            if leased is not None:
+                return leased
         future: asyncio.Future[Admission] = asyncio.get_running_loop().create_future()
         self._queue.append(_Pending(candidates, least_outstanding, limit, charge, future))
         self._kick()
@@ -266,17 +332,15 @@ class Limiter:
             self.in_flight[instance] = n
         else:
             self.in_flight.pop(instance, None)
-        self._dirty.add(instance)
-        if self._script is not None and self._sync_timer is None:
-            # Other gateways learn of the release with the next call; when no request
-            # comes to carry it, a sync shortly after does (coalescing many releases).
-            self._sync_timer = asyncio.get_running_loop().call_later(RELEASE_SYNC_DELAY_S, self._release_sync)
-
-    def _release_sync(self) -> None:
-        self._sync_timer = None
-        if self._dirty and (self.redis_ok or time.monotonic() >= self._retry_redis_at):
-            self._sync_requested = True
-            self._kick()
+        keep = max(n, 0) + self._spare_cap.get(instance, 0)
+        if self.held.get(instance, 0) > keep:
+            self._hold(instance, keep)
+        elif not self.shared:
+            self._dirty.add(instance)
+        # Other gateways learn of the release with the next call; when no request comes to
+        # carry it, a sync shortly after does (coalescing many releases). Spares kept go
+        # back once idle.
+        self._sync_soon(RELEASE_SYNC_DELAY_S if self._dirty else LEASE_IDLE_S)
 
     def start(self, heartbeat_s: float | None = None) -> None:
         if self._script is not None:
@@ -305,8 +369,8 @@ class Limiter:
         await cancel_and_wait(self._drainer)
 
     async def shared_counts(self, instances: Sequence[str]) -> dict[str, int] | None:
-        """In-flight requests per instance over every live gateway (for /status), or None
-        while Redis is unreachable. Off the hot path."""
+        """Slots held per instance over every live gateway (in flight and leased spares;
+        for /status), or None while Redis is unreachable. Off the hot path."""
         if self._count is None or not self.redis_ok or not instances:
             return None
         try:
@@ -326,6 +390,17 @@ class Limiter:
         self.in_flight[instance] = self.in_flight.get(instance, 0) + 1
         return self.local_load(instance).hit(time.time())
 
+    def _admit_leased(self, instance: str, limit: int) -> Admission | None:
+        """On a slot this gateway leased already (no round trip), or None."""
+        n = self.in_flight.get(instance, 0)
+        if n >= min(limit, self.held.get(instance, 0)):
+            return None
+        load = self._take(instance)
+        self._used_at[instance] = time.monotonic()
+        self._hits[instance] = self._hits.get(instance, 0) + 1
+        self._sync_soon(LOAD_SYNC_S)
+        return Admission(instance, load, shared=True)
+
     def _admit_locally(self, candidates: Sequence[str], limit: int, least_outstanding: bool) -> Admission:
         chosen: str | None = None
         best = limit
@@ -339,24 +414,77 @@ class Limiter:
                     chosen, best = inst, n
         if chosen is None:
             raise Full()
-        return Admission(chosen, self._take(chosen), shared=False)
+        load = self._take(chosen)
+        if self.load_threshold and load == self.load_threshold + 1:
+            self._alert(chosen, load, shared=False)
+        return Admission(chosen, load, shared=False)
+
+    def _alert(self, instance: str, load: int, *, shared: bool) -> None:
+        if self.on_load_alert is not None:
+            self.on_load_alert(instance, load, shared)
+
+    # -- leases ----------------------------------------------------------------------
+    def _slots(self, instance: str) -> int:
+        """What this gateway publishes for ``instance``: never less than it has in flight
+        (admissions made locally while Redis was down count too)."""
+        return max(self.held.get(instance, 0), self.in_flight.get(instance, 0))
+
+    def _trim(self, everything: bool) -> None:
+        """Give back spares beyond the last lease's, those of instances unused for
+        LEASE_IDLE_S, and (``everything``) all of them."""
+        idle_before = time.monotonic() - LEASE_IDLE_S
+        for inst, held in list(self.held.items()):
+            n = self.in_flight.get(inst, 0)
+            idle = everything or self._used_at.get(inst, 0.0) < idle_before
+            keep = n if idle else n + self._spare_cap.get(inst, 0)
+            if held > keep:
+                self._hold(inst, keep)
+
+    def _hold(self, instance: str, slots: int) -> None:
+        """Keep only ``slots`` of ``instance`` (the rest goes back with the next call)."""
+        self._dirty.add(instance)
+        if slots:
+            self.held[instance] = slots
+        else:
+            self.held.pop(instance, None)
 
     # -- Redis -----------------------------------------------------------------------
+    def _sync_soon(self, delay: float) -> None:
+        if self._script is not None and self._sync_timer is None:
+            self._sync_timer = asyncio.get_running_loop().call_later(delay, self._timed_sync)
+
+    def _timed_sync(self) -> None:
+        self._sync_timer = None
+        if self.redis_ok or time.monotonic() >= self._retry_redis_at:
+            self._trim(everything=False)
+            if self._dirty or self._hits:
+                self._sync_requested = True
+                self._kick()
+        if any(self.in_flight.get(i, 0) < h for i, h in self.held.items()):
+            # Spares held: look again once they may have gone idle.
+            self._sync_soon(LEASE_IDLE_S)
+
     def _own_counts(self, batch: list[_Pending]) -> list[str | int]:
-        """Absolute counts of this gateway for every instance the call touches or released."""
+        """Absolute counts of this gateway for every instance the call touches or released,
+        and the load of requests admitted on leases since the last call."""
         names = set(self._dirty)
         for p in batch:
             names.update(p.candidates)
         self._dirty.clear()
         args: list[str | int] = [len(names)]
         for name in names:
-            args += [name, self.in_flight.get(name, 0)]
+            args += [name, self._slots(name)]
+        hits, self._hits = self._hits, {}
+        args.append(len(hits))
+        for name, n in hits.items():
+            args += [name, n]
         return args
 
     async def _call(self, batch: list[_Pending]) -> list:
         assert self._script is not None
-        dirty_before = set(self._dirty)
-        args: list[str | int | float] = [PREFIX, self.gateway_id, self.owner_ttl_ms]
+        dirty_before, hits_before = set(self._dirty), dict(self._hits)
+        args: list[str | int | float] = [PREFIX, self.gateway_id, self.owner_ttl_ms,
+                                         self.load_threshold or 2**62, self.lease_block]
         args += self._own_counts(batch)
         args.append(len(batch))
         for p in batch:
@@ -366,12 +494,14 @@ class Limiter:
                      c.key if c else "", c.rate_per_s if c else 0, c.burst if c else 0, len(p.candidates)]
             args += list(p.candidates)
         try:
-            self.round_trips += 1
+            self.round_trips += 1 if batch else 0
             async with asyncio.timeout(self.timeout_s):
                 result = await self._script(keys=[], args=args)
         except (RedisError, OSError, TimeoutError) as e:
             # Whatever did not reach Redis is published on the next successful call.
             self._dirty |= dirty_before | {n for p in batch for n in p.candidates}
+            for name, n in hits_before.items():
+                self._hits[name] = self._hits.get(name, 0) + n
             self._mark_down(e)
             raise
         self._mark_up()
@@ -389,31 +519,40 @@ class Limiter:
                 batch, self._queue = self._queue, []
                 self._sync_requested = False
                 try:
-                    result = await self._call(batch)
+                    answers, spares, alerts = await self._call(batch)
                 except (RedisError, OSError, TimeoutError):
                     for p in batch:
                         self._settle_locally(p)
                     continue
-                for p, (code, value, load) in zip(batch, result):
-                    if p.future.done():
-                        # The request gave up (deadline) while the call was out: the slot
-                        # Redis counted is taken back by the next call's absolute count.
-                        if code == 1:
-                            self._dirty.add(_s(value))
-                        continue
+                leased = dict(_pairs(spares))
+                for inst, n in leased.items():
+                    self.held[inst] = self.held.get(inst, 0) + n
+                for p, (code, value, load) in zip(batch, answers):
+                    self._settle(p, int(code), _s(value), int(load))
                     if code == 1:
-                        inst = _s(value)
-                        self.in_flight[inst] = self.in_flight.get(inst, 0) + 1
-                        self.local_load(inst).hit(time.time())
-                        p.future.set_result(Admission(inst, int(load), shared=True))
-                    elif code == 2:
-                        p.future.set_exception(Full())
-                    elif code == 4:
-                        self._settle_locally(p)
-                    else:
-                        p.future.set_exception(RateLimited(int(value) / 1000))
+                        self._spare_cap[_s(value)] = leased.get(_s(value), 0)
+                for inst, load in _pairs(alerts):
+                    self._alert(inst, int(load), shared=True)
         finally:
             self._drainer = None
+
+    def _settle(self, p: _Pending, code: int, value: str, load: int) -> None:
+        if code == 1:
+            # Held even when the request gave up (deadline) while the call was out: then
+            # it is a spare, given back as spares are.
+            self.held[value] = self.held.get(value, 0) + 1
+        if p.future.done():
+            return
+        if code == 1:
+            self._take(value)
+            self._used_at[value] = time.monotonic()
+            p.future.set_result(Admission(value, load, shared=True))
+        elif code == 2:
+            p.future.set_exception(Full())
+        elif code == 4:
+            self._settle_locally(p)
+        else:
+            p.future.set_exception(RateLimited(int(value) / 1000))
 
     def _settle_locally(self, p: _Pending) -> None:
         if p.future.done():
@@ -447,14 +586,17 @@ class Limiter:
             if not self.redis_ok and time.monotonic() < self._retry_redis_at:
                 continue
             # Republish every count we hold, so a Redis that restarted empty learns them.
-            self._dirty |= set(self.in_flight)
+            self._trim(everything=False)
+            self._dirty |= set(self.in_flight) | set(self.held)
             self._sync_requested = True
             self._kick()
 
     async def flush(self) -> None:
-        """Publish pending releases now and wait for it (tests, shutdown)."""
+        """Give back every spare slot and publish pending releases now, and wait for it
+        (tests, shutdown)."""
         if self._script is None:
             return
+        self._trim(everything=True)
         self._sync_requested = True
         self._kick()
         while self._drainer is not None:
@@ -463,3 +605,7 @@ class Limiter:
 
 def _s(v: bytes | str) -> str:
     return v.decode() if isinstance(v, bytes) else v
+
+
+def _pairs(flat: list) -> list[tuple[str, int]]:
+    return [(_s(flat[k]), int(flat[k + 1])) for k in range(0, len(flat), 2)]

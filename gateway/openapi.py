@@ -23,7 +23,7 @@ import aiohttp
 from common.discovery import Instance
 from common.internal import SERVICE_TOKEN_HEADER
 from common.openapi import ERROR_SCHEMA, FRAGMENT_PATH, Fragment, add_error
-from gateway.config import GatewaySettings
+from gateway.settings import GatewaySettings
 from gateway.policy import is_public, is_test_only
 
 log = logging.getLogger("barber.gateway.openapi")

@@ -18,13 +18,13 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import aiohttp
-from yarl import URL
 
 from common.errors import DEPENDENCY_HEADER, BadGateway, GatewayTimeout, ServiceUnavailable, TooManyRequests
-from gateway.config import GatewaySettings
+from gateway.settings import GatewaySettings
 from gateway.limiter import Admission, Full, Limiter, RateCharge, RateLimited
 from gateway.metrics import GatewayMetrics
 from gateway.policy import IDEMPOTENT_METHODS
+from gateway.pool import ConnectFailed, UpstreamFailed, UpstreamPool
 from gateway.upstreams import Candidate, Service
 
 log = logging.getLogger("barber.gateway.proxy")
@@ -57,8 +57,19 @@ class _AttemptFailed(Exception):
         self.cause = cause
 
 
+def make_pool(settings: GatewaySettings) -> UpstreamPool:
+    """The proxy's keep-alive connections to the instances."""
+    # Upstream servers close idle connections after their HEADER_TIMEOUT_S (the same
+    # default as ours); we close ours well before, so no request goes out on a
+    # connection the server is closing.
+    return UpstreamPool(connect_timeout_s=settings.upstream_connect_timeout_ms / 1000,
+                        max_per_address=settings.upstream_max_connections,
+                        idle_s=min(30.0, settings.header_timeout_s / 2))
+
+
 def make_session(settings: GatewaySettings) -> aiohttp.ClientSession:
-    """One pooled, keep-alive client for every upstream call."""
+    """A pooled, keep-alive client for the gateway's own calls (OpenAPI fragments, the
+    coordinator's participants); proxied requests go through :func:`make_pool`."""
     connector = aiohttp.TCPConnector(
         limit=0,
         limit_per_host=settings.upstream_max_connections,
@@ -80,13 +91,15 @@ def make_session(settings: GatewaySettings) -> aiohttp.ClientSession:
 
 class Proxy:
     def __init__(self, settings: GatewaySettings, services: dict[str, Service], limiter: Limiter,
-                 metrics: GatewayMetrics, session: aiohttp.ClientSession) -> None:
+                 metrics: GatewayMetrics, pool: UpstreamPool) -> None:
         self.settings = settings
         self.services = services
         self.limiter = limiter
         self.metrics = metrics
-        self.session = session
+        self.pool = pool
         self.least_outstanding = settings.lb_policy == "least_outstanding"
+        limiter.load_threshold = settings.load_threshold_per_s_per_service
+        limiter.on_load_alert = self._alert_on_load
 
     # -- the whole request -----------------------------------------------------------
     async def forward(self, service: Service, method: str, path_qs: str, headers: Sequence[tuple[str, str]],
@@ -95,90 +108,123 @@ class Proxy:
         idempotent = method in IDEMPOTENT_METHODS
         tried: set[str] = set()
         last: _AttemptFailed | UpstreamResponse | None = None
-        loop = asyncio.get_running_loop()
         attempt = 0
         while True:
-            candidates, known = service.candidates(tried)
-            if not candidates:
-                if last is not None:
-                    return self._give_up(service, last, attempt)
-                raise self._unavailable(service, known)
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                service.give_back(candidates, None)
-                raise self._timeout(service, last)
-            admission: Admission | None = None
-            try:
-                async with asyncio.timeout(remaining):
-                    admission = await self.limiter.admit(
-                        [c.instance.address for c in candidates],
-                        limit=self.settings.task_limit_per_service,
-                        least_outstanding=self.least_outstanding,
-                        charge=charge if attempt == 0 else None,
-                    )
-            except Full:
-                if last is not None:
-                    return self._give_up(service, last, attempt)
-                self.metrics.rejections.labels(service.name, "task_limit").inc()
-                raise ServiceUnavailable(
-                    f"All {service.name} instances are busy (task limit {self.settings.task_limit_per_service} "
-                    f"reached); try again later.",
-                    headers={"Retry-After": "1"},
-                ) from None
-            except RateLimited as e:
-                self.metrics.rejections.labels(service.name, "rate_limit").inc()
-                raise TooManyRequests("Too many requests; slow down.", retry_after_s=e.retry_after_s) from None
-            except TimeoutError:
-                raise self._timeout(service, last) from None
-            finally:
-                # Trial slots of half-open breakers that this request will not use go back.
-                service.give_back(candidates, admission.instance if admission is not None else None)
-            chosen = next(c for c in candidates if c.instance.address == admission.instance)
-            self._alert_on_load(service, admission)
+            candidates = self.candidates(service, tried, have_answer=last is not None)
+            admission = None if candidates is None else await self._admit(
+                service, candidates, deadline, charge if attempt == 0 else None, last)
+            if admission is None:
+                assert last is not None
+                return self._give_up(service, last, attempt)
+            chosen = next(c for c in candidates or () if c.instance.address == admission.instance)
             attempt += 1
             tried.add(admission.instance)
-            try:
-                result: _AttemptFailed | UpstreamResponse = await self._attempt(
-                    chosen, method, path_qs, headers, body, deadline, attempt
-                )
-            except BaseException:
-                service.breakers.get(admission.instance).release_unused(chosen.breaker_state)
-                raise
-            finally:
-                self.limiter.release(admission.instance)
-            breaker = service.breakers.get(admission.instance)
-            if isinstance(result, UpstreamResponse):
-                if result.status >= 500 and not result.dependency_refusal:
-                    breaker.record_failure(chosen.breaker_state, client=client)
-                else:
-                    breaker.record_success(chosen.breaker_state)
-                    return result
-                if result.status not in RETRYABLE_STATUS or not idempotent:
-                    return result
-            else:
-                # A connect failure is the instance's alone; a timeout or a reset after the
-                # request went may be of the request's making.
-                breaker.record_failure(chosen.breaker_state, client=client if result.reached else None)
-                if result.reached and not idempotent:
-                    return self._give_up(service, result, attempt)
+            result = await self._attempt_admitted(service, chosen, method, path_qs, headers, body, deadline, attempt)
+            if self._settled(service, chosen, result, idempotent, client):
+                return result if isinstance(result, UpstreamResponse) else self._give_up(service, result, attempt)
             last = result
-            if attempt > self.settings.max_retries or all(i.address in tried for i in service.instances):
-                # Out of retries, or no other instance to try ("on another instance").
+            delay = self._backoff(service, tried, attempt, deadline)
+            if delay is None:
                 return self._give_up(service, last, attempt)
-            # Jittered backoff (full jitter), within what is left of the deadline.
-            delay = random.uniform(0, self.settings.retry_backoff_ms / 1000 * 2 ** (attempt - 1))
-            if loop.time() + delay >= deadline:
-                return self._give_up(service, last, attempt)
-            reason = "timeout" if isinstance(result, _AttemptFailed) and result.timed_out else (
-                "connect" if isinstance(result, _AttemptFailed) and not result.reached else
-                "status" if isinstance(result, UpstreamResponse) else "error")
-            self.metrics.retries.labels(service.name, reason).inc()
-            log.info("retrying %s %s on another %s instance after %s at %s", method, path_qs.split("?")[0],
-                     service.name, reason, admission.instance,
-                     extra={"event.action": "retry", "barber.upstream.service": service.name,
-                            "barber.upstream.instance": admission.instance, "barber.retry.reason": reason})
+            self._count_retry(service, method, path_qs, admission.instance, result)
             if delay > 0:
                 await asyncio.sleep(delay)
+
+    # -- choosing an instance (requests and sockets) ---------------------------------
+    def candidates(self, service: Service, exclude: set[str], *, have_answer: bool = False) -> list[Candidate] | None:
+        """Instances a request may go to now (balanced, breaker-checked), or 503 when there
+        are none; None instead when a previous attempt's answer can be given."""
+        candidates, known = service.candidates(exclude)
+        if candidates:
+            return candidates
+        if have_answer:
+            return None
+        raise self._unavailable(service, known)
+
+    def record(self, service: Service, chosen: Candidate, *, ok: bool, client: str | None = None) -> None:
+        """An attempt's outcome, for its instance's breaker. ``client``: who sent it, when
+        the failure may be of its making (None: the instance's alone)."""
+        breaker = service.breakers.get(chosen.instance.address)
+        if ok:
+            breaker.record_success(chosen.breaker_state)
+        else:
+            breaker.record_failure(chosen.breaker_state, client=client)
+
+    async def _admit(self, service: Service, candidates: list[Candidate], deadline: float,
+                     charge: RateCharge | None, last: _AttemptFailed | UpstreamResponse | None) -> Admission | None:
+        """A slot on one of ``candidates`` (None: all full after an attempt that answered)."""
+        remaining = deadline - asyncio.get_running_loop().time()
+        admission: Admission | None = None
+        try:
+            if remaining <= 0:
+                raise TimeoutError
+            async with asyncio.timeout(remaining):
+                admission = await self.limiter.admit(
+                    [c.instance.address for c in candidates],
+                    limit=self.settings.task_limit_per_service,
+                    least_outstanding=self.least_outstanding,
+                    charge=charge,
+                )
+            return admission
+        except Full:
+            if last is not None:
+                return None
+            self.metrics.rejections.labels(service.name, "task_limit").inc()
+            raise ServiceUnavailable(
+                f"All {service.name} instances are busy (task limit {self.settings.task_limit_per_service} "
+                f"reached); try again later.",
+                headers={"Retry-After": "1"},
+            ) from None
+        except RateLimited as e:
+            self.metrics.rejections.labels(service.name, "rate_limit").inc()
+            raise TooManyRequests("Too many requests; slow down.", retry_after_s=e.retry_after_s) from None
+        except TimeoutError:
+            raise self._timeout(service, last) from None
+        finally:
+            # Trial slots of half-open breakers that this request will not use go back.
+            service.give_back(candidates, admission.instance if admission is not None else None)
+
+    async def _attempt_admitted(self, service: Service, chosen: Candidate, method: str, path_qs: str,
+                                headers: Sequence[tuple[str, str]], body: bytes | None, deadline: float,
+                                attempt: int) -> _AttemptFailed | UpstreamResponse:
+        address = chosen.instance.address
+        try:
+            return await self._attempt(chosen, method, path_qs, headers, body, deadline, attempt)
+        except BaseException:
+            service.breakers.get(address).release_unused(chosen.breaker_state)
+            raise
+        finally:
+            self.limiter.release(address)
+
+    def _settled(self, service: Service, chosen: Candidate, result: _AttemptFailed | UpstreamResponse,
+                 idempotent: bool, client: str | None) -> bool:
+        """Record the outcome; is it final (no retry)?"""
+        if isinstance(result, UpstreamResponse):
+            ok = result.status < 500 or result.dependency_refusal
+            self.record(service, chosen, ok=ok, client=client)
+            return ok or result.status not in RETRYABLE_STATUS or not idempotent
+        # A connect failure is the instance's alone; a timeout or a reset after the
+        # request went may be of the request's making.
+        self.record(service, chosen, ok=False, client=client if result.reached else None)
+        return result.reached and not idempotent
+
+    def _backoff(self, service: Service, tried: set[str], attempt: int, deadline: float) -> float | None:
+        """The jittered wait before the next attempt (full jitter, within the deadline), or
+        None: out of retries, or no other instance to try ("on another instance")."""
+        if attempt > self.settings.max_retries or all(i.address in tried for i in service.instances):
+            return None
+        delay = random.uniform(0, self.settings.retry_backoff_ms / 1000 * 2 ** (attempt - 1))
+        return None if asyncio.get_running_loop().time() + delay >= deadline else delay
+
+    def _count_retry(self, service: Service, method: str, path_qs: str, instance: str,
+                     result: _AttemptFailed | UpstreamResponse) -> None:
+        reason = "status" if isinstance(result, UpstreamResponse) else (
+            "timeout" if result.timed_out else "connect" if not result.reached else "error")
+        self.metrics.retries.labels(service.name, reason).inc()
+        log.info("retrying %s %s on another %s instance after %s at %s", method, path_qs.split("?")[0],
+                 service.name, reason, instance,
+                 extra={"event.action": "retry", "barber.upstream.service": service.name,
+                        "barber.upstream.instance": instance, "barber.retry.reason": reason})
 
     # -- one attempt -----------------------------------------------------------------
     async def _attempt(self, chosen: Candidate, method: str, path_qs: str, headers: Sequence[tuple[str, str]],
@@ -193,19 +239,15 @@ class Proxy:
         m.child(m.in_flight, inst.address).inc()
         try:
             async with asyncio.timeout(budget):
-                async with self.session.request(
-                    method, URL(inst.url + path_qs, encoded=True), headers=list(headers), data=body,
-                    allow_redirects=False,
-                ) as resp:
-                    data = await resp.read()
-                    return UpstreamResponse(resp.status, resp.reason, list(resp.headers.items()), data,
-                                            inst.address, attempt)
+                status, reason, resp_headers, data = await self.pool.request(
+                    inst.address, method, path_qs, headers, body)
+                return UpstreamResponse(status, reason, resp_headers, data, inst.address, attempt)
         except TimeoutError:
             return _AttemptFailed(inst.address, reached=True, timed_out=True, cause="timed out")
-        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as e:
-            return _AttemptFailed(inst.address, reached=False, timed_out=False, cause=_describe(e))
-        except (aiohttp.ClientError, OSError) as e:
-            return _AttemptFailed(inst.address, reached=True, timed_out=False, cause=_describe(e))
+        except ConnectFailed as e:
+            return _AttemptFailed(inst.address, reached=False, timed_out=False, cause=str(e))
+        except UpstreamFailed as e:
+            return _AttemptFailed(inst.address, reached=True, timed_out=False, cause=str(e)[:200])
         finally:
             m.child(m.in_flight, inst.address).dec()
             m.child(m.upstream_latency, inst.address).observe(time.perf_counter() - started)
@@ -233,50 +275,35 @@ class Proxy:
             headers={"Retry-After": "1"},
         )
 
-    def _alert_on_load(self, service: Service, admission: Admission) -> None:
+    def _alert_on_load(self, instance: str, load: int, shared: bool) -> None:
+        """The limiter saw ``instance`` cross the threshold this second (once per instance
+        per second: over all gateways when ``shared``)."""
         threshold = self.settings.load_threshold_per_s_per_service
-        # Once per instance per second: on the request that crosses the threshold.
-        if admission.load == threshold + 1:
-            self.metrics.load_alerts.labels(service.name, admission.instance).inc()
-            log.warning(
-                "ALERT: Load on %s [%s] has exceeded %d req/s",
-                service.name, admission.instance, threshold,
-                extra={
-                    "event.kind": "alert",
-                    "event.category": ["network"],
-                    "event.type": ["info"],
-                    "event.action": "load-alert",
-                    "barber.upstream.service": service.name,
-                    "barber.upstream.instance": admission.instance,
-                    "barber.load.threshold_per_s": threshold,
-                    "barber.load.shared": admission.shared,
-                    "barber.load.per_s": admission.load,
-                },
-            )
+        name = next((n for n, svc in self.services.items() if any(i.address == instance for i in svc.instances)),
+                    "unknown")
+        self.metrics.load_alerts.labels(name, instance).inc()
+        log.warning(
+            "ALERT: Load on %s [%s] has exceeded %d req/s",
+            name, instance, threshold,
+            extra={
+                "event.kind": "alert",
+                "event.category": ["network"],
+                "event.type": ["info"],
+                "event.action": "load-alert",
+                "barber.upstream.service": name,
+                "barber.upstream.instance": instance,
+                "barber.load.threshold_per_s": threshold,
+                "barber.load.shared": shared,
+                "barber.load.per_s": load,
+            },
+        )
 
     # -- WebSocket: an instance for a long-lived connection --------------------------
     def pick_for_socket(self, service: Service, exclude: set[str]) -> Candidate:
         """An instance for a WebSocket: balanced and breaker-checked, but not counted against
         the task limit (a socket would hold a slot for its whole life)."""
-        candidates, known = service.candidates(exclude)
-        if not candidates:
-            raise self._unavailable(service, known)
+        candidates = self.candidates(service, exclude)
+        assert candidates
         chosen = candidates[0]
         service.give_back(candidates, chosen.instance.address)
         return chosen
-
-    def socket_outcome(self, service: Service, chosen: Candidate, ok: bool, client: str | None = None) -> None:
-        """``client``: who asked, when the failure was an answer to its handshake."""
-        breaker = service.breakers.get(chosen.instance.address)
-        if ok:
-            breaker.record_success(chosen.breaker_state)
-        else:
-            breaker.record_failure(chosen.breaker_state, client=client)
-
-
-def _describe(e: BaseException) -> str:
-    if isinstance(e, aiohttp.ClientConnectorError):
-        return f"cannot connect ({e.os_error.strerror or e.os_error})"
-    text = str(e) or type(e).__name__
-    return text[:200]
-

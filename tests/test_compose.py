@@ -52,7 +52,7 @@ from deploy.keygen import KeySettings
 from discovery.settings import DiscoverySettings
 from elk.settings import ElkSettings
 from etl.settings import EtlSettings
-from gateway.config import GatewaySettings
+from gateway.settings import GatewaySettings
 from stack import datatier, topology
 from stack.layout import BASE_PORTS, Layout, service_env
 from stack.services import SERVICES

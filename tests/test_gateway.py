@@ -85,8 +85,14 @@ async def test_request_id_generated_propagated_returned(stack, http, gw) -> None
         return any(rid in line for line in lines)
 
     await wait_until(logged, timeout=10, message="the request id in the authen instance's log")
-    gw_lines = (stack.layout.logs_dir / "gateway.log").read_text(errors="replace").splitlines()
-    assert any(json.loads(line).get("http", {}).get("request", {}).get("id") == rid for line in gw_lines if rid in line)
+
+    def gateway_logged() -> bool:
+        # The gateway writes access lines in batches (gateway.accesslog): wait for this one.
+        gw_lines = (stack.layout.logs_dir / "gateway.log").read_text(errors="replace").splitlines()
+        return any(json.loads(line).get("http", {}).get("request", {}).get("id") == rid
+                   for line in gw_lines if rid in line)
+
+    assert await wait_until(gateway_logged, timeout=10, message="the request id in the gateway's access line")
 
 
 async def test_internal_paths_never_forwarded(stack, http, gw) -> None:

@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 
 from common.config import chat_frame_bytes
-from gateway.config import GatewaySettings
+from gateway.settings import GatewaySettings
 from tests.test_gateway_support import (
     ECHO_TYPE,
     echo_upstream,

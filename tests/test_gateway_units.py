@@ -7,7 +7,7 @@ import pytest
 from common.config import ConfigError, load_settings
 from common.handler import websocket_token
 from gateway.breaker import BreakerConfig, CircuitBreaker, State
-from gateway.config import GatewaySettings, RateRule
+from gateway.settings import GatewaySettings, RateRule
 from gateway.policy import (
     UnsafePath,
     check_service_path,

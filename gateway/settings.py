@@ -94,6 +94,9 @@ class GatewaySettings(ServiceSettings):
     upstream_connect_timeout_ms: int = Field(default=1000, ge=10)
     upstream_max_connections: int = Field(default=512, ge=1)
 
+    # "uvloop" runs the gateway on uvloop (when installed); "asyncio": the standard loop.
+    gateway_event_loop: Literal["asyncio", "uvloop"] = "asyncio"
+
     # Test aid: route authen's /utilities/sleepy (the stack sets it; never in production).
     enable_sleepy: bool = False
 

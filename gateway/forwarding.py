@@ -1,0 +1,260 @@
+"""One proxied HTTP request, from the client's request to the answer, and the lean path
+that serves it without a RequestHandler.
+
+:func:`proxy_request` is the whole request (path rules, token, rate rule, forwarding,
+metrics, access-line fields) whichever way the request came in. :class:`LeanProxy` is a
+Tornado routing target (a callable taking the parsed request) for proxied paths: it
+answers through the HTTP/1 connection directly, skipping RequestHandler's per-request
+machinery (header bookkeeping, ETag, write buffers, finish/flush), which was the largest
+single cost of a proxied request. Everything around it stays Tornado's: the HTTP/1
+parser, header and body timeouts, keep-alive, MAX_CONNECTIONS and the body limits
+(common.service / common.bodylimit) all apply before a request reaches it. WebSocket
+upgrades, admin, coordinator, /status, /metrics and /openapi.json go to their handlers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+from typing import Any
+
+import tornado
+from tornado.httputil import HTTPHeaders, HTTPServerRequest, ResponseStartLine, format_timestamp, responses
+from tornado.iostream import StreamClosedError
+from tornado.routing import PathMatches
+
+from common.errors import APIError, BadRequest, NotFound, PayloadTooLarge, Unauthorized
+from common.handler import INFLIGHT, MAX_BODY, VERIFIER, Inflight, bearer_token
+from common.logs import REQUEST_ID_HEADER, request_id_var, sane_request_id
+from common.tokens import Claims, InvalidToken, TokenVerifier
+from gateway.context import GatewayContext
+from gateway.limiter import RateCharge
+from gateway.policy import (
+    MalformedPath,
+    UnsafePath,
+    check_service_path,
+    downstream_response_headers,
+    is_public,
+    is_test_only,
+    upstream_request_headers,
+)
+from gateway.proxy import UpstreamResponse
+
+log = logging.getLogger("barber.gateway")
+
+ROUTE_LABEL = re.compile(r"[A-Za-z0-9_-]{1,32}")
+# Methods proxied; others get the ProxyHandler's 405.
+PROXIED_METHODS = ("GET", "HEAD", "POST", "DELETE", "PATCH", "PUT", "OPTIONS")
+_SERVER = f"TornadoServer/{tornado.version}"
+
+
+def service_path(request: HTTPServerRequest, service: str, *, test_routes: bool) -> str:
+    """The canonical service path for ``/<service>/<rest>``, taken from the path as the
+    client encoded it (Tornado's decoded path arguments are never forwarded: what is
+    checked is what goes). 400 for malformed paths, 404 for internal or unsafe ones and
+    for test aids unless ``test_routes``."""
+    rest = request.path[len(service) + 2:]
+    try:
+        path = check_service_path(rest)
+    except PermissionError as e:
+        raise NotFound(f"no route for /{service}/{rest}") from e
+    except MalformedPath as e:
+        raise BadRequest(f"bad path: {e}") from e
+    except UnsafePath as e:
+        raise NotFound(f"no route for /{service}/{rest}: {e}") from e
+    if not test_routes and is_test_only(f"/{service}{path}"):
+        raise NotFound(f"no route for /{service}{path}")
+    return path
+
+
+def client_key(claims: Claims | None, remote_ip: str | None) -> str:
+    """Who a request comes from, for rate limits and breakers: the verified user, else
+    the address."""
+    return f"u:{claims.user_id}" if claims else f"ip:{remote_ip}"
+
+
+def verify(verifier: TokenVerifier | None, token: str | None) -> Claims | None:
+    if token is None or verifier is None:
+        return None
+    try:
+        return verifier.verify(token)
+    except InvalidToken:
+        return None
+
+
+def rate_charge(ctx: GatewayContext, method: str, public_path: str, client: str) -> RateCharge | None:
+    for rule in ctx.settings.rate_limits:
+        if rule.matches(method, public_path):
+            # Gateways configured with the same rule share its buckets.
+            return RateCharge(f"{rule.key}:{client}", rule.rate_per_s, rule.burst)
+    return None
+
+
+async def proxy_request(ctx: GatewayContext, verifier: TokenVerifier | None, request: HTTPServerRequest,
+                        service_name: str, request_id: str, log_fields: dict[str, Any]) -> UpstreamResponse:
+    """``/<service>/<rest>`` -> ``/<rest>`` on an instance of ``<service>``. Raises
+    :class:`APIError` for what the gateway answers itself; fills ``log_fields`` for the
+    access line."""
+    started = time.perf_counter()
+    method = request.method or "GET"
+    service = ctx.services[service_name]
+    path = service_path(request, service_name, test_routes=ctx.settings.enable_sleepy)
+    public_path = f"/{service_name}{path}"
+
+    token = bearer_token(request.headers.get("Authorization"))
+    claims = verify(verifier, token)
+    if claims is None and not is_public(method, public_path):
+        ctx.metrics.rejections.labels(service_name, "unauthorized").inc()
+        if token is None:
+            raise Unauthorized("authentication required: send Authorization: Bearer <token>")
+        raise Unauthorized("invalid or expired token")
+
+    client = client_key(claims, request.remote_ip)
+    charge = rate_charge(ctx, method, public_path, client)
+    headers = upstream_request_headers(
+        request.headers.get_all(),
+        request_id=request_id,
+        client_ip=request.remote_ip or "",
+        host=request.host,
+        proto=request.protocol,
+        user_id=claims.user_id if claims else None,
+        user_type=claims.user_type if claims else None,
+    )
+    path_qs = path + (f"?{request.query}" if request.query else "")
+    body = request.body if (request.body or method in ("POST", "PUT", "PATCH")) else None
+    deadline = asyncio.get_running_loop().time() + ctx.settings.timeout_ms / 1000
+    status = 0
+    instance = "none"
+    try:
+        resp = await ctx.proxy.forward(service, method, path_qs, headers, body, deadline=deadline, charge=charge,
+                                       client=client)
+        status, instance = resp.status, resp.instance
+        return resp
+    except APIError as e:
+        status = e.status_code
+        raise
+    finally:
+        _count(ctx, service_name, path, method, status, instance, time.perf_counter() - started, log_fields)
+
+
+def _count(ctx: GatewayContext, service_name: str, path: str, method: str, status: int, instance: str,
+           seconds: float, log_fields: dict[str, Any]) -> None:
+    """Metrics of a forwarded request, and its fields on the access line (for the traffic
+    dashboard)."""
+    route = path[1:].split("/", 1)[0]
+    # Route labels only for paths that exist (or passed the token check), so that
+    # random paths cannot grow the label set without bound.
+    label = f"/{service_name}/{route}" if status not in (400, 401, 404) and ROUTE_LABEL.fullmatch(route) else "other"
+    m = ctx.metrics
+    m.child(m.requests, service_name, label, method, str(status), instance).inc()
+    m.child(m.latency, service_name).observe(seconds)
+    log_fields.update({"barber.route": label, "barber.upstream.service": service_name,
+                       "barber.upstream.instance": instance})
+
+
+def response_headers(resp: UpstreamResponse, method: str, request_id: str) -> list[tuple[str, str]]:
+    """The instance's headers as the client gets them: hop-by-hop ones dropped, the
+    upstream's length kept for HEAD, our request id."""
+    out = [(k, v) for k, v in downstream_response_headers(resp.headers) if k.lower() != "x-request-id"]
+    if method == "HEAD":
+        length = next((v for k, v in resp.headers if k.lower() == "content-length"), None)
+        if length is not None:
+            out.append(("Content-Length", length))
+    out.append((REQUEST_ID_HEADER, request_id))
+    return out
+
+
+def has_body(status: int, method: str) -> bool:
+    return status not in (204, 304) and method != "HEAD"
+
+
+class LeanMatches(PathMatches):
+    """Proxied paths, for the methods the proxy forwards (others reach ProxyHandler)."""
+
+    def match(self, request: HTTPServerRequest) -> dict[str, Any] | None:
+        if request.method not in PROXIED_METHODS or request.headers.get("Upgrade", "").lower() == "websocket":
+            return None
+        return super().match(request)
+
+
+class LeanProxy:
+    """The routing target of proxied paths: the request, answered on its connection."""
+
+    openapi_exclude = True
+
+    def __init__(self, ctx: GatewayContext) -> None:
+        self.ctx = ctx
+        # The Application's settings (in-flight count, verifier, body limit), once built.
+        self.app_settings: dict[str, Any] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def __call__(self, request: HTTPServerRequest, path_args: list[bytes] | None = None,
+                 path_kwargs: dict[str, bytes] | None = None) -> None:
+        assert path_args
+        # The service name: one of the routed names (ASCII), as the route's first group.
+        service_name = path_args[0].decode("ascii")
+        task = asyncio.get_running_loop().create_task(self._serve(request, service_name))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, request: HTTPServerRequest, service_name: str) -> None:
+        request_id = sane_request_id(request.headers.get(REQUEST_ID_HEADER))
+        request_id_var.set(request_id)
+        inflight: Inflight = self.app_settings[INFLIGHT]
+        inflight.count += 1
+        fields: dict[str, Any] = {}
+        method = request.method or "GET"
+        status = 500
+        try:
+            limit = self.app_settings.get(MAX_BODY)
+            if limit is not None and len(request.body) > limit:
+                raise PayloadTooLarge.over(limit)
+            resp = await proxy_request(self.ctx, self.app_settings.get(VERIFIER), request, service_name,
+                                       request_id, fields)
+            status = resp.status
+            _answer(request, status, resp.reason, response_headers(resp, method, request_id),
+                    resp.body if has_body(status, method) else None)
+        except APIError as e:
+            status = e.status_code
+            _answer_error(request, e, request_id)
+        except Exception:
+            log.exception("proxying %s %s failed", method, request.path)
+            _answer_error(request, APIError("internal server error", status=500), request_id)
+        finally:
+            inflight.count -= 1
+            self.ctx.access_log.record(method, request.path, status, request.request_time(), request_id,
+                                       request.remote_ip, fields)
+
+
+def _answer(request: HTTPServerRequest, status: int, reason: str | None, headers: list[tuple[str, str]],
+            body: bytes | None) -> None:
+    out = HTTPHeaders()
+    for k, v in headers:
+        out.add(k, v)
+    if body is not None:
+        out["Content-Length"] = str(len(body))
+    conn = request.connection
+    assert conn is not None
+    try:
+        written = conn.write_headers(ResponseStartLine("HTTP/1.1", status, reason or responses.get(status, "Unknown")),
+                                     out, body or None)
+        written.add_done_callback(_retrieve)  # a client gone already is no error
+        conn.finish()
+    except StreamClosedError:
+        pass
+
+
+def _answer_error(request: HTTPServerRequest, error: APIError, request_id: str) -> None:
+    headers = [("Server", _SERVER), ("Content-Type", "application/json; charset=UTF-8"),
+               ("Date", format_timestamp(time.time())), (REQUEST_ID_HEADER, request_id),
+               *error.headers.items()]
+    body = json.dumps({"detail": error.detail}).encode()
+    _answer(request, error.status_code, None, headers, body if has_body(error.status_code, request.method or "") else None)
+
+
+def _retrieve(f: asyncio.Future[None]) -> None:
+    if not f.cancelled():
+        f.exception()
