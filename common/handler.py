@@ -12,7 +12,6 @@ import ipaddress
 import json
 import logging
 import re
-import time
 from typing import Any, TypeVar
 
 import tornado.web
@@ -20,10 +19,18 @@ from pydantic import BaseModel, ValidationError
 
 from common import internal
 from common.config import Network
-from common.errors import APIError, BadRequest, Forbidden, NotFound, PayloadTooLarge, Unauthorized
-from common.logs import REQUEST_ID_HEADER, level_for_status, new_request_id, request_id_var
+from common.errors import (
+    APIError,
+    BadRequest,
+    Forbidden,
+    NotFound,
+    PayloadTooLarge,
+    Unauthorized,
+    describe_validation_error,
+)
+from common.logs import REQUEST_ID_HEADER, level_for_status, request_id_var, sane_request_id
 from common.openapi import implemented_methods
-from common.tokens import Claims, InvalidToken, TokenVerifier
+from common.tokens import Claims, InvalidToken, verify_or_none
 
 log = logging.getLogger("barber.http")
 
@@ -68,17 +75,6 @@ class Inflight:
 
     def __init__(self) -> None:
         self.count = 0
-
-
-def describe_validation_error(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors():
-        field = ".".join(str(p) for p in err["loc"]) or "body"
-        msg = err["msg"]
-        if err["type"] == "extra_forbidden":
-            msg = "unexpected field"
-        parts.append(f"{field}: {msg}")
-    return "; ".join(parts)
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -189,7 +185,7 @@ class BaseHandler(tornado.web.RequestHandler):
 
     # -- lifecycle -----------------------------------------------------------------
     def prepare(self) -> None:
-        self.request_id = self.request.headers.get(REQUEST_ID_HEADER) or new_request_id()
+        self.request_id = sane_request_id(self.request.headers.get(REQUEST_ID_HEADER))
         request_id_var.set(self.request_id)
         self.set_header(REQUEST_ID_HEADER, self.request_id)
         inflight: Inflight | None = self.settings.get(INFLIGHT)
@@ -271,16 +267,7 @@ class BaseHandler(tornado.web.RequestHandler):
     # -- identity ------------------------------------------------------------------
     def get_current_user(self) -> Claims | None:
         """Claims of a valid bearer token, or None. Client-sent X-User is never trusted."""
-        token = bearer_token(self.request.headers.get("Authorization"))
-        if token is None:
-            return None
-        verifier: TokenVerifier | None = self.settings.get(VERIFIER)
-        if verifier is None:
-            return None
-        try:
-            return verifier.verify(token)
-        except InvalidToken:
-            return None
+        return verify_or_none(self.settings.get(VERIFIER), bearer_token(self.request.headers.get("Authorization")))
 
     def require_user(self, *types: str) -> Claims:
         """The caller's verified claims; 401 without a valid token, 403 for another user type."""
@@ -345,7 +332,3 @@ def log_request(handler: tornado.web.RequestHandler) -> None:
             **getattr(handler, "log_fields", {}),
         },
     )
-
-
-def monotonic_ms() -> float:
-    return time.monotonic() * 1000.0

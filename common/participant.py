@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import re
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 from pydantic import BaseModel, ConfigDict, Field
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError
@@ -25,8 +25,6 @@ from common.internal import SERVICE_TOKEN_HEADER
 from common.tasks import cancel_and_wait
 
 log = logging.getLogger("barber.participant")
-
-PARTICIPANT_CRASH_POINTS = ("after_prepare",)
 
 # The coordinator's global transaction ids start with this.
 GID_PREFIX = "barber-tx-"

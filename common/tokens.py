@@ -15,9 +15,9 @@ import logging
 import os
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import jwt
 from cryptography.hazmat.primitives import serialization
@@ -84,7 +84,7 @@ class Revocations:
         self._task: asyncio.Task[None] | None = None
         self._failing = False
 
-    def revoked(self, claims: "Claims") -> bool:
+    def revoked(self, claims: Claims) -> bool:
         mark = self.marks.get(claims.user_id)
         # Marks have whole seconds, as iat does: a token issued in the revoking second is
         # void too (a user being deleted or deactivated cannot sign in meanwhile).
@@ -149,7 +149,7 @@ class TokenVerifier:
         self.revocations = revocations
 
     @classmethod
-    def from_file(cls, path: Path, revocations: Revocations | None = None) -> "TokenVerifier":
+    def from_file(cls, path: Path, revocations: Revocations | None = None) -> TokenVerifier:
         return cls(Path(path).read_bytes(), revocations)
 
     def verify(self, token: str) -> Claims:
@@ -176,13 +176,24 @@ class TokenVerifier:
         return claims
 
 
+def verify_or_none(verifier: TokenVerifier | None, token: str | None) -> Claims | None:
+    """The claims of ``token``; None without a token or a verifier, or when it is invalid
+    (for callers that treat an anonymous and a badly authenticated request alike)."""
+    if not token or verifier is None:
+        return None
+    try:
+        return verifier.verify(token)
+    except InvalidToken:
+        return None
+
+
 class TokenSigner:
     def __init__(self, private_key_pem: bytes, ttl_s: int) -> None:
         self._key = serialization.load_pem_private_key(private_key_pem, password=None)
         self.ttl_s = ttl_s
 
     @classmethod
-    def from_file(cls, path: Path, ttl_s: int) -> "TokenSigner":
+    def from_file(cls, path: Path, ttl_s: int) -> TokenSigner:
         return cls(Path(path).read_bytes(), ttl_s)
 
     def issue(self, user_id: int, user_type: str, *, ttl_s: int | None = None) -> str:

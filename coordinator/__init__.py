@@ -2,5 +2,6 @@
 
 It runs inside the gateway (mounted by :mod:`coordinator.plugin`). Its log lives in the
 PostgreSQL database ``coordinator``; every state change is written before the message
-that depends on it, so a crash at any point is finished by recovery (:mod:`coordinator.recovery`).
+that depends on it, so a crash at any point is finished by recovery
+(``Coordinator.recover_once`` in :mod:`coordinator.deletion`).
 """
