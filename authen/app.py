@@ -8,12 +8,11 @@ from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from authen import handlers
+from authen import handlers, participant
 from authen.guard import SigninGuard
 from authen.passwords import Passwords
 from authen.settings import AuthenSettings
 from authen.users import Deps, revoke_tokens
-from authen import participant
 from common import internal
 from common.participant import CoordinatorClient, OutcomeWatcher
 from common.service import ServiceApp, make_app

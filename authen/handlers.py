@@ -7,8 +7,16 @@ import asyncio
 from dataclasses import dataclass
 
 from authen import participant, users
-from authen.schemas import (SLEEPY_MAX_S, CheckQuery, Employee, EmployeeQuery, SignupResult, SleepyQuery,
-                            SleepyResult, UserProfile)
+from authen.schemas import (
+    SLEEPY_MAX_S,
+    CheckQuery,
+    Employee,
+    EmployeeQuery,
+    SignupResult,
+    SleepyQuery,
+    SleepyResult,
+    UserProfile,
+)
 from authen.settings import AuthenSettings
 from common.errors import BadRequest, NotFound
 from common.handler import BaseHandler

@@ -38,7 +38,7 @@ class User:
     type: str
 
     @classmethod
-    def from_check(cls, data: dict[str, Any]) -> "User":
+    def from_check(cls, data: dict[str, Any]) -> User:
         return cls(
             id=int(data["id"]),
             username=str(data.get("username", "")),
@@ -147,7 +147,7 @@ class UserDirectory:
                     # authen refused the id itself (not a valid user id): no such user.
                     return None
                 last_error = f"{inst.address} answered {e.code}"
-            except (OSError, asyncio.TimeoutError) as e:
+            except (TimeoutError, OSError) as e:
                 last_error = f"{inst.address}: {type(e).__name__}: {e}"
             else:
                 try:

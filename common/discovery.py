@@ -15,8 +15,8 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 

@@ -10,8 +10,9 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 
 def migrate_command(prog: str, upgrade: Callable[[str], None], database_url: str, variable: str) -> int:

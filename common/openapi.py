@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import inspect
 import re
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Callable, Iterable, Mapping, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import tornado.web
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter

@@ -15,8 +15,9 @@ import asyncio
 import logging
 import signal
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 import tornado.web
 from tornado.httpserver import HTTPServer
@@ -26,8 +27,18 @@ from common import internal
 from common.bodylimit import BodyLimit, refuse_connection
 from common.config import ServiceSettings, parse_networks
 from common.discovery import Registration
-from common.handler import (CONTEXT, INFLIGHT, MAX_BODY, REVOCATIONS, SERVICE_SECRET, TRUSTED_PROXIES, VERIFIER, Inflight, NotFoundHandler,
-                            log_request)
+from common.handler import (
+    CONTEXT,
+    INFLIGHT,
+    MAX_BODY,
+    REVOCATIONS,
+    SERVICE_SECRET,
+    TRUSTED_PROXIES,
+    VERIFIER,
+    Inflight,
+    NotFoundHandler,
+    log_request,
+)
 from common.logs import setup_logging
 from common.openapi import with_fragment
 from common.tokens import Revocations, TokenVerifier

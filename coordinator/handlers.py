@@ -6,8 +6,14 @@ from common.errors import NotFound
 from common.handler import BaseHandler
 from common.openapi import api
 from coordinator.deletion import Coordinator
-from coordinator.schemas import (DeleteQuery, DeletionStarted, Transaction, TransactionList, TransactionPath,
-                                 TransactionsQuery)
+from coordinator.schemas import (
+    DeleteQuery,
+    DeletionStarted,
+    Transaction,
+    TransactionList,
+    TransactionPath,
+    TransactionsQuery,
+)
 
 
 class CoordinatorHandler(BaseHandler):

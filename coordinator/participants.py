@@ -6,10 +6,10 @@ a call tries the known instances in turn until one answers. Every call is idempo
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import json
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import aiohttp
 
@@ -64,7 +64,7 @@ class Participant:
                     if resp.status < 500:
                         raise Refused(resp.status, str(data.get("detail", raw[:200])))
                     errors.append(f"{inst.address}: {resp.status}")
-            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as e:
+            except (TimeoutError, aiohttp.ClientError, ValueError) as e:
                 errors.append(f"{inst.address}: {type(e).__name__}")
         raise Unreachable(f"{self.name} unreachable ({'; '.join(errors)})")
 

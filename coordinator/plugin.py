@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from gateway.context import GatewayContext
 
 
-async def mount(ctx: "GatewayContext") -> "Mount":
+async def mount(ctx: GatewayContext) -> Mount:
     from gateway.app import Mount
 
     settings = load_settings(CoordinatorSettings)
