@@ -30,7 +30,7 @@ from common.errors import (
 )
 from common.logs import REQUEST_ID_HEADER, level_for_status, request_id_var, sane_request_id
 from common.openapi import implemented_methods
-from common.tokens import Claims, InvalidToken, verify_or_none
+from common.tokens import Claims, InvalidToken, TokenVerifier, verify_or_none
 
 log = logging.getLogger("barber.http")
 
@@ -256,8 +256,11 @@ class BaseHandler(tornado.web.RequestHandler):
         """The query string validated into ``model`` (a :class:`common.openapi.QueryModel`):
         the last value of each parameter, as ``get_query_argument`` takes it; bounds and
         types come from the model's fields, so a bad value is a 400 naming the parameter."""
-        data = {name: self.decode_argument(values[-1], name=name)
-                for name, values in self.request.query_arguments.items() if values}
+        data = {
+            name: self.decode_argument(values[-1], name=name)
+            for name, values in self.request.query_arguments.items()
+            if values
+        }
         return validate(model, data)
 
     def parse_path(self, model: type[M], *groups: str) -> M:
@@ -275,7 +278,8 @@ class BaseHandler(tornado.web.RequestHandler):
         if token is None:
             raise Unauthorized("authentication required: send Authorization: Bearer <token>")
         try:
-            claims = self.settings[VERIFIER].verify(token)
+            verifier: TokenVerifier = self.settings[VERIFIER]
+            claims = verifier.verify(token)
         except InvalidToken as e:
             raise Unauthorized(str(e)) from e
         if types and claims.user_type not in types:
@@ -285,8 +289,9 @@ class BaseHandler(tornado.web.RequestHandler):
     def client_ip(self) -> str:
         """The client's address (see :func:`client_address`): never taken from a header
         unless the peer is one of ``TRUSTED_PROXIES``."""
-        return client_address(self.request.remote_ip, self.request.headers.get("X-Forwarded-For"),
-                              self.settings.get(TRUSTED_PROXIES, ()))
+        return client_address(
+            self.request.remote_ip, self.request.headers.get("X-Forwarded-For"), self.settings.get(TRUSTED_PROXIES, ())
+        )
 
     def has_service_credential(self) -> bool:
         secret: str | None = self.settings.get(SERVICE_SECRET)

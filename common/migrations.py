@@ -52,6 +52,8 @@ def run_env(lock_key: int, target_metadata: Any = None) -> None:
         with context.begin_transaction():
             context.run_migrations()
         return
+    if url is None:
+        raise RuntimeError("alembic: sqlalchemy.url is not set")
     engine = create_engine(url, poolclass=pool.NullPool, connect_args={"connect_timeout": 5})
     try:
         with engine.connect() as connection:

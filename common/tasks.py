@@ -11,7 +11,7 @@ def backoff_delay(attempt: int, cap: float = 2.0, base: float = 0.05, jitter: fl
     """How long to wait before retry number ``attempt``: doubling from ``base`` up to
     ``cap``, less up to ``jitter`` of it at random so that many waiters do not retry in
     step (``jitter=0``: exactly the doubled delay)."""
-    return random.uniform(1.0 - jitter, 1.0) * min(cap, base * 2**attempt)
+    return random.uniform(1.0 - jitter, 1.0) * min(cap, base * 2.0**attempt)
 
 
 async def cancel_and_wait(*tasks: asyncio.Future[Any] | None) -> None:

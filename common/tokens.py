@@ -21,7 +21,7 @@ from pathlib import Path
 
 import jwt
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
@@ -79,7 +79,7 @@ class Revocations:
         self.refresh_s = refresh_s
         self.marks: dict[int, int] = {}
         self.listeners: list[Callable[[int, int], None]] = []
-        self._version: str | None = None
+        self._version: bytes | str | None = None
         self._loaded = False
         self._task: asyncio.Task[None] | None = None
         self._failing = False
@@ -98,10 +98,10 @@ class Revocations:
         raw = await self._redis.hgetall(REVOKED_KEY)
         horizon = time.time() - MAX_TOKEN_TTL_S - 60
         marks: dict[int, int] = {}
-        expired = []
+        expired: list[str] = []
         for user, mark in raw.items():
             if int(mark) < horizon:
-                expired.append(user)
+                expired.append(str(user))
             else:
                 marks[int(user)] = int(mark)
         if expired:
@@ -110,10 +110,10 @@ class Revocations:
         self.marks = marks
         self._version = version
         self._loaded = True
-        for user_id, mark in fresh:
+        for user_id, at in fresh:
             for listener in self.listeners:
                 try:
-                    listener(user_id, mark)
+                    listener(user_id, at)
                 except Exception:  # one listener's bug must not stop revocations
                     log.exception("revocation listener failed")
 
@@ -145,7 +145,10 @@ class Revocations:
 
 class TokenVerifier:
     def __init__(self, public_key_pem: bytes, revocations: Revocations | None = None) -> None:
-        self._key = serialization.load_pem_public_key(public_key_pem)
+        key = serialization.load_pem_public_key(public_key_pem)
+        if not isinstance(key, Ed25519PublicKey):
+            raise TypeError(f"tokens are verified with an Ed25519 public key, not {type(key).__name__}")
+        self._key = key
         self.revocations = revocations
 
     @classmethod
@@ -189,7 +192,10 @@ def verify_or_none(verifier: TokenVerifier | None, token: str | None) -> Claims 
 
 class TokenSigner:
     def __init__(self, private_key_pem: bytes, ttl_s: int) -> None:
-        self._key = serialization.load_pem_private_key(private_key_pem, password=None)
+        key = serialization.load_pem_private_key(private_key_pem, password=None)
+        if not isinstance(key, Ed25519PrivateKey):
+            raise TypeError(f"tokens are signed with an Ed25519 private key, not {type(key).__name__}")
+        self._key = key
         self.ttl_s = ttl_s
 
     @classmethod

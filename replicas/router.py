@@ -271,7 +271,7 @@ class ReadWriteRouter:
         max_overflow: int = 5,
         pool_timeout_s: float = 5.0,
     ) -> None:
-        opts = dict(
+        opts: dict[str, Any] = dict(
             connect_timeout_s=connect_timeout_s,
             statement_timeout_ms=statement_timeout_ms,
             pool_size=pool_size,

@@ -11,6 +11,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Awaitable
 from pathlib import Path
 
 from tornado.httpclient import AsyncHTTPClient
@@ -48,7 +49,7 @@ def service_specs(layout: Layout, spec: ServiceSpec, base_env: dict[str, str]) -
         env = {**base_env, **(signing_env(layout) if spec.signs_tokens else {}), **spec.env,
                "PORT": str(port), "ADVERTISE_HOST": "127.0.0.1"}
 
-        def health(port: int = port, path: str = spec.health_path) -> asyncio.Future[bool]:
+        def health(port: int = port, path: str = spec.health_path) -> Awaitable[bool]:
             async def check() -> bool:
                 resp = await AsyncHTTPClient().fetch(f"http://127.0.0.1:{port}{path}", request_timeout=2,
                                                      raise_error=False)

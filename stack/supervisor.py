@@ -207,6 +207,7 @@ class Supervisor:
                 f"{proc.spec.name} did not become healthy (exit code {rc}); "
                 f"last lines of {self.logs_dir / (proc.spec.name + '.log')}:\n{self._tail(proc.spec.name)}"
             )
+        assert proc.process is not None
         log.info("%s healthy in %.1fs (pid %d)", proc.spec.name, time.monotonic() - t0, proc.process.pid)
         proc.watcher = asyncio.create_task(self._watch(proc))
         return proc
