@@ -28,9 +28,10 @@ test: lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Lint first (seconds, where the suite takes minutes): ruff's rules, its formatter and mypy,
-# all configured in pyproject.toml. FORMAT_PATHS: what is already formatted (TEMPORARY:
-# `common` until the merged tree has been through `ruff format`, then `.`).
-FORMAT_PATHS ?= common
+# all configured in pyproject.toml. FORMAT_PATHS: what is already formatted. TEMPORARY:
+# common/ but the three files another branch of issue 14 rewrites; once the merged tree
+# has been through `ruff format .`, this becomes `.`.
+FORMAT_PATHS ?= common --extend-exclude common/openapi.py,common/participant.py,common/service.py
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check $(FORMAT_PATHS)

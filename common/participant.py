@@ -71,9 +71,7 @@ class CoordinatorClient:
             try:
                 resp = await AsyncHTTPClient().fetch(
                     f"{gateway.url}/internal/coordinator/transactions/{gid}",
-                    headers={SERVICE_TOKEN_HEADER: self._secret},
-                    request_timeout=5,
-                    connect_timeout=2,
+                    headers={SERVICE_TOKEN_HEADER: self._secret}, request_timeout=5, connect_timeout=2,
                 )
                 decision: str | None = json.loads(resp.body)["decision"]
                 return decision
@@ -89,14 +87,9 @@ class OutcomeWatcher:
     locked: after ``after_s`` the participant asks, and applies the answer itself.
     """
 
-    def __init__(
-        self,
-        stale: Callable[[float], Awaitable[list[str]]],
-        ask: Callable[[str], Awaitable[str | None]],
-        commit: Callable[[str], Awaitable[object]],
-        abort: Callable[[str], Awaitable[object]],
-        after_s: float,
-    ) -> None:
+    def __init__(self, stale: Callable[[float], Awaitable[list[str]]], ask: Callable[[str], Awaitable[str | None]],
+                 commit: Callable[[str], Awaitable[object]], abort: Callable[[str], Awaitable[object]],
+                 after_s: float) -> None:
         self.stale = stale
         self.ask = ask
         self.commit = commit

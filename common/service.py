@@ -72,12 +72,8 @@ def make_server(settings: ServiceSettings, app: tornado.web.Application) -> Serv
     limited = BodyLimit(app, app.settings[MAX_BODY])
     # idle_connection_timeout is Tornado's header timeout: it bounds the wait for a whole
     # request head, so a client dribbling header lines is cut off with it.
-    server = Server(
-        limited,
-        max_body_size=SERVER_MAX_BODY_BYTES,
-        idle_connection_timeout=settings.header_timeout_s,
-        body_timeout=settings.body_timeout_s,
-    )
+    server = Server(limited, max_body_size=SERVER_MAX_BODY_BYTES, idle_connection_timeout=settings.header_timeout_s,
+                    body_timeout=settings.body_timeout_s)
     server.limits = limited
     server.max_connections = settings.max_connections
     return server
@@ -94,9 +90,7 @@ class ServiceApp:
     on_drain: list[Callable[[], Any]] = field(default_factory=list)
 
 
-def make_app(
-    settings: ServiceSettings, routes: list[Any], context: Any = None, **extra: Any
-) -> tornado.web.Application:
+def make_app(settings: ServiceSettings, routes: list[Any], context: Any = None, **extra: Any) -> tornado.web.Application:
     """An Application wired with the base handler's settings (verifier, secret, limits)
     and the service's context object, which handlers reach as ``self.context``."""
     app_settings: dict[str, Any] = {
