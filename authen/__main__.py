@@ -65,8 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "migrate":
         return _migrate(settings)
     if args.command == "create-admin":
-        from authen.users import Password, Username
         from pydantic import TypeAdapter, ValidationError
+
+        from authen.users import Password, Username
 
         username = args.username or settings.barber_admin_username
         password = args.password or settings.barber_admin_password

@@ -7,8 +7,16 @@ import asyncio
 
 from authen import users
 from authen.context import AuthenContext
-from authen.schemas import (SLEEPY_MAX_S, CheckQuery, Employee, EmployeeQuery, SignupResult, SleepyQuery,
-                            SleepyResult, UserProfile)
+from authen.schemas import (
+    SLEEPY_MAX_S,
+    CheckQuery,
+    Employee,
+    EmployeeQuery,
+    SignupResult,
+    SleepyQuery,
+    SleepyResult,
+    UserProfile,
+)
 from authen.settings import AuthenSettings
 from common.errors import NotFound
 from common.handler import CONTEXT, BaseHandler

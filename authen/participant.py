@@ -19,7 +19,8 @@ Every method here is idempotent: the coordinator repeats calls after crashes.
 from __future__ import annotations
 
 import logging
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, StringConstraints
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
 from sqlalchemy import (
     BigInteger,
     Boolean,
@@ -28,8 +30,6 @@ from sqlalchemy import (
     insert,
     select,
 )
-from redis.asyncio import Redis
-from redis.exceptions import RedisError
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -41,7 +41,6 @@ from replicas import ReadWriteRouter
 
 log = logging.getLogger("barber.authen.users")
 
-USER_TYPES = ("customer", "employee", "admin")
 MAX_USER_ID = 2**63 - 1
 
 metadata = MetaData()

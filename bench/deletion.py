@@ -70,7 +70,7 @@ async def party(gw: str, mongo: AsyncMongoClient, chats: int, messages: int, emp
 
 def pct(values: list[float], p: float) -> float:
     values = sorted(values)
-    return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
+    return values[min(len(values) - 1, round(p / 100 * (len(values) - 1)))]
 
 
 async def run(layout: Layout, admin_password: str, users: int, chats: int, messages: int, concurrency: int,

@@ -278,7 +278,7 @@ def main() -> None:
         "direct": f"http://{authen[0]}/utilities/status",
         "gateway": f"{layout.gateway_url}/authen/utilities/status",
     }
-    for name, url in targets.items():
+    for url in targets.values():
         check(url)
     local_gw = LocalGateway(layout, TASK_LIMIT_SCOPE="local")
     try:

@@ -7,15 +7,15 @@ import logging
 
 from chat.cache import UserCache
 from chat.chats import CLOSE_UNAUTHENTICATED
-from chat.sockets import UserSockets
 from chat.context import ChatContext
 from chat.fanout import Hub, HubConfig
 from chat.handlers import routes
 from chat.metrics import make_registry
+from chat.participant import ChatParticipant
 from chat.settings import ChatSettings
+from chat.sockets import UserSockets
 from chat.store import Store, StoreUnavailable
 from chat.users import UserDirectory
-from chat.participant import ChatParticipant
 from common.config import chat_frame_bytes
 from common.discovery import InstanceView
 from common.handler import REVOCATIONS

@@ -18,20 +18,19 @@ import tornado.websocket
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from chat import chats
-from chat.context import ChatContext
 from chat.chats import CLOSE_DELETING, CLOSE_TOO_MANY_SOCKETS, CLOSE_UNAUTHENTICATED
+from chat.context import ChatContext
 from chat.fanout import CLOSE_TOO_SLOW, CLOSE_UNAVAILABLE, Subscription
 from chat.metrics import render
-from chat.schemas import (ChatQuery, ChatRef, ChatSummary, HistoryPage, HistoryQuery, ListQuery, PurgeQuery,
-                          StartQuery)
+from chat.schemas import ChatQuery, ChatRef, ChatSummary, HistoryPage, HistoryQuery, ListQuery, PurgeQuery, StartQuery
 from chat.store import StoreUnavailable
 from chat.users import AuthenUnavailable
 from common.errors import BadRequest, Conflict
 from common.handler import VERIFIER, BaseHandler, decode_json_object, offered_subprotocols, websocket_token
-from common.participant import tx_routes
-from common.logs import REQUEST_ID_HEADER, new_request_id, request_id_var
+from common.logs import REQUEST_ID_HEADER, request_id_var, sane_request_id
 from common.openapi import TEXT_PLAIN, StatusBody, api
-from common.tokens import Claims, InvalidToken, TokenVerifier
+from common.participant import tx_routes
+from common.tokens import Claims, verify_or_none
 
 log = logging.getLogger("barber.chat.ws")
 
@@ -161,7 +160,7 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         self._closing = False
         s = ctx.settings
         self.flood = FloodGuard(s.chat_flood_rate_per_s, s.chat_flood_burst)
-        self.request_id = self.request.headers.get(REQUEST_ID_HEADER) or new_request_id()
+        self.request_id = sane_request_id(self.request.headers.get(REQUEST_ID_HEADER))
         # Set once the token is verified: counted against the user's socket cap, closed
         # when the token expires or is revoked.
         self.user_id: int | None = None
@@ -208,7 +207,7 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
             self.ctx.hub.stats.slow_disconnects += 1
             self.close_with(CLOSE_TOO_SLOW, "client is not reading")
 
-    def _flushed(self, fut: "asyncio.Future[None]", nbytes: int) -> None:
+    def _flushed(self, fut: asyncio.Future[None], nbytes: int) -> None:
         if not fut.cancelled():
             fut.exception()  # a closed stream is expected here; not worth a log line
         self._buffered = max(0, self._buffered - nbytes)
@@ -258,13 +257,7 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         token = websocket_token(self.get_query_argument("token", None),
                                 offered_subprotocols(self.request.headers.get("Sec-WebSocket-Protocol")),
                                 self.request.headers.get("Authorization"))
-        verifier: TokenVerifier | None = self.settings.get(VERIFIER)
-        if not token or verifier is None:
-            return None
-        try:
-            return verifier.verify(token)
-        except InvalidToken:
-            return None
+        return verify_or_none(self.settings.get(VERIFIER), token)
 
     def _limit_kernel_buffer(self) -> None:
         size = self.ctx.settings.chat_ws_sndbuf_bytes

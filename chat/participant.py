@@ -18,15 +18,16 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from pymongo import ASCENDING
-from pymongo.errors import DuplicateKeyError, PyMongoError
+from pymongo.errors import DuplicateKeyError
 
 from chat.cache import CacheError, UserCache
 from chat.chats import CLOSE_DELETING, CLOSE_NOT_FOUND
 from chat.fanout import Hub
-from chat.store import Store, StoreUnavailable
+from chat.store import Store, unavailable
 from common.errors import Conflict, ServiceUnavailable
 from common.participant import GID_PREFIX, check_gid
 
@@ -46,16 +47,14 @@ class ChatParticipant:
 
     async def state_of(self, gid: str) -> str:
         check_gid(gid)
-        try:
+        with unavailable("chat"):
             doc = await self._record(gid)
-        except PyMongoError as e:
-            raise StoreUnavailable("chat storage unavailable") from e
         return doc["state"] if doc else "unknown"
 
     # -- two-phase commit --------------------------------------------------------------
     async def prepare(self, gid: str, user_id: int, after_prepare: Callable[[], None] | None = None) -> str:
         check_gid(gid)
-        try:
+        with unavailable("chat"):
             doc = await self._record(gid)
             if doc is not None and doc["state"] != "prepared":
                 if doc["state"] == "aborted":
@@ -77,8 +76,6 @@ class ChatParticipant:
                 # An abort overtook us: undo the marks it could not see.
                 await self._clear_marks(gid)
                 raise Conflict(f"transaction {gid} was aborted while preparing")
-        except PyMongoError as e:
-            raise StoreUnavailable("chat storage unavailable") from e
         for chat in chats:
             await self.hub.close_chat_everywhere(chat.chat_id, CLOSE_DELETING, "chat is being deleted")
         log.info("prepared %s: %d chat(s) of user %d marked", gid, len(chats), user_id)
@@ -98,7 +95,7 @@ class ChatParticipant:
 
     async def commit(self, gid: str) -> str:
         check_gid(gid)
-        try:
+        with unavailable("chat"):
             doc = await self._record(gid)
             if doc is None:
                 raise Conflict(f"transaction {gid} was never prepared here")
@@ -107,12 +104,10 @@ class ChatParticipant:
             if doc["state"] == "committed":
                 return "committed"
             user_id = int(doc["user_id"])
-        except PyMongoError as e:
-            raise StoreUnavailable("chat storage unavailable") from e
         # First, so that no new chat with the user can start from a cached entry (authen
         # already answers 404: it commits before chat).
         await self.invalidate(user_id)
-        try:
+        with unavailable("chat"):
             # The marked chats, and any the user started since (commit removes them all).
             chat_ids = set(doc.get("chat_ids", [])) | {c.chat_id for c in await self.store.chats_of(user_id)}
             for chat_id in sorted(chat_ids):
@@ -121,18 +116,14 @@ class ChatParticipant:
             # first sweep; the second takes it too.
             for chat_id in sorted(chat_ids):
                 await self.store.messages.delete_many({"chat_id": {"$eq": chat_id}})
-        except PyMongoError as e:
-            raise StoreUnavailable("chat storage unavailable") from e
-        try:
+        with unavailable("chat"):
             await self.txs.update_one({"_id": {"$eq": gid}}, {"$set": {"state": "committed", "at": time.time()}})
-        except PyMongoError as e:
-            raise StoreUnavailable("chat storage unavailable") from e
         log.info("committed %s: user %d's %d chat(s) deleted", gid, user_id, len(chat_ids))
         return "committed"
 
     async def abort(self, gid: str) -> str:
         check_gid(gid)
-        try:
+        with unavailable("chat"):
             doc = await self._record(gid)
             if doc is not None and doc["state"] == "committed":
                 raise Conflict(f"transaction {gid} was committed here; it cannot abort")
@@ -144,8 +135,6 @@ class ChatParticipant:
             else:
                 await self.txs.update_one({"_id": {"$eq": gid}}, {"$set": {"state": "aborted", "at": time.time()}})
             await self._clear_marks(gid)
-        except PyMongoError as e:
-            raise StoreUnavailable("chat storage unavailable") from e
         log.info("aborted %s", gid)
         return "aborted"
 
@@ -155,13 +144,11 @@ class ChatParticipant:
     async def prepared(self, older_than_s: float = 0.0) -> list[dict[str, Any]]:
         """Transactions holding anything here: prepared records, and marks left on chats by
         a prepare that died after its transaction was aborted (recovery's abort clears them)."""
-        try:
+        with unavailable("chat"):
             docs = await self.txs.find({"state": {"$eq": "prepared"}}).to_list()
             marked = await self.store.chats.find(
                 {"deleting": {"$gte": GID_PREFIX, "$lt": GID_PREFIX[:-1] + chr(ord(GID_PREFIX[-1]) + 1)}},
                 {"deleting": 1}).to_list()
-        except PyMongoError as e:
-            raise StoreUnavailable("chat storage unavailable") from e
         cutoff = time.time() - older_than_s
         held = {d["_id"]: {"gid": d["_id"], "user_id": d.get("user_id"), "prepared_at": d.get("at")}
                 for d in docs if d.get("at", 0) <= cutoff}
@@ -192,7 +179,7 @@ class ChatParticipant:
     async def purge(self, user_id: int, limit: int) -> dict[str, Any]:
         """Delete up to ``limit`` of the user's messages (whole chats once empty)."""
         chats_deleted = messages_deleted = 0
-        try:
+        with unavailable("chat"):
             chats = await self.store.chats_of(user_id)
             mark = f"saga-user-{user_id}"
             for chat in chats:
@@ -215,7 +202,5 @@ class ChatParticipant:
                 chats_deleted += 1
                 budget -= 1
             remaining = await self.store.chats_of(user_id)
-        except PyMongoError as e:
-            raise StoreUnavailable("chat storage unavailable") from e
         return {"user_id": user_id, "chats_deleted": chats_deleted, "messages_deleted": messages_deleted,
                 "done": not remaining}

@@ -26,8 +26,9 @@ import json
 import logging
 import time
 import uuid
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import bson
@@ -35,7 +36,7 @@ from bson.errors import BSONError
 from pymongo import ASCENDING, DESCENDING, AsyncMongoClient
 from pymongo.errors import BulkWriteError, DuplicateKeyError, PyMongoError
 
-from common.errors import DependencyUnavailable
+from common.errors import DependencyUnavailable, translate_errors
 
 log = logging.getLogger("barber.chat.store")
 
@@ -46,6 +47,11 @@ class StoreUnavailable(DependencyUnavailable):
     """MongoDB did not answer or refused the operation."""
 
     dependency = "mongodb"
+
+
+def unavailable(what: str) -> AbstractContextManager[None]:
+    """Driver errors in the block become ``StoreUnavailable("<what> storage unavailable")``."""
+    return translate_errors(PyMongoError, lambda _: StoreUnavailable(f"{what} storage unavailable"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +69,7 @@ class Chat:
         return self.employee_id if user_id == self.customer_id else self.customer_id
 
     @classmethod
-    def from_doc(cls, doc: dict[str, Any]) -> "Chat":
+    def from_doc(cls, doc: dict[str, Any]) -> Chat:
         return cls(
             chat_id=str(doc["_id"]),
             customer_id=int(doc["customer_id"]),
@@ -85,7 +91,7 @@ class ChatMessage:
     _frame_bytes: int = 0
 
     @classmethod
-    def from_doc(cls, doc: dict[str, Any]) -> "ChatMessage":
+    def from_doc(cls, doc: dict[str, Any]) -> ChatMessage:
         public: dict[str, Any] = {
             "type": "chat_message",
             "chat_id": doc["chat_id"],
@@ -99,7 +105,7 @@ class ChatMessage:
         return cls(doc["chat_id"], int(doc["seq"]), public, float(doc.get("created_at") or 0.0))
 
     @classmethod
-    def from_public(cls, public: dict[str, Any], created_at: float = 0.0, frame: str | None = None) -> "ChatMessage":
+    def from_public(cls, public: dict[str, Any], created_at: float = 0.0, frame: str | None = None) -> ChatMessage:
         msg = cls(str(public["chat_id"]), int(public["seq"]), public, created_at)
         if frame is not None:
             msg._frame = frame
@@ -137,7 +143,7 @@ def message_id(chat_id: str, sender_id: int, client_id: str | None) -> str:
 
 
 def iso_now(ts: float) -> str:
-    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 @dataclass(slots=True)
@@ -162,7 +168,7 @@ class Store:
         self.messages = self.db["messages"]
 
     @classmethod
-    def connect(cls, url: str, db_name: str) -> "Store":
+    def connect(cls, url: str, db_name: str) -> Store:
         client: AsyncMongoClient = AsyncMongoClient(
             url, serverSelectionTimeoutMS=3000, connectTimeoutMS=3000, socketTimeoutMS=10000, tz_aware=False
         )
@@ -172,14 +178,12 @@ class Store:
         await self.client.close()
 
     async def ensure_indexes(self) -> None:
-        try:
+        with translate_errors(PyMongoError, lambda e: StoreUnavailable(f"cannot create indexes: {e}")):
             await self.messages.create_index([("chat_id", ASCENDING), ("seq", ASCENDING)], unique=True)
             await self.chats.create_index([("customer_id", ASCENDING), ("employee_id", ASCENDING)], unique=True)
             await self.chats.create_index([("employee_id", ASCENDING)])
             # Recovery looks for chats left marked by a deletion (a range on the mark).
             await self.chats.create_index([("deleting", ASCENDING)])
-        except PyMongoError as e:
-            raise StoreUnavailable(f"cannot create indexes: {e}") from e
 
     async def ping(self) -> bool:
         try:
@@ -190,10 +194,8 @@ class Store:
 
     # -- chats -----------------------------------------------------------------------
     async def get_chat(self, chat_id: str) -> Chat | None:
-        try:
+        with unavailable("chat"):
             doc = await self.chats.find_one({"_id": {"$eq": chat_id}})
-        except PyMongoError as e:
-            raise StoreUnavailable("chat storage unavailable") from e
         return Chat.from_doc(doc) if doc else None
 
     async def start_chat(self, customer_id: int, employee_id: int) -> tuple[Chat, bool]:
@@ -209,29 +211,24 @@ class Store:
             "created_at": now,
             "deleting": None,
         }
-        try:
-            await self.chats.insert_one(doc)
-            return Chat.from_doc(doc), True
-        except DuplicateKeyError:
-            pass
-        except PyMongoError as e:
-            raise StoreUnavailable("chat storage unavailable") from e
-        try:
+        with unavailable("chat"):
+            try:
+                await self.chats.insert_one(doc)
+                return Chat.from_doc(doc), True
+            except DuplicateKeyError:
+                pass
+        with unavailable("chat"):
             existing = await self.chats.find_one(
                 {"customer_id": {"$eq": customer_id}, "employee_id": {"$eq": employee_id}}
             )
-        except PyMongoError as e:
-            raise StoreUnavailable("chat storage unavailable") from e
         if existing is None:  # the winner's document vanished (deleted meanwhile)
             raise StoreUnavailable("chat was removed while being started; try again")
         return Chat.from_doc(existing), False
 
     async def chats_of(self, user_id: int) -> list[Chat]:
-        try:
+        with unavailable("chat"):
             as_customer = await self.chats.find({"customer_id": {"$eq": user_id}}).to_list()
             as_employee = await self.chats.find({"employee_id": {"$eq": user_id}}).to_list()
-        except PyMongoError as e:
-            raise StoreUnavailable("chat storage unavailable") from e
         seen: dict[str, Chat] = {}
         for doc in as_customer + as_employee:
             chat = Chat.from_doc(doc)
@@ -240,17 +237,13 @@ class Store:
 
     # -- messages --------------------------------------------------------------------
     async def max_seq(self, chat_id: str) -> int:
-        try:
+        with unavailable("message"):
             docs = await self.messages.find({"chat_id": {"$eq": chat_id}}, {"seq": 1}).sort("seq", DESCENDING).limit(1).to_list()
-        except PyMongoError as e:
-            raise StoreUnavailable("message storage unavailable") from e
         return int(docs[0]["seq"]) if docs else 0
 
     async def last_message(self, chat_id: str) -> ChatMessage | None:
-        try:
+        with unavailable("message"):
             docs = await self.messages.find({"chat_id": {"$eq": chat_id}}).sort("seq", DESCENDING).limit(1).to_list()
-        except PyMongoError as e:
-            raise StoreUnavailable("message storage unavailable") from e
         return ChatMessage.from_doc(docs[0]) if docs else None
 
     async def messages_after(self, chat_id: str, after: int, limit: int, upto: int | None = None) -> list[ChatMessage]:
@@ -258,15 +251,13 @@ class Store:
         cond: dict[str, int] = {"$gt": after}
         if upto is not None:
             cond["$lte"] = upto
-        try:
+        with unavailable("message"):
             docs = (
                 await self.messages.find({"chat_id": {"$eq": chat_id}, "seq": cond})
                 .sort("seq", ASCENDING)
                 .limit(limit)
                 .to_list()
             )
-        except PyMongoError as e:
-            raise StoreUnavailable("message storage unavailable") from e
         return [ChatMessage.from_doc(d) for d in docs]
 
     async def messages_before(self, chat_id: str, before: int | None, limit: int) -> list[ChatMessage]:
@@ -274,32 +265,24 @@ class Store:
         query: dict[str, Any] = {"chat_id": {"$eq": chat_id}}
         if before is not None:
             query["seq"] = {"$lt": before}
-        try:
+        with unavailable("message"):
             docs = await self.messages.find(query).sort("seq", DESCENDING).limit(limit).to_list()
-        except PyMongoError as e:
-            raise StoreUnavailable("message storage unavailable") from e
         return [ChatMessage.from_doc(d) for d in docs]
 
     async def message_by_id(self, mid: str) -> ChatMessage | None:
-        try:
+        with unavailable("message"):
             doc = await self.messages.find_one({"_id": {"$eq": mid}})
-        except PyMongoError as e:
-            raise StoreUnavailable("message storage unavailable") from e
         return ChatMessage.from_doc(doc) if doc else None
 
     async def existing_chats(self, chat_ids: set[str]) -> set[str]:
         """Which of ``chat_ids`` still exist (one indexed query)."""
-        try:
+        with unavailable("chat"):
             docs = await self.chats.find({"_id": {"$in": sorted(chat_ids)}}, {"_id": 1}).to_list()
-        except PyMongoError as e:
-            raise StoreUnavailable("chat storage unavailable") from e
         return {str(d["_id"]) for d in docs}
 
     async def delete_messages(self, message_ids: list[str]) -> None:
-        try:
+        with unavailable("message"):
             await self.messages.delete_many({"_id": {"$in": message_ids}})
-        except PyMongoError as e:
-            raise StoreUnavailable("message storage unavailable") from e
 
     async def insert_messages(self, docs: list[dict[str, Any]]) -> list[InsertOutcome]:
         """Insert a batch (unordered); one outcome per document, in order.
@@ -322,16 +305,15 @@ class Store:
             sendable.append(i)
         if not sendable:
             return outcomes
-        try:
-            await self.messages.insert_many([docs[i] for i in sendable], ordered=False)
-        except BulkWriteError as e:
-            for err in e.details.get("writeErrors", []):
-                i = sendable[int(err["index"])]
-                out = outcomes[i] = InsertOutcome()
-                if err.get("code") == DUPLICATE_KEY:
-                    out.duplicate = True
-                else:
-                    out.error = str(err.get("errmsg", "write error"))
-        except PyMongoError as e:
-            raise StoreUnavailable("message storage unavailable") from e
+        with unavailable("message"):
+            try:
+                await self.messages.insert_many([docs[i] for i in sendable], ordered=False)
+            except BulkWriteError as e:
+                for err in e.details.get("writeErrors", []):
+                    i = sendable[int(err["index"])]
+                    out = outcomes[i] = InsertOutcome()
+                    if err.get("code") == DUPLICATE_KEY:
+                        out.duplicate = True
+                    else:
+                        out.error = str(err.get("errmsg", "write error"))
         return outcomes

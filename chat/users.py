@@ -38,7 +38,7 @@ class User:
     type: str
 
     @classmethod
-    def from_check(cls, data: dict[str, Any]) -> "User":
+    def from_check(cls, data: dict[str, Any]) -> User:
         return cls(
             id=int(data["id"]),
             username=str(data.get("username", "")),

@@ -25,6 +25,7 @@ import asyncio
 import json
 import logging
 import re
+from collections.abc import Awaitable
 
 import tornado.web
 from tornado import httputil
@@ -74,8 +75,7 @@ class BodyLimit(httputil.HTTPServerConnectionDelegate):
         self.limit = limit
         self._lingering: set[asyncio.Task[None]] = set()
 
-    def start_request(self, server_conn: object,
-                      request_conn: httputil.HTTPConnection) -> httputil.HTTPMessageDelegate:
+    def start_request(self, server_conn: object, request_conn: httputil.HTTPConnection) -> httputil.HTTPMessageDelegate:
         return _LimitedRequest(self, self.app.start_request(server_conn, request_conn), request_conn)
 
     def on_close(self, server_conn: object) -> None:
@@ -86,8 +86,9 @@ class BodyLimit(httputil.HTTPServerConnectionDelegate):
         self._lingering.add(task)
         task.add_done_callback(self._lingering.discard)
 
-    def refuse(self, request_conn: HTTP1Connection, headers: httputil.HTTPHeaders, error: APIError,
-               reason: str) -> None:
+    def refuse(
+        self, request_conn: HTTP1Connection, headers: httputil.HTTPHeaders, error: APIError, reason: str
+    ) -> None:
         """Answer ``error`` in place of the request, whose body is never read."""
         request_id = _request_id(headers)
         request_id_var.set(request_id)
@@ -95,8 +96,9 @@ class BodyLimit(httputil.HTTPServerConnectionDelegate):
 
 
 class _LimitedRequest(httputil.HTTPMessageDelegate):
-    def __init__(self, limits: BodyLimit, inner: httputil.HTTPMessageDelegate,
-                 request_conn: httputil.HTTPConnection) -> None:
+    def __init__(
+        self, limits: BodyLimit, inner: httputil.HTTPMessageDelegate, request_conn: httputil.HTTPConnection
+    ) -> None:
         self.limits = limits
         self.inner = inner
         self.request_conn = request_conn
@@ -104,26 +106,36 @@ class _LimitedRequest(httputil.HTTPMessageDelegate):
         self.received = 0
         self.refused = False
 
-    def headers_received(self, start_line: httputil.RequestStartLine | httputil.ResponseStartLine,
-                         headers: httputil.HTTPHeaders) -> object:
+    def headers_received(
+        self, start_line: httputil.RequestStartLine | httputil.ResponseStartLine, headers: httputil.HTTPHeaders
+    ) -> Awaitable[None] | None:
         self.headers = headers
         declared = headers.get("Content-Length")
         if declared is not None and isinstance(self.request_conn, HTTP1Connection):
             limit = self.limits.limit
             if not _DECIMAL.fullmatch(declared):
-                log.info("refused a request with Content-Length %r", declared[:40],
-                         extra={"http.response.status_code": 400})
-                self.limits.refuse(self.request_conn, headers,
-                                   BadRequest("Content-Length must be a decimal number of bytes"), "Bad Request")
+                log.info(
+                    "refused a request with Content-Length %r", declared[:40], extra={"http.response.status_code": 400}
+                )
+                self.limits.refuse(
+                    self.request_conn,
+                    headers,
+                    BadRequest("Content-Length must be a decimal number of bytes"),
+                    "Bad Request",
+                )
                 return None
             if int(declared) > limit:
-                log.info("refused a %s-byte body (limit %d) before reading it", declared, limit,
-                         extra={"http.response.status_code": 413})
+                log.info(
+                    "refused a %s-byte body (limit %d) before reading it",
+                    declared,
+                    limit,
+                    extra={"http.response.status_code": 413},
+                )
                 self.limits.refuse(self.request_conn, headers, PayloadTooLarge.over(limit), "Payload Too Large")
                 return None
         return self.inner.headers_received(start_line, headers)
 
-    def data_received(self, chunk: bytes) -> object:
+    def data_received(self, chunk: bytes) -> Awaitable[None] | None:
         if self.refused:
             return None
         self.received += len(chunk)
@@ -140,8 +152,7 @@ class _LimitedRequest(httputil.HTTPMessageDelegate):
         limit = self.limits.limit
         request_id = _request_id(self.headers)
         request_id_var.set(request_id)
-        log.info("refused a chunked body past the limit (%d bytes)", limit,
-                 extra={"http.response.status_code": 413})
+        log.info("refused a chunked body past the limit (%d bytes)", limit, extra={"http.response.status_code": 413})
         # Written straight to the stream: Tornado would close the connection as soon as a
         # response finished mid-body, resetting it under a client that is still sending.
         sent = conn.stream.write(error_response(PayloadTooLarge.over(limit), request_id, "Payload Too Large"))
@@ -150,6 +161,7 @@ class _LimitedRequest(httputil.HTTPMessageDelegate):
 
     def finish(self) -> None:
         if self.refused:
+            assert isinstance(self.request_conn, HTTP1Connection)  # only those are refused
             self.request_conn.close()
             return
         self.inner.finish()
@@ -160,8 +172,9 @@ class _LimitedRequest(httputil.HTTPMessageDelegate):
 
 def refuse_connection(limits: BodyLimit, stream: IOStream, cap: int) -> None:
     """Answer a connection over the server's cap with a 503 and close it."""
-    error = ServiceUnavailable(f"too many connections (this server holds at most {cap}); try again later",
-                               headers={"Retry-After": "1"})
+    error = ServiceUnavailable(
+        f"too many connections (this server holds at most {cap}); try again later", headers={"Retry-After": "1"}
+    )
     limits.linger(stream, error_response(error, new_request_id(), "Service Unavailable"), REFUSED_CONNECTION_LINGER_S)
 
 

@@ -15,6 +15,7 @@ from typing import TypeVar
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from common.errors import describe_validation_error
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -73,7 +74,7 @@ class ServiceSettings(BaseSettings):
         return value
 
     @model_validator(mode="after")
-    def _crash_needs_test_hooks(self) -> "ServiceSettings":
+    def _crash_needs_test_hooks(self) -> ServiceSettings:
         if self.participant_crash_at and not self.barber_test_hooks:
             raise ValueError("PARTICIPANT_CRASH_AT is a test hook and needs BARBER_TEST_HOOKS=1")
         return self
@@ -89,23 +90,12 @@ def chat_frame_bytes(max_message_chars: int) -> int:
     return max(64 * 1024, 12 * max_message_chars + 1024)
 
 
-def describe_validation_error(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors():
-        name = ".".join(str(p) for p in err["loc"])
-        if name:
-            parts.append(f"{name.upper()}: {err['msg']} (got {err.get('input')!r})")
-        else:  # a rule across several variables
-            parts.append(str(err["msg"]).removeprefix("Value error, "))
-    return "; ".join(parts)
-
-
 def load_settings(cls: type[S]) -> S:
     """Read ``cls`` from the environment, raising :class:`ConfigError` naming the variable."""
     try:
         return cls()
     except ValidationError as e:
-        raise ConfigError(f"bad environment variable {describe_validation_error(e)}") from e
+        raise ConfigError(f"bad environment variable {describe_validation_error(e, environment=True)}") from e
 
 
 def load_settings_or_exit(cls: type[S]) -> S:

@@ -15,8 +15,9 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any
 
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 
@@ -53,7 +54,7 @@ class Registration:
         self._task: asyncio.Task[None] | None = None
         self.registered = asyncio.Event()
 
-    async def _call(self, method: str, path: str, body: dict | None = None) -> dict:
+    async def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
         req = HTTPRequest(
             self._base + path,
             method=method,
@@ -63,7 +64,8 @@ class Registration:
             connect_timeout=2,
         )
         resp = await AsyncHTTPClient().fetch(req)
-        return json.loads(resp.body or b"{}")
+        reply: dict[str, Any] = json.loads(resp.body or b"{}")
+        return reply
 
     async def _register(self) -> None:
         reply = await self._call("POST", "/register", self.body)
@@ -95,8 +97,12 @@ class Registration:
                 attempt += 1
                 delay = backoff_delay(attempt, base=0.25)
                 # One warning per outage; the retries that follow are debug noise.
-                log.log(logging.WARNING if attempt == 1 else logging.DEBUG,
-                        "discovery unreachable (%s); retrying in %.1fs", e, delay)
+                log.log(
+                    logging.WARNING if attempt == 1 else logging.DEBUG,
+                    "discovery unreachable (%s); retrying in %.1fs",
+                    e,
+                    delay,
+                )
                 await asyncio.sleep(delay)
 
     def start(self) -> None:
@@ -172,8 +178,12 @@ class InstanceView:
         if (epoch_changed or not was_reachable) and self.instances and self._carry_over_s > 0:
             self._carried = self.instances
             self._carry_until = time.monotonic() + self._carry_over_s
-            log.info("carrying %d %s instance(s) over for %.0fs while they re-register",
-                     len(self._carried), self.type, self._carry_over_s)
+            log.info(
+                "carrying %d %s instance(s) over for %.0fs while they re-register",
+                len(self._carried),
+                self.type,
+                self._carry_over_s,
+            )
         self.version = version
         self._fresh = fresh
         self._publish()
@@ -210,8 +220,13 @@ class InstanceView:
                 self.reachable = False
                 attempt += 1
                 delay = backoff_delay(attempt, base=0.25)
-                log.log(logging.WARNING if attempt == 1 else logging.DEBUG,
-                        "cannot refresh %s instances (%s); keeping last view, retry in %.1fs", self.type, e, delay)
+                log.log(
+                    logging.WARNING if attempt == 1 else logging.DEBUG,
+                    "cannot refresh %s instances (%s); keeping last view, retry in %.1fs",
+                    self.type,
+                    e,
+                    delay,
+                )
                 await asyncio.sleep(delay)
 
     async def start(self, initial_timeout_s: float = 5.0) -> None:

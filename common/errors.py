@@ -2,7 +2,29 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from pydantic import ValidationError
 from tornado.web import HTTPError
+
+
+def describe_validation_error(exc: ValidationError, *, environment: bool = False) -> str:
+    """One part per failure, naming its field: ``field: message`` for request
+    input; ``NAME: message (got 'value')`` for settings read from the environment, where
+    a rule across several variables has no name and speaks for itself."""
+    parts = []
+    for err in exc.errors():
+        name = ".".join(str(p) for p in err["loc"])
+        if environment:
+            if name:
+                parts.append(f"{name.upper()}: {err['msg']} (got {err.get('input')!r})")
+            else:
+                parts.append(str(err["msg"]).removeprefix("Value error, "))
+        else:
+            msg = "unexpected field" if err["type"] == "extra_forbidden" else err["msg"]
+            parts.append(f"{name or 'body'}: {msg}")
+    return "; ".join(parts)
 
 
 class APIError(HTTPError):
@@ -80,3 +102,16 @@ class DependencyUnavailable(ServiceUnavailable):
 
 class GatewayTimeout(APIError):
     status = 504
+
+
+@contextmanager
+def translate_errors(
+    caught: type[Exception] | tuple[type[Exception], ...], into: Callable[[Exception], Exception]
+) -> Iterator[None]:
+    """Raise ``into(error)`` (chained) for each ``caught`` error of the block: the one place
+    where a driver's errors become the service's typed ones, e.g.
+    ``with translate_errors(PyMongoError, lambda e: StoreUnavailable("...")):``."""
+    try:
+        yield
+    except caught as e:
+        raise into(e) from e

@@ -12,7 +12,6 @@ import ipaddress
 import json
 import logging
 import re
-import time
 from typing import Any, TypeVar
 
 import tornado.web
@@ -20,10 +19,18 @@ from pydantic import BaseModel, ValidationError
 
 from common import internal
 from common.config import Network
-from common.errors import APIError, BadRequest, Forbidden, NotFound, PayloadTooLarge, Unauthorized
-from common.logs import REQUEST_ID_HEADER, level_for_status, new_request_id, request_id_var
+from common.errors import (
+    APIError,
+    BadRequest,
+    Forbidden,
+    NotFound,
+    PayloadTooLarge,
+    Unauthorized,
+    describe_validation_error,
+)
+from common.logs import REQUEST_ID_HEADER, level_for_status, request_id_var, sane_request_id
 from common.openapi import implemented_methods
-from common.tokens import Claims, InvalidToken, TokenVerifier
+from common.tokens import Claims, InvalidToken, TokenVerifier, verify_or_none
 
 log = logging.getLogger("barber.http")
 
@@ -68,17 +75,6 @@ class Inflight:
 
     def __init__(self) -> None:
         self.count = 0
-
-
-def describe_validation_error(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors():
-        field = ".".join(str(p) for p in err["loc"]) or "body"
-        msg = err["msg"]
-        if err["type"] == "extra_forbidden":
-            msg = "unexpected field"
-        parts.append(f"{field}: {msg}")
-    return "; ".join(parts)
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -189,7 +185,7 @@ class BaseHandler(tornado.web.RequestHandler):
 
     # -- lifecycle -----------------------------------------------------------------
     def prepare(self) -> None:
-        self.request_id = self.request.headers.get(REQUEST_ID_HEADER) or new_request_id()
+        self.request_id = sane_request_id(self.request.headers.get(REQUEST_ID_HEADER))
         request_id_var.set(self.request_id)
         self.set_header(REQUEST_ID_HEADER, self.request_id)
         inflight: Inflight | None = self.settings.get(INFLIGHT)
@@ -260,8 +256,11 @@ class BaseHandler(tornado.web.RequestHandler):
         """The query string validated into ``model`` (a :class:`common.openapi.QueryModel`):
         the last value of each parameter, as ``get_query_argument`` takes it; bounds and
         types come from the model's fields, so a bad value is a 400 naming the parameter."""
-        data = {name: self.decode_argument(values[-1], name=name)
-                for name, values in self.request.query_arguments.items() if values}
+        data = {
+            name: self.decode_argument(values[-1], name=name)
+            for name, values in self.request.query_arguments.items()
+            if values
+        }
         return validate(model, data)
 
     def parse_path(self, model: type[M], *groups: str) -> M:
@@ -271,16 +270,7 @@ class BaseHandler(tornado.web.RequestHandler):
     # -- identity ------------------------------------------------------------------
     def get_current_user(self) -> Claims | None:
         """Claims of a valid bearer token, or None. Client-sent X-User is never trusted."""
-        token = bearer_token(self.request.headers.get("Authorization"))
-        if token is None:
-            return None
-        verifier: TokenVerifier | None = self.settings.get(VERIFIER)
-        if verifier is None:
-            return None
-        try:
-            return verifier.verify(token)
-        except InvalidToken:
-            return None
+        return verify_or_none(self.settings.get(VERIFIER), bearer_token(self.request.headers.get("Authorization")))
 
     def require_user(self, *types: str) -> Claims:
         """The caller's verified claims; 401 without a valid token, 403 for another user type."""
@@ -288,7 +278,8 @@ class BaseHandler(tornado.web.RequestHandler):
         if token is None:
             raise Unauthorized("authentication required: send Authorization: Bearer <token>")
         try:
-            claims = self.settings[VERIFIER].verify(token)
+            verifier: TokenVerifier = self.settings[VERIFIER]
+            claims = verifier.verify(token)
         except InvalidToken as e:
             raise Unauthorized(str(e)) from e
         if types and claims.user_type not in types:
@@ -298,8 +289,9 @@ class BaseHandler(tornado.web.RequestHandler):
     def client_ip(self) -> str:
         """The client's address (see :func:`client_address`): never taken from a header
         unless the peer is one of ``TRUSTED_PROXIES``."""
-        return client_address(self.request.remote_ip, self.request.headers.get("X-Forwarded-For"),
-                              self.settings.get(TRUSTED_PROXIES, ()))
+        return client_address(
+            self.request.remote_ip, self.request.headers.get("X-Forwarded-For"), self.settings.get(TRUSTED_PROXIES, ())
+        )
 
     def has_service_credential(self) -> bool:
         secret: str | None = self.settings.get(SERVICE_SECRET)
@@ -345,7 +337,3 @@ def log_request(handler: tornado.web.RequestHandler) -> None:
             **getattr(handler, "log_fields", {}),
         },
     )
-
-
-def monotonic_ms() -> float:
-    return time.monotonic() * 1000.0

@@ -8,14 +8,14 @@ calls another one's instances.
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import itertools
 import json
 import logging
 import secrets
+from collections.abc import Callable, Container, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Container, Sequence
+from typing import TYPE_CHECKING, Any
 
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 
@@ -86,9 +86,17 @@ class InternalClient:
     is the one place that decides how internal calls fail over.
     """
 
-    def __init__(self, service: str, instances: Callable[[], Sequence[Instance]], secret: str | None, *,
-                 timeout_s: float, connect_timeout_s: float | None = None,
-                 refusals: Container[int] = REFUSALS, http: AsyncHTTPClient | None = None) -> None:
+    def __init__(
+        self,
+        service: str,
+        instances: Callable[[], Sequence[Instance]],
+        secret: str | None,
+        *,
+        timeout_s: float,
+        connect_timeout_s: float | None = None,
+        refusals: Container[int] = REFUSALS,
+        http: AsyncHTTPClient | None = None,
+    ) -> None:
         self.service = service
         self._instances = instances
         self._secret = secret
@@ -110,8 +118,9 @@ class InternalClient:
             headers[REQUEST_ID_HEADER] = rid
         return headers
 
-    async def call(self, method: str, path: str, body: Any = None, *,
-                   accept: Callable[[Any], object] | None = None) -> Any:
+    async def call(
+        self, method: str, path: str, body: Any = None, *, accept: Callable[[Any], object] | None = None
+    ) -> Any:
         """The JSON answer of the first instance that answers ``method path``.
 
         ``accept`` checks an answer (raising ValueError, KeyError or TypeError when it
@@ -120,15 +129,22 @@ class InternalClient:
         if instances:
             start = next(self._turn) % len(instances)
             instances = instances[start:] + instances[:start]
-        payload = json.dumps(body).encode() if body is not None else (b"" if method in ("POST", "PUT", "PATCH")
-                                                                       else None)
+        payload = (
+            json.dumps(body).encode() if body is not None else (b"" if method in ("POST", "PUT", "PATCH") else None)
+        )
         http = self._http or AsyncHTTPClient()
         errors: list[str] = []
         for inst in instances:
             self.calls += 1
-            request = HTTPRequest(inst.url + path, method=method, headers=self._headers(), body=payload,
-                                  request_timeout=self.timeout_s, connect_timeout=self.connect_timeout_s,
-                                  follow_redirects=False)
+            request = HTTPRequest(
+                inst.url + path,
+                method=method,
+                headers=self._headers(),
+                body=payload,
+                request_timeout=self.timeout_s,
+                connect_timeout=self.connect_timeout_s,
+                follow_redirects=False,
+            )
             try:
                 resp = await http.fetch(request, raise_error=False)
                 if resp.code in self._refusals:
@@ -144,7 +160,7 @@ class InternalClient:
                 return data
             except _BadAnswer as e:
                 error = f"{inst.address} {e}"
-            except (HTTPClientError, OSError, asyncio.TimeoutError) as e:
+            except (TimeoutError, HTTPClientError, OSError) as e:
                 error = f"{inst.address}: {type(e).__name__}: {e}"
             self.failures += 1
             errors.append(error)

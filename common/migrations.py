@@ -10,8 +10,9 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 
 def migrate_command(prog: str, upgrade: Callable[[str], None], database_url: str, variable: str) -> int:
@@ -51,6 +52,8 @@ def run_env(lock_key: int, target_metadata: Any = None) -> None:
         with context.begin_transaction():
             context.run_migrations()
         return
+    if url is None:
+        raise RuntimeError("alembic: sqlalchemy.url is not set")
     engine = create_engine(url, poolclass=pool.NullPool, connect_args={"connect_timeout": 5})
     try:
         with engine.connect() as connection:

@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import inspect
 import re
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Callable, Iterable, Mapping, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import tornado.web
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter
@@ -34,11 +35,21 @@ ERROR_SCHEMA = "Error"
 F = TypeVar("F", bound=Callable[..., Any])
 
 STATUS_TEXT = {
-    200: "OK", 201: "Created", 202: "Accepted", 101: "Switching Protocols",
-    400: "Bad request: the detail names the field", 401: "Not authenticated (no or invalid bearer token)",
-    403: "Forbidden", 404: "Not found", 405: "Method not allowed", 409: "Conflict",
-    413: "Request body too large", 429: "Too many requests (see Retry-After)", 502: "Bad gateway",
-    503: "Service or dependency unavailable", 504: "Gateway timeout",
+    200: "OK",
+    201: "Created",
+    202: "Accepted",
+    101: "Switching Protocols",
+    400: "Bad request: the detail names the field",
+    401: "Not authenticated (no or invalid bearer token)",
+    403: "Forbidden",
+    404: "Not found",
+    405: "Method not allowed",
+    409: "Conflict",
+    413: "Request body too large",
+    429: "Too many requests (see Retry-After)",
+    502: "Bad gateway",
+    503: "Service or dependency unavailable",
+    504: "Gateway timeout",
 }
 
 
@@ -145,7 +156,7 @@ def declared(handler: type, method: str) -> Operation | None:
     return getattr(getattr(handler, method.lower(), None), OPENAPI_ATTR, None)
 
 
-def implemented_methods(handler: type) -> list[str]:
+def implemented_methods(handler: type[tornado.web.RequestHandler]) -> list[str]:
     """HTTP methods ``handler`` answers (those it overrides from RequestHandler)."""
     out = []
     for m in handler.SUPPORTED_METHODS:
@@ -262,13 +273,18 @@ def _content(tp: Any, schemas: Schemas) -> dict[str, Any] | None:
     return {"application/json": {"schema": schemas.schema(tp, "serialization")}}
 
 
-def operation_object(handler: type, method: str, op: Operation, groups: list[str], schemas: Schemas,
-                     operation_id: str) -> dict[str, Any]:
+def operation_object(
+    handler: type, method: str, op: Operation, groups: list[str], schemas: Schemas, operation_id: str
+) -> dict[str, Any]:
     names = path_names(handler, method, op, len(groups))
     typed = {p["name"]: p["schema"] for p in _query_parameters(op.path, schemas)} if op.path else {}
     params: list[dict[str, Any]] = [
-        {"name": n, "in": "path", "required": True,
-         "schema": typed.get(n) or {"type": "string", "pattern": f"^(?:{g})$"}}
+        {
+            "name": n,
+            "in": "path",
+            "required": True,
+            "schema": typed.get(n) or {"type": "string", "pattern": f"^(?:{g})$"},
+        }
         for n, g in zip(names, groups)
     ]
     if op.query is not None:
@@ -279,8 +295,10 @@ def operation_object(handler: type, method: str, op: Operation, groups: list[str
     if params:
         out["parameters"] = params
     if op.body is not None:
-        out["requestBody"] = {"required": True,
-                              "content": {"application/json": {"schema": schemas.schema(op.body, "validation")}}}
+        out["requestBody"] = {
+            "required": True,
+            "content": {"application/json": {"schema": schemas.schema(op.body, "validation")}},
+        }
     responses: dict[str, Any] = {}
     for status, tp in op.responses.items():
         resp: dict[str, Any] = {"description": STATUS_TEXT.get(status, str(status))}
@@ -288,7 +306,9 @@ def operation_object(handler: type, method: str, op: Operation, groups: list[str
         if content:
             resp["content"] = content
         if status in op.headers:
-            resp["headers"] = {h: {"description": d, "schema": {"type": "string"}} for h, d in op.headers[status].items()}
+            resp["headers"] = {
+                h: {"description": d, "schema": {"type": "string"}} for h, d in op.headers[status].items()
+            }
         responses[str(status)] = resp
     errors = set(op.errors)
     if params or op.body is not None:
@@ -307,10 +327,13 @@ def operation_object(handler: type, method: str, op: Operation, groups: list[str
 
 
 def add_error(responses: dict[str, Any], status: int) -> None:
-    responses.setdefault(str(status), {
-        "description": STATUS_TEXT.get(status, str(status)),
-        "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{ERROR_SCHEMA}"}}},
-    })
+    responses.setdefault(
+        str(status),
+        {
+            "description": STATUS_TEXT.get(status, str(status)),
+            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{ERROR_SCHEMA}"}}},
+        },
+    )
 
 
 @dataclass
@@ -345,8 +368,9 @@ def fragment(routes: Iterable[Any], prefix: str = "", *, id_prefix: str | None =
             names = path_names(handler, method, op, len(groups))
             template = pieces[0] + "".join("{" + n + "}" + p for n, p in zip(names, pieces[1:]))
             op_id = (id_prefix or prefix) + method.lower() + re.sub(r"[^A-Za-z0-9]+", "_", template).rstrip("_")
-            paths.setdefault(template, {})[method.lower()] = operation_object(handler, method, op, groups, schemas,
-                                                                               op_id)
+            paths.setdefault(template, {})[method.lower()] = operation_object(
+                handler, method, op, groups, schemas, op_id
+            )
     return Fragment(paths, schemas.components, undeclared)
 
 

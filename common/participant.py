@@ -20,7 +20,8 @@ import asyncio
 import logging
 import os
 import re
-from typing import Any, Awaitable, Callable, Protocol
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -33,8 +34,6 @@ from common.internal import InternalClient, Unreachable
 from common.tasks import cancel_and_wait
 
 log = logging.getLogger("barber.participant")
-
-PARTICIPANT_CRASH_POINTS = ("after_prepare",)
 
 # The coordinator's global transaction ids start with this.
 GID_PREFIX = "barber-tx-"
@@ -69,11 +68,11 @@ class Participant(Protocol):
         ...
 
     async def commit(self, gid: str) -> str:
-        """"committed"; 409 if aborted or never prepared here."""
+        """ "committed"; 409 if aborted or never prepared here."""
         ...
 
     async def abort(self, gid: str) -> str:
-        """"aborted" (an unknown gid is recorded, so a late prepare is refused); 409 if committed."""
+        """ "aborted" (an unknown gid is recorded, so a late prepare is refused); 409 if committed."""
         ...
 
     async def state_of(self, gid: str) -> str:
@@ -110,8 +109,9 @@ class CoordinatorClient:
     def __init__(self, discovery_url: str, secret: str) -> None:
         self.view = InstanceView(discovery_url, "gateway")
         # No refusals: any answer but a decision means "ask another gateway".
-        self._client = InternalClient("coordinator", lambda: self.view.instances, secret, timeout_s=5,
-                                      connect_timeout_s=2, refusals=())
+        self._client = InternalClient(
+            "coordinator", lambda: self.view.instances, secret, timeout_s=5, connect_timeout_s=2, refusals=()
+        )
 
     async def start(self) -> None:
         await self.view.start(initial_timeout_s=1.0)
@@ -121,9 +121,11 @@ class CoordinatorClient:
 
     async def outcome(self, gid: str) -> str | None:
         """'commit', 'abort', or None while undecided. Raises Unreachable when no gateway answers."""
-        answer = await self._client.call("GET", f"/internal/coordinator/transactions/{gid}",
-                                         accept=lambda data: data["decision"])
-        return answer["decision"]
+        answer = await self._client.call(
+            "GET", f"/internal/coordinator/transactions/{gid}", accept=lambda data: data["decision"]
+        )
+        decision: str | None = answer["decision"]
+        return decision
 
 
 class OutcomeWatcher:
@@ -133,8 +135,7 @@ class OutcomeWatcher:
     locked: after ``after_s`` the participant asks, and applies the answer itself.
     """
 
-    def __init__(self, participant: Participant, ask: Callable[[str], Awaitable[str | None]],
-                 after_s: float) -> None:
+    def __init__(self, participant: Participant, ask: Callable[[str], Awaitable[str | None]], after_s: float) -> None:
         self.participant = participant
         self.ask = ask
         self.after_s = after_s
@@ -189,7 +190,8 @@ async def watch_outcomes(settings: ServiceSettings, participant: Participant) ->
 class TxHandler(BaseHandler):
     @property
     def context(self) -> ParticipantContext:
-        return self.settings[CONTEXT]
+        ctx: ParticipantContext = self.settings[CONTEXT]
+        return ctx
 
     def prepare(self) -> None:
         super().prepare()
@@ -203,9 +205,12 @@ class TxActionHandler(TxHandler):
             req = self.parse_body(PrepareRequest)
             settings = self.context.settings
             state = await participant.prepare(
-                gid, req.user_id,
-                after_prepare=lambda: crash_point(settings.barber_test_hooks, settings.participant_crash_at,
-                                                  "after_prepare"))
+                gid,
+                req.user_id,
+                after_prepare=lambda: crash_point(
+                    settings.barber_test_hooks, settings.participant_crash_at, "after_prepare"
+                ),
+            )
         elif action == "commit":
             state = await participant.commit(gid)
         else:

@@ -15,8 +15,9 @@ import asyncio
 import logging
 import signal
 import time
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Sequence
+from typing import Any
 
 import tornado.web
 from tornado.httpserver import HTTPServer
@@ -27,8 +28,18 @@ from common import internal
 from common.bodylimit import BodyLimit, refuse_connection
 from common.config import ServiceSettings, parse_networks
 from common.discovery import Registration
-from common.handler import (CONTEXT, INFLIGHT, MAX_BODY, REVOCATIONS, SERVICE_SECRET, TRUSTED_PROXIES, VERIFIER, Inflight, NotFoundHandler,
-                            log_request)
+from common.handler import (
+    CONTEXT,
+    INFLIGHT,
+    MAX_BODY,
+    REVOCATIONS,
+    SERVICE_SECRET,
+    TRUSTED_PROXIES,
+    VERIFIER,
+    Inflight,
+    NotFoundHandler,
+    log_request,
+)
 from common.logs import setup_logging
 from common.openapi import route_pattern, with_fragment
 from common.tokens import Revocations, TokenVerifier
@@ -49,7 +60,7 @@ class Server(HTTPServer):
     limits: BodyLimit
     max_connections: int
 
-    def handle_stream(self, stream: IOStream, address: tuple) -> None:
+    def handle_stream(self, stream: IOStream, address: tuple[Any, ...]) -> None:
         if len(self._connections) >= self.max_connections:
             refuse_connection(self.limits, stream, self.max_connections)
             return
@@ -62,8 +73,12 @@ def make_server(settings: ServiceSettings, app: tornado.web.Application) -> Serv
     limited = BodyLimit(app, app.settings[MAX_BODY])
     # idle_connection_timeout is Tornado's header timeout: it bounds the wait for a whole
     # request head, so a client dribbling header lines is cut off with it.
-    server = Server(limited, max_body_size=SERVER_MAX_BODY_BYTES, idle_connection_timeout=settings.header_timeout_s,
-                    body_timeout=settings.body_timeout_s)
+    server = Server(
+        limited,
+        max_body_size=SERVER_MAX_BODY_BYTES,
+        idle_connection_timeout=settings.header_timeout_s,
+        body_timeout=settings.body_timeout_s,
+    )
     server.limits = limited
     server.max_connections = settings.max_connections
     return server
@@ -88,7 +103,7 @@ class Mount:
     in-flight count a graceful stop waits for) except the context, so its handlers reach
     their dependencies as ``self.context`` like any service's."""
 
-    routes: list
+    routes: list[Any]
     context: Any
     on_stop: list[Callable[[], Awaitable[Any]]] = field(default_factory=list)
 
@@ -105,8 +120,9 @@ def _mounted(mount: Mount, app_settings: dict[str, Any]) -> Rule:
     return Rule(PathMatches("(?:" + "|".join(f"(?:{p})" for p in patterns) + ")$"), child)
 
 
-def make_app(settings: ServiceSettings, routes: list, context: Any = None, mounts: Sequence[Mount] = (),
-             **extra: Any) -> tornado.web.Application:
+def make_app(
+    settings: ServiceSettings, routes: list[Any], context: Any = None, mounts: Sequence[Mount] = (), **extra: Any
+) -> tornado.web.Application:
     """An Application wired with the base handler's settings (verifier, secret, limits)
     and the service's context object, which handlers reach as ``self.context``;
     ``mounts`` are served before ``routes``."""

@@ -15,13 +15,13 @@ import logging
 import os
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import jwt
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
@@ -79,12 +79,12 @@ class Revocations:
         self.refresh_s = refresh_s
         self.marks: dict[int, int] = {}
         self.listeners: list[Callable[[int, int], None]] = []
-        self._version: str | None = None
+        self._version: bytes | str | None = None
         self._loaded = False
         self._task: asyncio.Task[None] | None = None
         self._failing = False
 
-    def revoked(self, claims: "Claims") -> bool:
+    def revoked(self, claims: Claims) -> bool:
         mark = self.marks.get(claims.user_id)
         # Marks have whole seconds, as iat does: a token issued in the revoking second is
         # void too (a user being deleted or deactivated cannot sign in meanwhile).
@@ -98,10 +98,10 @@ class Revocations:
         raw = await self._redis.hgetall(REVOKED_KEY)
         horizon = time.time() - MAX_TOKEN_TTL_S - 60
         marks: dict[int, int] = {}
-        expired = []
+        expired: list[str] = []
         for user, mark in raw.items():
             if int(mark) < horizon:
-                expired.append(user)
+                expired.append(str(user))
             else:
                 marks[int(user)] = int(mark)
         if expired:
@@ -110,10 +110,10 @@ class Revocations:
         self.marks = marks
         self._version = version
         self._loaded = True
-        for user_id, mark in fresh:
+        for user_id, at in fresh:
             for listener in self.listeners:
                 try:
-                    listener(user_id, mark)
+                    listener(user_id, at)
                 except Exception:  # one listener's bug must not stop revocations
                     log.exception("revocation listener failed")
 
@@ -145,11 +145,14 @@ class Revocations:
 
 class TokenVerifier:
     def __init__(self, public_key_pem: bytes, revocations: Revocations | None = None) -> None:
-        self._key = serialization.load_pem_public_key(public_key_pem)
+        key = serialization.load_pem_public_key(public_key_pem)
+        if not isinstance(key, Ed25519PublicKey):
+            raise TypeError(f"tokens are verified with an Ed25519 public key, not {type(key).__name__}")
+        self._key = key
         self.revocations = revocations
 
     @classmethod
-    def from_file(cls, path: Path, revocations: Revocations | None = None) -> "TokenVerifier":
+    def from_file(cls, path: Path, revocations: Revocations | None = None) -> TokenVerifier:
         return cls(Path(path).read_bytes(), revocations)
 
     def verify(self, token: str) -> Claims:
@@ -176,13 +179,27 @@ class TokenVerifier:
         return claims
 
 
+def verify_or_none(verifier: TokenVerifier | None, token: str | None) -> Claims | None:
+    """The claims of ``token``; None without a token or a verifier, or when it is invalid
+    (for callers that treat an anonymous and a badly authenticated request alike)."""
+    if not token or verifier is None:
+        return None
+    try:
+        return verifier.verify(token)
+    except InvalidToken:
+        return None
+
+
 class TokenSigner:
     def __init__(self, private_key_pem: bytes, ttl_s: int) -> None:
-        self._key = serialization.load_pem_private_key(private_key_pem, password=None)
+        key = serialization.load_pem_private_key(private_key_pem, password=None)
+        if not isinstance(key, Ed25519PrivateKey):
+            raise TypeError(f"tokens are signed with an Ed25519 private key, not {type(key).__name__}")
+        self._key = key
         self.ttl_s = ttl_s
 
     @classmethod
-    def from_file(cls, path: Path, ttl_s: int) -> "TokenSigner":
+    def from_file(cls, path: Path, ttl_s: int) -> TokenSigner:
         return cls(Path(path).read_bytes(), ttl_s)
 
     def issue(self, user_id: int, user_type: str, *, ttl_s: int | None = None) -> str:

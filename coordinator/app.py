@@ -8,8 +8,8 @@ back a :class:`common.service.Mount`: its routes, its context and its closers.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 from tornado.httpclient import AsyncHTTPClient
 

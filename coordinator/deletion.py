@@ -18,7 +18,8 @@ import logging
 import os
 import time
 import uuid
-from typing import Any, Awaitable
+from collections.abc import Awaitable
+from typing import Any
 
 from common.errors import BadGateway, NotFound, ServiceUnavailable
 from common.tasks import backoff_delay, cancel_and_wait

@@ -6,8 +6,14 @@ from common.errors import NotFound
 from common.handler import CONTEXT, BaseHandler
 from common.openapi import api
 from coordinator.context import CoordinatorContext
-from coordinator.schemas import (DeleteQuery, DeletionStarted, Transaction, TransactionList, TransactionPath,
-                                 TransactionsQuery)
+from coordinator.schemas import (
+    DeleteQuery,
+    DeletionStarted,
+    Transaction,
+    TransactionList,
+    TransactionPath,
+    TransactionsQuery,
+)
 
 
 class CoordinatorHandler(BaseHandler):

@@ -6,9 +6,10 @@ from __future__ import annotations
 import contextlib
 import json
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, AsyncIterator
+from typing import Any
 
 from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
@@ -16,7 +17,6 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 
 from common.errors import Conflict, ServiceUnavailable
 from common.participant import GID_PREFIX
-
 
 
 def gid_of(tx_id: uuid.UUID) -> str:
@@ -156,12 +156,6 @@ class TxLog:
                 return row[0]
             return (await conn.execute(text("SELECT decision FROM transactions WHERE id = :id"),
                                        {"id": tx_id})).scalar_one()
-
-    async def set_state(self, tx_id: uuid.UUID, state: str, detail: str | None = None) -> None:
-        async with self._connect(transaction=True) as conn:
-            await conn.execute(text(
-                "UPDATE transactions SET state = :s, detail = coalesce(:detail, detail), updated_at = now() "
-                "WHERE id = :id"), {"id": tx_id, "s": state, "detail": detail})
 
     async def complete(self, tx_id: uuid.UUID) -> None:
         async with self._connect(transaction=True) as conn:

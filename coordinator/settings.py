@@ -32,7 +32,7 @@ class CoordinatorSettings(ServiceSettings):
     coordinator_crash_at: str = ""
 
     @model_validator(mode="after")
-    def _crash_needs_test_hooks(self) -> "CoordinatorSettings":
+    def _crash_needs_test_hooks(self) -> CoordinatorSettings:
         if self.coordinator_crash_at:
             if self.coordinator_crash_at not in CRASH_POINTS:
                 raise ValueError(f"COORDINATOR_CRASH_AT must be one of {', '.join(CRASH_POINTS)}")

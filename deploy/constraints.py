@@ -35,7 +35,7 @@ def closure(roots: list[Requirement]) -> dict[str, str]:
     """Canonical name -> installed version of every distribution the roots need."""
     pins: dict[str, str] = {}
     seen: set[tuple[str, frozenset[str]]] = set()
-    todo = [(r, set()) for r in roots if _applies(r, set())]
+    todo: list[tuple[Requirement, set[str]]] = [(r, set()) for r in roots if _applies(r, set())]
     while todo:
         req, _ = todo.pop()
         name = canonicalize_name(req.name)

@@ -31,6 +31,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from common.errors import ServiceUnavailable
+from common.tasks import backoff_delay, cancel_and_wait
 
 log = logging.getLogger("barber.discovery.registry")
 
@@ -308,13 +309,7 @@ class ChangeFeed:
         self._tasks = [asyncio.create_task(self._listen()), asyncio.create_task(self._sweep())]
 
     async def stop(self) -> None:
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            try:
-                await t
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(*self._tasks)
 
     async def _listen(self) -> None:
         attempt = 0
@@ -334,7 +329,7 @@ class ChangeFeed:
                 raise
             except (RedisError, OSError) as e:
                 attempt += 1
-                delay = min(2.0, 0.1 * 2**attempt)
+                delay = backoff_delay(attempt, cap=2.0, base=0.1)
                 if attempt == 1:
                     log.warning("change feed lost (%s); reconnecting", e)
                 await asyncio.sleep(delay)

@@ -10,7 +10,8 @@ after that raises :class:`IndexingError`, which the ETL records and retries next
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
 
 from elasticsearch import ApiError, AsyncElasticsearch, TransportError
 from elasticsearch.helpers import async_bulk

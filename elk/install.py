@@ -15,14 +15,14 @@ import io
 import json
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 import aiohttp
-from elasticsearch import ApiError, AsyncElasticsearch, NotFoundError
+from elasticsearch import ApiError, AsyncElasticsearch, NotFoundError, TransportError
 from elasticsearch import ConnectionError as ESConnectionError
-from elasticsearch import TransportError
 
 from elk import templates as t
 from elk.settings import ElkSettings
@@ -180,7 +180,7 @@ class Kibana:
                     if level == "available":
                         return
                     reason = f"HTTP {resp.status}, level {level}"
-            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as e:
+            except (TimeoutError, aiohttp.ClientError, ValueError) as e:
                 reason = str(e) or type(e).__name__
             if time.monotonic() >= deadline:
                 raise SetupError(f"Kibana not ready after {timeout_s:.0f}s: {reason}")

@@ -98,7 +98,7 @@ def vis(id_: str, title: str, view: str, vis_type: str, aggs: list[dict[str, Any
 
 def dashboard(id_: str, title: str, description: str, panels: list[dict[str, Any]]) -> dict[str, Any]:
     grid = []
-    for n, panel in enumerate(panels):
+    for n, _panel in enumerate(panels):
         grid.append({"type": "visualization", "panelIndex": str(n + 1), "panelRefName": f"panel_{n}",
                      "embeddableConfig": {},
                      "gridData": {"x": 24 * (n % 2), "y": 15 * (n // 2), "w": 24, "h": 15, "i": str(n + 1)}})

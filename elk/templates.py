@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 # -- names --------------------------------------------------------------------------
 # Data streams are logs-barber.<family>-<namespace>; one per service family.
@@ -137,7 +138,7 @@ ANALYTICS_FIELDS: dict[str, str] = {
     "barber.username": "keyword",
     "barber.first_name": "keyword",
     "barber.last_name": "keyword",
-    **{m: "long" for m in ANALYTICS_METRICS},
+    **dict.fromkeys(ANALYTICS_METRICS, "long"),
     "reply_time_median_s": "double",
     "reply_time_p90_s": "double",
     "etl.run_id": "long",

@@ -9,6 +9,7 @@ import asyncio
 import socket
 import sys
 import time
+from typing import TextIO
 
 from common.config import load_settings_or_exit
 from etl.settings import EtlSettings
@@ -28,7 +29,7 @@ def _migrate(settings: EtlSettings) -> int:
 class ProgressLine:
     """One line per phase on stderr, rewritten in place (at most ~10 times a second)."""
 
-    def __init__(self, stream: object = sys.stderr) -> None:
+    def __init__(self, stream: TextIO = sys.stderr) -> None:
         self.stream = stream
         self.counts: dict[str, int] = {}
         self.started = time.monotonic()

@@ -9,7 +9,7 @@ distinct chats over the period. Definitions: docs/etl.md.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import text
@@ -47,7 +47,7 @@ def _day(name: str, raw: str | None) -> date | None:
 
 def parse_period(raw_from: str | None, raw_to: str | None, today: date | None = None) -> Period:
     """``to`` defaults to today (UTC), ``from`` to 29 days before ``to``."""
-    end = _day("to", raw_to) or today or datetime.now(timezone.utc).date()
+    end = _day("to", raw_to) or today or datetime.now(UTC).date()
     start = _day("from", raw_from) or end - timedelta(days=DEFAULT_DAYS - 1)
     if start > end:
         raise BadRequest("from: must not be after to")

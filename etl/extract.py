@@ -9,7 +9,8 @@ range conditions, so every query here is a range on an indexed field (or ``$in``
 from __future__ import annotations
 
 import logging
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 from pymongo import ASCENDING, AsyncMongoClient
 from pymongo.errors import PyMongoError

@@ -15,9 +15,18 @@ from common.errors import Forbidden, NotFound
 from common.handler import CONTEXT, BaseHandler
 from common.openapi import TEXT_PLAIN, StatusBody, api
 from etl import analytics, metrics, pipeline, runs
-from etl.schemas import (Daily, Leaderboard, LeaderboardQuery, PeriodQuery, Run, RunList, RunsQuery, RunStarted,
-                         StartRunQuery)
 from etl.context import EtlContext
+from etl.schemas import (
+    Daily,
+    Leaderboard,
+    LeaderboardQuery,
+    PeriodQuery,
+    Run,
+    RunList,
+    RunsQuery,
+    RunStarted,
+    StartRunQuery,
+)
 
 STATIC_DIR = Path(__file__).parent / "static"
 

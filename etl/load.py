@@ -131,7 +131,7 @@ async def begin(conn: AsyncConnection, *, full_refresh: bool) -> None:
 
 async def watermarks(conn: AsyncConnection) -> dict[str, Any]:
     rows = await (await conn.execute("SELECT name, value FROM etl_state")).fetchall()
-    return {name: value for name, value in rows}
+    return dict(rows)
 
 
 async def save_watermarks(conn: AsyncConnection, marks: dict[str, Any]) -> None:

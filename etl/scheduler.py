@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 
-from common.tasks import cancel_and_wait
+from common.tasks import backoff_delay, cancel_and_wait
 from etl import pipeline
 from etl.runs import RunInProgress
 
@@ -18,7 +17,7 @@ log = logging.getLogger("barber.etl.scheduler")
 def next_delay(failures: int, interval_s: float, retry_min_s: float) -> float:
     if failures == 0:
         return interval_s
-    return min(interval_s, retry_min_s * 2 ** (failures - 1)) * random.uniform(0.8, 1.0)
+    return backoff_delay(failures - 1, cap=interval_s, base=retry_min_s, jitter=0.2)
 
 
 class Scheduler:

@@ -39,7 +39,7 @@ class EtlSettings(ServiceSettings):
     etl_pause_file: str = ""
 
     @model_validator(mode="after")
-    def _hooks_need_test_mode(self) -> "EtlSettings":
+    def _hooks_need_test_mode(self) -> EtlSettings:
         if self.etl_crash_at and self.etl_crash_at not in CRASH_POINTS:
             raise ValueError(f"ETL_CRASH_AT must be one of {', '.join(CRASH_POINTS)}")
         if (self.etl_crash_at or self.etl_pause_file) and not self.barber_test_hooks:

@@ -2,7 +2,7 @@
 read-your-writes across instances (a shared WAL high-water mark). See ``router``."""
 
 from replicas.hwm import HighWaterMark, format_lsn
-from replicas.router import NoReadableNode, Node, PrimaryUnavailable, ReadWriteRouter, is_node_failure, normalize_url
+from replicas.router import Node, NoReadableNode, PrimaryUnavailable, ReadWriteRouter, is_node_failure, normalize_url
 
 __all__ = [
     "HighWaterMark",

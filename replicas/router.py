@@ -27,7 +27,8 @@ import itertools
 import logging
 import math
 import time
-from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 
 import psycopg
 from redis.asyncio import Redis
@@ -119,7 +120,7 @@ def is_node_failure(e: BaseException) -> bool:
         state = _sqlstate(e)
         # No SQLSTATE: a client-side connection failure. 08: connection exceptions.
         # 57P: the server is shutting down or crashed.
-        return state is None or state.startswith("08") or state.startswith("57P")
+        return state is None or state.startswith(("08", "57P"))
     return False
 
 
@@ -270,7 +271,7 @@ class ReadWriteRouter:
         max_overflow: int = 5,
         pool_timeout_s: float = 5.0,
     ) -> None:
-        opts = dict(
+        opts: dict[str, Any] = dict(
             connect_timeout_s=connect_timeout_s,
             statement_timeout_ms=statement_timeout_ms,
             pool_size=pool_size,

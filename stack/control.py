@@ -13,8 +13,9 @@ import json
 import logging
 import socket
 import tempfile
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 log = logging.getLogger("stack")
 

@@ -20,9 +20,17 @@ import redis.asyncio as aioredis
 from pymongo import AsyncMongoClient
 
 from stack.layout import Layout
-from stack.topology import (CLUSTER_REPLICAS_PER_MASTER, CLUSTER_SETTINGS, DATABASES, PG_REPLICAS, PG_SETTINGS,
-                            PG_USER, REDIS_SETTINGS, replica_slot)
 from stack.supervisor import HealthCheck, ProcSpec
+from stack.topology import (
+    CLUSTER_REPLICAS_PER_MASTER,
+    CLUSTER_SETTINGS,
+    DATABASES,
+    PG_REPLICAS,
+    PG_SETTINGS,
+    PG_USER,
+    REDIS_SETTINGS,
+    replica_slot,
+)
 
 REPLICA_COUNT = PG_REPLICAS
 

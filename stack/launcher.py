@@ -11,11 +11,13 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Awaitable
 from pathlib import Path
 
 from tornado.httpclient import AsyncHTTPClient
 
 from common import internal, tokens
+from common.tasks import cancel_and_wait
 from stack import datatier
 from stack.control import serve_control, socket_path
 from stack.layout import SETUP_ONLY_ENV, Layout, service_env, signing_env
@@ -47,7 +49,7 @@ def service_specs(layout: Layout, spec: ServiceSpec, base_env: dict[str, str]) -
         env = {**base_env, **(signing_env(layout) if spec.signs_tokens else {}), **spec.env,
                "PORT": str(port), "ADVERTISE_HOST": "127.0.0.1"}
 
-        def health(port: int = port, path: str = spec.health_path) -> "asyncio.Future[bool]":
+        def health(port: int = port, path: str = spec.health_path) -> Awaitable[bool]:
             async def check() -> bool:
                 resp = await AsyncHTTPClient().fetch(f"http://127.0.0.1:{port}{path}", request_timeout=2,
                                                      raise_error=False)
@@ -222,8 +224,7 @@ class Stack:
                 self.print_urls()
                 await stop_wait
             else:
-                bring_up.cancel()
-                await asyncio.gather(bring_up, return_exceptions=True)
+                await cancel_and_wait(bring_up)
         except (StartFailed, StackError, datatier.SetupError) as e:
             log.error("%s", e)
             code = 1

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from stack.topology import CLUSTER_NODES, PG_REPLICAS, PG_USER
 
-BASE_PORTS = {
+BASE_PORTS: dict[str, int | tuple[int, ...]] = {
     "gateway": 8000,
     "discovery": 8500,
     "authen": (8101, 8102),

@@ -19,9 +19,11 @@ import os
 import pwd
 import signal
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Awaitable, Callable
+
+from common.tasks import backoff_delay
 
 log = logging.getLogger("stack")
 
@@ -205,6 +207,7 @@ class Supervisor:
                 f"{proc.spec.name} did not become healthy (exit code {rc}); "
                 f"last lines of {self.logs_dir / (proc.spec.name + '.log')}:\n{self._tail(proc.spec.name)}"
             )
+        assert proc.process is not None
         log.info("%s healthy in %.1fs (pid %d)", proc.spec.name, time.monotonic() - t0, proc.process.pid)
         proc.watcher = asyncio.create_task(self._watch(proc))
         return proc
@@ -220,7 +223,7 @@ class Supervisor:
                 return
             if time.monotonic() - proc.started_at > 30:
                 attempt = 0
-            delay = max(proc.spec.min_restart_delay_s, min(10.0, 0.25 * 2**attempt))
+            delay = max(proc.spec.min_restart_delay_s, backoff_delay(attempt, cap=10.0, base=0.25, jitter=0))
             attempt += 1
             proc.restarts += 1
             proc.state = "backoff"

@@ -8,8 +8,8 @@ temporary one (and keeps it afterwards, for looking at the logs).
 from __future__ import annotations
 
 import os
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import AsyncIterator, Iterator
 
 import aiohttp
 import pytest

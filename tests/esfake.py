@@ -19,8 +19,9 @@ import json
 import re
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -133,7 +134,7 @@ class FakeElastic:
             return [r for r in self.requests if re.fullmatch(method, r.method) and pattern.fullmatch(r.path)]
 
     # -- lifecycle ----------------------------------------------------------------------
-    def start(self) -> "FakeElastic":
+    def start(self) -> FakeElastic:
         ready = threading.Event()
 
         def run() -> None:

@@ -14,9 +14,10 @@ import sys
 import time
 import uuid
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta, timezone
-from typing import Any, Iterable
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
 
 import psycopg
 from pymongo import AsyncMongoClient
@@ -106,7 +107,7 @@ def warehouse(stack: StackProcess) -> psycopg.Connection:
 
 def watermarks(stack: StackProcess) -> dict:
     with warehouse(stack) as conn:
-        return {name: value for name, value in conn.execute("SELECT name, value FROM etl_state").fetchall()}
+        return dict(conn.execute("SELECT name, value FROM etl_state").fetchall())
 
 
 # -- the reference computation -------------------------------------------------------------
@@ -121,7 +122,7 @@ def percentile(values: list[float], p: float) -> float | None:
 
 
 def utc_day(ts: float) -> date:
-    return datetime.fromtimestamp(ts, timezone.utc).date()
+    return datetime.fromtimestamp(ts, UTC).date()
 
 
 @dataclass

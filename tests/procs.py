@@ -46,7 +46,7 @@ class ServiceProcess:
         resp = await AsyncHTTPClient().fetch(self.url + self.health_path, request_timeout=2, raise_error=False)
         return resp.code == 200
 
-    async def start(self, timeout: float = 30.0) -> "ServiceProcess":
+    async def start(self, timeout: float = 30.0) -> ServiceProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as out:
             self.process = subprocess.Popen(
@@ -80,7 +80,7 @@ class ServiceProcess:
         await wait_until(lambda: self.process.poll() is not None, timeout=timeout, message=f"{self.name} exit")
         return self.process.returncode
 
-    async def restart(self, timeout: float = 30.0) -> "ServiceProcess":
+    async def restart(self, timeout: float = 30.0) -> ServiceProcess:
         if self.process is not None and self.process.poll() is None:
             self.terminate()
             await self.wait_exit()
@@ -95,7 +95,7 @@ class ServiceProcess:
                 self.kill()
                 await self.wait_exit(5)
 
-    async def __aenter__(self) -> "ServiceProcess":
+    async def __aenter__(self) -> ServiceProcess:
         if self.process is None:
             await self.start()
         return self

@@ -31,7 +31,7 @@ class StackProcess:
     """A whole local stack started by the real launcher, for the length of a test session."""
 
     # The session's stack, for helpers that only get a URL (service_headers).
-    current: "StackProcess | None" = None
+    current: StackProcess | None = None
 
     def __init__(self, port_offset: int, state_dir: Path | None = None) -> None:
         self.state_dir = state_dir or Path(tempfile.mkdtemp(prefix="barber-stack-"))

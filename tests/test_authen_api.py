@@ -268,7 +268,7 @@ async def test_employee_list_has_barbers_only_in_id_order(a1: str, a2: str) -> N
         body, reply = await signup(a1, type_="employee")
         assert reply.code == 201
         barbers.append((reply.json["user_id"], body["username"]))
-    customer, c_reply = await signup(a1, type_="customer")
+    _customer, c_reply = await signup(a1, type_="customer")
     assert c_reply.code == 201
 
     reply = await call("GET", a2 + "/list/employee?limit=1000")

@@ -77,7 +77,7 @@ async def test_token_signed_by_another_key_is_rejected(issued: tuple[str, int], 
 
 async def test_unsigned_and_hmac_tokens_are_rejected(issued: tuple[str, int], verifier: TokenVerifier,
                                                      stack: StackProcess) -> None:
-    token, user_id = issued
+    token, _user_id = issued
     claims = json.loads(_unb64(token.split(".")[1]))
     unsigned = ".".join([_b64(b'{"alg":"none","typ":"JWT"}'), _b64(json.dumps(claims).encode()), ""])
     with pytest.raises(InvalidToken):

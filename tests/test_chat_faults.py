@@ -8,7 +8,7 @@ import asyncio
 import os
 import signal
 import time
-from typing import Awaitable
+from collections.abc import Awaitable
 
 import pytest
 from redis.asyncio import Redis

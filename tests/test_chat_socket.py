@@ -7,7 +7,7 @@ import asyncio
 import json
 import time
 import uuid
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -134,7 +134,7 @@ async def test_without_since_the_last_50_then_live(stack: StackProcess, c1: str,
 
 
 async def test_token_in_the_websocket_protocol_header(stack: StackProcess, c2: str) -> None:
-    customer, employee, chat_id = await pair(stack, c2)
+    customer, _employee, chat_id = await pair(stack, c2)
     client = await ChatClient.connect(socket_url(c2, chat_id), subprotocols=["bearer", customer.token])
     try:
         assert client.conn.selected_subprotocol == "bearer"
@@ -195,7 +195,7 @@ async def test_every_token_form_the_gateway_takes_reaches_chat(stack: StackProce
 
 # -- refusals ------------------------------------------------------------------------------
 async def test_refusals_close_with_the_right_codes(stack: StackProcess, c1: str) -> None:
-    customer, employee, chat_id = await pair(stack, c1)
+    customer, _employee, chat_id = await pair(stack, c1)
     outsider = await make_user(stack, "customer")
     assert await refused_with(socket_url(c1, chat_id)) == 4401
     assert await refused_with(socket_url(c1, chat_id, "not-a-token")) == 4401
@@ -208,7 +208,7 @@ async def test_refusals_close_with_the_right_codes(stack: StackProcess, c1: str)
 
 
 async def test_bad_frames_get_error_frames_and_store_nothing(stack: StackProcess, c1: str) -> None:
-    customer, employee, chat_id = await pair(stack, c1)
+    customer, _employee, chat_id = await pair(stack, c1)
     client = await ChatClient.connect(socket_url(c1, chat_id, customer.token))
     try:
         await client.send_raw("{not json")
@@ -237,7 +237,7 @@ async def test_bad_frames_get_error_frames_and_store_nothing(stack: StackProcess
 
 
 async def test_resend_with_the_same_client_id_is_stored_once(stack: StackProcess, c1: str, c2: str) -> None:
-    customer, employee, chat_id = await pair(stack, c1)
+    customer, _employee, chat_id = await pair(stack, c1)
     a = await ChatClient.connect(socket_url(c1, chat_id, customer.token))
     try:
         await a.send("only once", client_id="dup-1")
@@ -267,7 +267,7 @@ async def tuned(stack: StackProcess) -> AsyncIterator[ServiceProcess]:
 
 async def test_flood_guard_refuses_bursts(stack: StackProcess, tuned: ServiceProcess) -> None:
     base = tuned.url
-    customer, employee, chat_id = await pair(stack, base)
+    customer, _employee, chat_id = await pair(stack, base)
     client = await ChatClient.connect(socket_url(base, chat_id, customer.token))
     before = (await status(base))["fanout"]["flood_rejections"]
     try:
@@ -384,7 +384,7 @@ async def test_a_write_to_a_chat_deleted_unbeknown_to_the_instance_leaves_nothin
     """The deletion's broadcast can be lost (it rides on pub/sub): here the chat is
     removed straight from MongoDB, so chat-1 still has it open. A message sent then must
     not be left behind with no chat: the writer re-checks the chat after writing."""
-    customer, employee, chat_id = await pair(stack, c1)
+    customer, _employee, chat_id = await pair(stack, c1)
     a = await ChatClient.connect(socket_url(c1, chat_id, customer.token))
     try:
         await a.send("before")

@@ -83,7 +83,7 @@ class ChatClient:
 
     @classmethod
     async def connect(cls, url: str, subprotocols: list[str] | None = None,
-                      headers: dict[str, str] | None = None) -> "ChatClient":
+                      headers: dict[str, str] | None = None) -> ChatClient:
         req = HTTPRequest(url, headers=headers or {}, request_timeout=10)
         conn = await websocket_connect(req, subprotocols=subprotocols)
         client = cls(conn)

@@ -32,8 +32,9 @@ import tempfile
 import threading
 import tomllib
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 from urllib.parse import urlsplit
 
 import jsonschema
@@ -262,7 +263,7 @@ def test_database_urls_point_at_the_same_databases_and_roles_as_the_local_stack(
     seen = 0
     for service in SVC:
         for var, value in env_of(service).items():
-            if not (var.endswith("_DATABASE_URL") or var.endswith("_REPLICA_URLS")):
+            if not (var.endswith(("_DATABASE_URL", "_REPLICA_URLS"))):
                 continue
             mine = [_pg_target(u) for u in interpolate(value).split(",")]
             theirs = [_pg_target(u) for u in local[var].split(",")]

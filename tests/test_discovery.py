@@ -104,7 +104,7 @@ async def test_long_poll_answers_at_once_on_change(stack, http, secret) -> None:
     status, same = await call(http, "GET", base + f"/services/{t}?version={changed['version']}&wait=0.2")
     assert status == 200 and same["version"] == changed["version"]
     await call(http, "DELETE", base + f"/register/{reg['instance_id']}", secret)
-    status, reply = await call(http, "GET", base + f"/services/{t}?wait=abc")
+    status, _reply = await call(http, "GET", base + f"/services/{t}?wait=abc")
     assert status == 400
 
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 

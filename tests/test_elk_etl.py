@@ -9,7 +9,7 @@ import asyncio
 import json
 import os
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from elk.templates import ANALYTICS_INDEX, get_field, mapping_problems
@@ -61,7 +61,7 @@ def assert_in_step(stack: StackProcess, docs: dict[str, Any], complete: bool) ->
 async def test_runs_index_barber_days_once_each(stack: StackProcess, fake: FakeElastic) -> None:
     party = await make_party(stack, chats=1, messages=3)
     barber = party.others[0]
-    today = datetime.now(timezone.utc).date().isoformat()
+    today = datetime.now(UTC).date().isoformat()
     events = await etl_run(stack, fake.es_url)
     docs = fake.docs(ANALYTICS_INDEX)
     (finished,) = [e for e in events if get_field(e, "event.action") == "etl-run"]
@@ -90,7 +90,7 @@ async def test_runs_index_barber_days_once_each(stack: StackProcess, fake: FakeE
 async def test_an_outage_fails_nothing_and_the_next_run_catches_up(stack: StackProcess, fake: FakeElastic,
                                                                    admin_token: str) -> None:
     party = await make_party(stack, chats=1, messages=2)
-    key = f"{party.others[0].id}:{datetime.now(timezone.utc).date().isoformat()}"
+    key = f"{party.others[0].id}:{datetime.now(UTC).date().isoformat()}"
     fake.fail("POST|PUT", r"(/[^/]+)?/_bulk", 503, times=1000)
     events = await etl_run(stack, fake.es_url)  # exit 0: the warehouse load stands
     (failed,) = [e for e in events if get_field(e, "event.action") == "etl-index"]

@@ -10,7 +10,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-
 from elk import templates as t
 from elk.install import HASH_KEY, load_saved_objects, setup
 from elk.settings import ElkSettings

@@ -4,13 +4,21 @@ bad source rows, deleted users, the API's errors and access rules."""
 from __future__ import annotations
 
 import time
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 
 import pytest
 from pymongo import AsyncMongoClient
 
 from tests.etl_support import (
-    check_against_reference, daily, gw, leaderboard, load_reference, rows_of, run_etl, snapshot, warehouse,
+    check_against_reference,
+    daily,
+    gw,
+    leaderboard,
+    load_reference,
+    rows_of,
+    run_etl,
+    snapshot,
+    warehouse,
     watermarks,
 )
 from tests.http import call
@@ -22,7 +30,7 @@ pytestmark = pytest.mark.timeout(600)
 
 
 def today() -> date:
-    return datetime.now(timezone.utc).date()
+    return datetime.now(UTC).date()
 
 
 async def converse(stack: StackProcess, chat_id: str, script: list[tuple[ChatUser, str]]) -> None:

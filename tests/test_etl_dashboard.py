@@ -10,13 +10,14 @@ paths must log no console error and no failed or refused request.
 from __future__ import annotations
 
 import shutil
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
-from typing import Any, AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
-from playwright.async_api import Error as PlaywrightError
 from playwright.async_api import Browser, BrowserContext, ConsoleMessage, Page, Request, Response, async_playwright
+from playwright.async_api import Error as PlaywrightError
 
 from tests.etl_support import leaderboard, percentile, run_etl
 from tests.stackproc import ADMIN_PASSWORD, ADMIN_USERNAME, StackProcess
@@ -157,11 +158,11 @@ async def sign_in(page: Page, username: str, password: str) -> None:
 
 
 def today() -> str:
-    return datetime.now(timezone.utc).date().isoformat()
+    return datetime.now(UTC).date().isoformat()
 
 
 def yesterday() -> str:
-    return (datetime.now(timezone.utc).date() - timedelta(days=1)).isoformat()
+    return (datetime.now(UTC).date() - timedelta(days=1)).isoformat()
 
 
 async def chart_data(page: Page, canvas_id: str) -> dict:
@@ -293,7 +294,7 @@ async def test_admin_sees_the_leaderboard_and_a_barbers_daily_charts(stack: Stac
 
     assert watch.problems == []
     # Everything came from the gateway: no CDN, nothing from the internet.
-    assert all(u.startswith(stack.url("gateway") + "/") or u.startswith("data:") for u in watch.urls), watch.urls
+    assert all(u.startswith((stack.url("gateway") + "/", "data:")) for u in watch.urls), watch.urls
     assert any(u.endswith("/etl/static/vendor/chartjs/chart.umd.min.js") for u in watch.urls)
 
 
@@ -301,7 +302,7 @@ async def test_admin_sorts_and_pages_like_the_api(stack: StackProcess, scene: Sc
     page, watch = await open_dashboard(stack, context, "#limit=1")
     await sign_in(page, ADMIN_USERNAME, ADMIN_PASSWORD)
     await page.wait_for_selector("#lb-body tr.clickable")
-    end = datetime.now(timezone.utc).date()
+    end = datetime.now(UTC).date()
     api = await leaderboard(stack, scene.admin_token, end - timedelta(days=29), end)  # the page's default period
     assert api["total"] >= 2
     assert await page.text_content("#page-info") == f"1–1 of {api['total']}"

@@ -17,11 +17,22 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from etl.analytics import Period, leaderboard as period_rows
+from etl.analytics import Period
+from etl.analytics import leaderboard as period_rows
 from replicas import ReadWriteRouter
 from tests.etl_support import (
-    Reference, assert_metrics, etl_command, gw, insert_mongo, insert_users, plan_history, run_etl, start_run,
-    utc_day, wait_run, warehouse,
+    Reference,
+    assert_metrics,
+    etl_command,
+    gw,
+    insert_mongo,
+    insert_users,
+    plan_history,
+    run_etl,
+    start_run,
+    utc_day,
+    wait_run,
+    warehouse,
 )
 from tests.http import call
 from tests.procs import start_service
@@ -68,7 +79,7 @@ class Pipeline:
     def dsn(self) -> str:
         return self.stack.layout.pg_dsn(self.db)
 
-    async def create(self) -> "Pipeline":
+    async def create(self) -> Pipeline:
         with psycopg.connect(self.stack.layout.pg_dsn("postgres"), autocommit=True) as conn:
             conn.execute(f'CREATE DATABASE "{self.db}"')
         assert await self.cli("migrate") == 0
@@ -166,7 +177,7 @@ async def test_full_refresh_equals_incremental_runs(stack: StackProcess) -> None
 
 async def test_kill_mid_load_then_rerun_equals_uninterrupted(stack: StackProcess) -> None:
     mongo_db = f"chat_{uuid.uuid4().hex[:8]}"
-    barbers, chats, messages = await generated(stack, barbers=3, customers=20, chats=30, messages=800, days=4,
+    _barbers, chats, messages = await generated(stack, barbers=3, customers=20, chats=30, messages=800, days=4,
                                                seed=5)
     (c1, m1), (c2, m2) = slices(chats, messages, 2)
     killed = await Pipeline(stack, mongo_db).create()

@@ -43,7 +43,7 @@ class Raw:
         self.writer = writer
 
     @classmethod
-    async def open(cls, base_url: str) -> "Raw":
+    async def open(cls, base_url: str) -> Raw:
         host, port = base_url.removeprefix("http://").split(":")
         return cls(*await asyncio.open_connection(host, int(port)))
 
@@ -461,9 +461,9 @@ def test_rate_rules_default_signup_and_canonical_match() -> None:
 
 def test_whole_string_patterns() -> None:
     from common.errors import BadRequest
+    from common.logs import sane_request_id
     from common.participant import check_gid
     from discovery.registry import TYPE_RE
-    from common.logs import sane_request_id
 
     with pytest.raises(BadRequest):
         check_gid("barber-tx-1\n")

@@ -12,7 +12,8 @@ import asyncio
 import contextlib
 import json
 import time
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 import tornado.web
@@ -204,7 +205,7 @@ class Stream:
                 self.results.append((time.monotonic(), 0, repr(e)))
             await asyncio.sleep(0.005)  # pacing of the stream, not a wait for a condition
 
-    def start(self) -> "Stream":
+    def start(self) -> Stream:
         self._task = asyncio.create_task(self._run())
         return self
 

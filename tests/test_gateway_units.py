@@ -7,7 +7,6 @@ import pytest
 from common.config import ConfigError, load_settings
 from common.handler import websocket_token
 from gateway.breaker import BreakerConfig, CircuitBreaker, State
-from gateway.settings import GatewaySettings, RateRule
 from gateway.policy import (
     UnsafePath,
     check_service_path,
@@ -15,6 +14,7 @@ from gateway.policy import (
     is_public,
     upstream_request_headers,
 )
+from gateway.settings import GatewaySettings, RateRule
 
 
 class Clock:

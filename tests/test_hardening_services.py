@@ -364,7 +364,7 @@ def test_redact_covers_every_spelling() -> None:
 # -- 10: the smaller ones ------------------------------------------------------------------
 async def test_discovery_keeps_no_event_per_asked_name(stack: StackProcess) -> None:
     base = stack.url("discovery")
-    for i in range(30):
+    for _i in range(30):
         name = f"nosuch-{uuid.uuid4().hex[:8]}"
         assert (await call("GET", f"{base}/services/{name}")).code == 200
         assert (await call("GET", f"{base}/services/{name}?version=x&wait=0.01")).code == 200
@@ -422,7 +422,7 @@ async def test_create_admin_does_not_fail_the_stack_when_the_name_is_held(stack:
     run_env = {**os.environ, **stack.env, "BARBER_ADMIN_USERNAME": body["username"].upper(),
                "BARBER_ADMIN_PASSWORD": PASSWORD}
     argv = [sys.executable, "-m", "authen", "create-admin"]
-    lenient = await asyncio.to_thread(subprocess.run, argv + ["--if-configured"], cwd=ROOT, env=run_env,
+    lenient = await asyncio.to_thread(subprocess.run, [*argv, "--if-configured"], cwd=ROOT, env=run_env,
                                       capture_output=True, text=True, timeout=60)
     assert lenient.returncode == 0 and "no admin account" in lenient.stderr, lenient
     strict = await asyncio.to_thread(subprocess.run, argv, cwd=ROOT, env=run_env, capture_output=True, text=True,

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import json
 import socket
+from collections.abc import AsyncIterator, Callable
 from types import SimpleNamespace
-from typing import Any, AsyncIterator, Callable
+from typing import Any
 
 import pytest
 import tornado.web

@@ -198,7 +198,7 @@ async def test_cluster_master_killed_replica_takes_over(stack: StackProcess) -> 
             return False
         with redis.Redis(port=port, socket_timeout=2, decode_responses=True) as node:
             info = node.execute_command("CLUSTER INFO")
-            info = info if isinstance(info, dict) else dict(l.split(":", 1) for l in info.splitlines() if ":" in l)
+            info = info if isinstance(info, dict) else dict(ln.split(":", 1) for ln in info.splitlines() if ":" in ln)
             return info.get("cluster_state") == "ok" and node.execute_command("ROLE")[0] == "slave"
 
     await wait_until(rejoined, timeout=60, interval=0.3, message=f"{name} back as a replica")

@@ -6,7 +6,8 @@ import asyncio
 import inspect
 import socket
 import time
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 Predicate = Callable[[], Any] | Callable[[], Awaitable[Any]]
 
