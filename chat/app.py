@@ -39,6 +39,17 @@ async def _ensure_indexes(store: Store, attempts: int = 30) -> None:
             await asyncio.sleep(1.0)
 
 
+def hub_config(settings: ChatSettings) -> HubConfig:
+    return HubConfig(
+        replay_last=settings.chat_replay_last,
+        send_timeout_s=settings.chat_ws_send_timeout_s,
+        tail_check_s=settings.chat_tail_check_s,
+        gap_skip_s=settings.chat_gap_skip_s,
+        write_batch_max=settings.chat_write_batch_max,
+        max_buffer_bytes=settings.chat_ws_max_buffer_bytes,
+    )
+
+
 async def build(settings: ChatSettings) -> ServiceApp:
     store = Store.connect(settings.mongo_url, settings.chat_mongo_db)
     await _ensure_indexes(store)
@@ -51,27 +62,16 @@ async def build(settings: ChatSettings) -> ServiceApp:
     view = InstanceView(settings.discovery_url, "authen")
     await view.start()
     users = UserDirectory(view, cache, timeout_s=settings.authen_timeout_s)
-    hub = Hub(
-        store,
-        settings.redis_url,
-        HubConfig(
-            replay_last=settings.chat_replay_last,
-            send_timeout_s=settings.chat_ws_send_timeout_s,
-            tail_check_s=settings.chat_tail_check_s,
-            gap_skip_s=settings.chat_gap_skip_s,
-            write_batch_max=settings.chat_write_batch_max,
-            max_buffer_bytes=settings.chat_ws_max_buffer_bytes,
-        ),
-    )
+    hub = Hub(store, settings.redis_url, hub_config(settings))
     await hub.start()
     sockets = UserSockets(settings.chat_max_sockets_per_user)
     participant = ChatParticipant(store, hub, cache)
     ctx = ChatContext(settings=settings, store=store, cache=cache, users=users, hub=hub, sockets=sockets,
-                      participant=participant)
+                      participant=participant, metrics=make_registry(cache, users, hub))
     stop_watching = await watch_outcomes(settings, participant)
     app = make_app(
         settings,
-        routes(ctx),
+        routes(),
         context=ctx,
         websocket_ping_interval=settings.chat_ws_ping_interval_s,
         websocket_ping_timeout=settings.chat_ws_ping_timeout_s,
@@ -85,8 +85,6 @@ async def build(settings: ChatSettings) -> ServiceApp:
         # A deleted or deactivated user's sockets close as soon as this instance hears of it.
         revocations.listeners.append(
             lambda user_id, mark: sockets.revoked(user_id, mark, CLOSE_UNAUTHENTICATED, "token revoked"))
-    app.settings["chat.metrics"] = make_registry(ctx)
-    app.settings["chat.context"] = ctx
 
     async def close() -> None:
         await stop_watching()

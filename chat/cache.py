@@ -106,7 +106,14 @@ class UserCache:
         return self._client
 
     async def _run(self, op: Awaitable[T], timeout_s: float | None = None) -> T:
-        return await asyncio.wait_for(op, timeout_s or self.op_timeout_s)
+        try:
+            return await asyncio.wait_for(op, timeout_s or self.op_timeout_s)
+        except AttributeError as e:
+            # redis-py's asyncio connection can be torn down (its writer set to None) by a
+            # timeout elsewhere while a command is being written on it; seen under load as
+            # "'NoneType' object has no attribute 'writelines'", which failed a socket's
+            # admission. It is a cache failure like any other: fall back to authen.
+            raise RedisError(f"cache connection torn down mid-command: {e}") from e
 
     def _failed(self, what: str, e: BaseException) -> None:
         self.stats.errors += 1

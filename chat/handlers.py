@@ -20,13 +20,13 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from chat import chats
 from chat.chats import CLOSE_DELETING, CLOSE_TOO_MANY_SOCKETS, CLOSE_UNAUTHENTICATED
 from chat.context import ChatContext
-from chat.fanout import CLOSE_TOO_SLOW, CLOSE_UNAVAILABLE, Subscription
+from chat.fanout import CLOSE_TOO_SLOW, CLOSE_UNAVAILABLE, Room, Subscription
 from chat.metrics import render
 from chat.schemas import ChatQuery, ChatRef, ChatSummary, HistoryPage, HistoryQuery, ListQuery, PurgeQuery, StartQuery
 from chat.store import StoreUnavailable
 from chat.users import AuthenUnavailable
 from common.errors import BadRequest, Conflict
-from common.handler import VERIFIER, BaseHandler, decode_json_object, offered_subprotocols, websocket_token
+from common.handler import CONTEXT, VERIFIER, BaseHandler, decode_json_object, offered_subprotocols, websocket_token
 from common.logs import REQUEST_ID_HEADER, request_id_var, sane_request_id
 from common.openapi import TEXT_PLAIN, StatusBody, api
 from common.participant import tx_routes
@@ -39,13 +39,13 @@ CLIENT_ID_MAX = 64
 
 
 class ChatHandler(BaseHandler):
-    def initialize(self, ctx: ChatContext) -> None:
-        self.ctx = ctx
+    @property
+    def context(self) -> ChatContext:
+        return self.settings[CONTEXT]  # type: ignore[no-any-return]
 
     @property
     def ws_base(self) -> str:
-        return chats.ws_base(self.ctx.settings.gateway_public_url)
-
+        return chats.ws_base(self.context.settings.gateway_public_url)
 
 
 class StartChatHandler(ChatHandler):
@@ -54,7 +54,7 @@ class StartChatHandler(ChatHandler):
     async def post(self) -> None:
         caller = self.require_user()
         employee_id = self.parse_query(StartQuery).employee_id
-        body, created = await chats.start_chat(self.ctx.store, self.ctx.users, caller, employee_id, self.ws_base)
+        body, created = await chats.start_chat(self.context.store, self.context.users, caller, employee_id, self.ws_base)
         self.write_json(body, 201 if created else 200)
 
 
@@ -64,7 +64,7 @@ class ListMyHandler(ChatHandler):
     async def get(self) -> None:
         caller = self.require_user()
         q = self.parse_query(ListQuery)
-        self.write_json(await chats.list_mine(self.ctx.store, self.ctx.users, caller, self.ws_base,
+        self.write_json(await chats.list_mine(self.context.store, self.context.users, caller, self.ws_base,
                                               limit=q.limit, offset=q.offset))
 
 
@@ -74,7 +74,7 @@ class ConnectHandler(ChatHandler):
     async def get(self) -> None:
         caller = self.require_user()
         chat_id = self.parse_query(ChatQuery).id
-        self.write_json(await chats.connect(self.ctx.store, caller, chat_id, self.ws_base))
+        self.write_json(await chats.connect(self.context.store, caller, chat_id, self.ws_base))
 
 
 class HistoryHandler(ChatHandler):
@@ -83,7 +83,7 @@ class HistoryHandler(ChatHandler):
     async def get(self) -> None:
         caller = self.require_user()
         q = self.parse_query(HistoryQuery)
-        self.write_json(await chats.history(self.ctx.store, caller, q.id, q.before, q.limit))
+        self.write_json(await chats.history(self.context.store, caller, q.id, q.before, q.limit))
 
 
 class StatusHandler(ChatHandler):
@@ -92,7 +92,7 @@ class StatusHandler(ChatHandler):
 
     @api("This instance's health (details for services and admins)", responses={200: StatusBody})
     async def get(self) -> None:
-        ctx = self.ctx
+        ctx = self.context
         try:
             mongo_ok = await asyncio.wait_for(ctx.store.ping(), 1.0)
         except TimeoutError:
@@ -124,7 +124,7 @@ class MetricsHandler(ChatHandler):
     @api("Prometheus metrics of this instance", responses={200: TEXT_PLAIN})
     def get(self) -> None:
         self.set_header("Content-Type", CONTENT_TYPE_LATEST)
-        self.finish(render(self.application.settings["chat.metrics"]))
+        self.finish(render(self.context.metrics))
 
 
 # -- the socket ------------------------------------------------------------------------
@@ -150,9 +150,13 @@ class FloodGuard:
 class ChatSocket(tornado.websocket.WebSocketHandler):
     """``/chat/<chat_id>``: one participant's real-time connection to one chat."""
 
-    def initialize(self, ctx: ChatContext) -> None:
-        self.ctx = ctx
-        self.sub: Subscription | None = None
+    @property
+    def context(self) -> ChatContext:
+        return self.settings[CONTEXT]  # type: ignore[no-any-return]
+
+    def initialize(self) -> None:
+        ctx = self.context
+        self.sub: Subscription[Room] | None = None
         self._buffered = 0
         self._low_water = ctx.settings.chat_ws_max_buffer_bytes // 2
         self._drained = asyncio.Event()
@@ -201,10 +205,10 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         if self._buffered > self._low_water:
             self._drained.clear()
         fut.add_done_callback(lambda f, n=nbytes: self._flushed(f, n))
-        if self._buffered > 2 * self.ctx.settings.chat_ws_max_buffer_bytes:
+        if self._buffered > 2 * self.context.settings.chat_ws_max_buffer_bytes:
             # Deliveries stay under the limit by themselves (fanout pauses a socket at
             # it); this is the backstop for everything else written to the socket.
-            self.ctx.hub.stats.slow_disconnects += 1
+            self.context.hub.stats.slow_disconnects += 1
             self.close_with(CLOSE_TOO_SLOW, "client is not reading")
 
     def _flushed(self, fut: asyncio.Future[None], nbytes: int) -> None:
@@ -260,7 +264,7 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         return verify_or_none(self.settings.get(VERIFIER), token)
 
     def _limit_kernel_buffer(self) -> None:
-        size = self.ctx.settings.chat_ws_sndbuf_bytes
+        size = self.context.settings.chat_ws_sndbuf_bytes
         stream = getattr(self.ws_connection, "stream", None)
         if size and stream is not None and stream.socket is not None:
             stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
@@ -269,7 +273,7 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         """Count the socket against its user's cap and arm its expiry; False if refused."""
         if claims is None:
             return True  # admit refuses it
-        cap = self.ctx.sockets
+        cap = self.context.sockets
         if not cap.add(claims.user_id, self):
             log.warning("refusing a socket of user#%d: %d already open here", claims.user_id, cap.cap)
             self.close_with(CLOSE_TOO_MANY_SOCKETS, f"too many sockets: at most {cap.cap} per user")
@@ -285,12 +289,12 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
             self._expiry.cancel()
             self._expiry = None
         if self.user_id is not None:
-            self.ctx.sockets.discard(self.user_id, self)
+            self.context.sockets.discard(self.user_id, self)
             self.user_id = None
 
     async def open(self, chat_id: str) -> None:  # type: ignore[override]
         request_id_var.set(self.request_id)
-        ctx = self.ctx
+        ctx = self.context
         self._limit_kernel_buffer()
         claims = self._claims()
         if not self._hold(claims):
@@ -325,7 +329,7 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
             return
         request_id_var.set(self.request_id)
         if not self.flood.allow():
-            self.ctx.hub.stats.flood_rejections += 1
+            self.context.hub.stats.flood_rejections += 1
             self._error("rate_limited", f"too many messages: at most {self.flood.rate:g} per second")
             return
         try:
@@ -344,12 +348,12 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         if not isinstance(text, str) or not text.strip():
             self._error("empty", "message: must be a non-empty string", client_id)
             return
-        limit = self.ctx.settings.chat_max_message_chars
+        limit = self.context.settings.chat_max_message_chars
         if len(text) > limit:
             self._error("too_long", f"message: at most {limit} characters", client_id)
             return
         try:
-            await self.ctx.hub.send(sub, text, client_id)
+            await self.context.hub.send(sub, text, client_id)
         except Conflict as e:
             self._error("deleting", e.detail, client_id)
             self.close_with(CLOSE_DELETING, "chat is being deleted")
@@ -364,7 +368,7 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         self._drained.set()
         sub, self.sub = self.sub, None
         if sub is not None:
-            self.ctx.hub.spawn(self.ctx.hub.leave(sub))
+            self.context.hub.spawn(self.context.hub.leave(sub))
 
 
 # -- internal: the saga steps of the deletion coordinator (service credential only); the
@@ -378,26 +382,25 @@ class InternalHandler(ChatHandler):
 class PurgeHandler(InternalHandler):
     async def post(self, user_id: str) -> None:
         limit = self.parse_query(PurgeQuery).limit
-        self.write_json(await self.ctx.participant.purge(int(user_id), limit))
+        self.write_json(await self.context.participant.purge(int(user_id), limit))
 
 
 class CacheEntryHandler(InternalHandler):
     async def delete(self, user_id: str) -> None:
-        await self.ctx.participant.invalidate(int(user_id))
+        await self.context.participant.invalidate(int(user_id))
         self.write_json({"user_id": int(user_id), "invalidated": True})
 
 
-def routes(ctx: ChatContext) -> list[tuple[Any, ...]]:
-    args = {"ctx": ctx}
+def routes() -> list[tuple[str, type]]:
     return [
-        (r"/chats/start", StartChatHandler, args),
-        (r"/chats/list/my", ListMyHandler, args),
-        (r"/chats/connect", ConnectHandler, args),
-        (r"/chats/history", HistoryHandler, args),
-        (r"/chat/([^/]+)", ChatSocket, args),
-        (r"/utilities/status", StatusHandler, args),
-        (r"/metrics", MetricsHandler, args),
+        (r"/chats/start", StartChatHandler),
+        (r"/chats/list/my", ListMyHandler),
+        (r"/chats/connect", ConnectHandler),
+        (r"/chats/history", HistoryHandler),
+        (r"/chat/([^/]+)", ChatSocket),
+        (r"/utilities/status", StatusHandler),
+        (r"/metrics", MetricsHandler),
         *tx_routes(),
-        (r"/internal/users/([0-9]{1,18})/purge", PurgeHandler, args),
-        (r"/internal/cache/users/([0-9]{1,18})", CacheEntryHandler, args),
+        (r"/internal/users/([0-9]{1,18})/purge", PurgeHandler),
+        (r"/internal/cache/users/([0-9]{1,18})", CacheEntryHandler),
     ]

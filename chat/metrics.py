@@ -7,15 +7,19 @@ from collections.abc import Iterator
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from chat.context import ChatContext
+from chat.cache import UserCache
+from chat.fanout import Hub
+from chat.users import UserDirectory
 
 
 class ChatCollector:
-    def __init__(self, ctx: ChatContext) -> None:
-        self.ctx = ctx
+    def __init__(self, cache: UserCache, users: UserDirectory, hub: Hub) -> None:
+        self.cache = cache
+        self.users = users
+        self.hub = hub
 
     def collect(self) -> Iterator[Metric]:
-        cache = self.ctx.cache.stats
+        cache = self.cache.stats
         c = CounterMetricFamily("chat_user_cache_lookups", "User cache lookups by result", labels=["result"])
         c.add_metric(["hit"], cache.hits)
         c.add_metric(["miss"], cache.misses)
@@ -25,16 +29,18 @@ class ChatCollector:
         yield CounterMetricFamily("chat_user_cache_stores", "Entries written to the user cache", value=cache.stores)
         yield CounterMetricFamily("chat_user_cache_invalidations", "Entries removed from the user cache",
                                   value=cache.invalidations)
-        users = self.ctx.users
+        users = self.users
         yield CounterMetricFamily("chat_authen_lookups", "User lookups sent to authen", value=users.authen_calls)
         yield CounterMetricFamily("chat_authen_lookup_failures", "authen lookups that failed",
                                   value=users.authen_failures)
-        f = self.ctx.hub.stats
+        f = self.hub.stats
         for name, help_, value in (
             ("chat_messages_stored", "Messages stored by this instance", f.stored),
             ("chat_messages_deduplicated", "Resent messages answered with the stored copy", f.deduplicated),
             ("chat_messages_published", "Messages published on Redis", f.published),
             ("chat_publish_failures", "Publishes that failed and were queued for retry", f.publish_failures),
+            ("chat_publish_dropped", "Stored messages dropped from a full publish queue (read from MongoDB instead)",
+             f.publish_dropped),
             ("chat_messages_received", "Messages received from Redis", f.received),
             ("chat_messages_delivered", "Message frames sent to sockets", f.delivered),
             ("chat_gap_filled", "Messages read from MongoDB to fill a seq gap", f.gap_filled),
@@ -50,16 +56,16 @@ class ChatCollector:
         ):
             yield CounterMetricFamily(name, help_, value=value)
         yield GaugeMetricFamily("chat_loop_lag_max_ms", "Worst event-loop delay seen (ms)", value=f.loop_lag_max_ms)
-        yield GaugeMetricFamily("chat_sockets", "Open chat sockets", value=self.ctx.hub.socket_count)
-        yield GaugeMetricFamily("chat_rooms", "Chats with sockets on this instance", value=len(self.ctx.hub.rooms))
-        yield GaugeMetricFamily("chat_write_queue", "Messages waiting to be stored", value=self.ctx.hub.writer.queued)
+        yield GaugeMetricFamily("chat_sockets", "Open chat sockets", value=self.hub.socket_count)
+        yield GaugeMetricFamily("chat_rooms", "Chats with sockets on this instance", value=len(self.hub.rooms))
+        yield GaugeMetricFamily("chat_write_queue", "Messages waiting to be stored", value=self.hub.writer.queued)
         yield GaugeMetricFamily("chat_publish_backlog", "Stored messages waiting to be published",
-                                value=self.ctx.hub.bus.backlog)
+                                value=self.hub.bus.backlog)
 
 
-def make_registry(ctx: ChatContext) -> CollectorRegistry:
+def make_registry(cache: UserCache, users: UserDirectory, hub: Hub) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(ChatCollector(ctx))  # type: ignore[arg-type]
+    registry.register(ChatCollector(cache, users, hub))  # type: ignore[arg-type]
     return registry
 
 

@@ -91,3 +91,15 @@ def test_parse_since() -> None:
         with pytest.raises(SocketRefused) as e:
             parse_since(bad)
         assert e.value.code == CLOSE_BAD_REQUEST
+
+
+async def test_a_cache_connection_torn_down_mid_command_is_a_cache_error() -> None:
+    from chat.cache import CACHE_ERRORS, UserCache
+
+    async def torn_down() -> None:
+        # What redis-py raises when a concurrent timeout dropped the connection it writes on.
+        raise AttributeError("'NoneType' object has no attribute 'writelines'")
+
+    cache = UserCache("127.0.0.1:1")
+    with pytest.raises(CACHE_ERRORS):
+        await cache._run(torn_down())

@@ -38,7 +38,7 @@ def _service_env(name: str) -> dict[str, str]:
 SERVICE_ROUTES: dict[str, Callable[[], list[Any]]] = {
     "authen": lambda: authen.handlers.routes(
         SimpleNamespace(enable_sleepy=_service_env("authen").get("ENABLE_SLEEPY") == "1")),
-    "chat": lambda: chat.handlers.routes(None),  # type: ignore[arg-type]
+    "chat": lambda: chat.handlers.routes(),
     "etl": lambda: etl.handlers.routes(),
 }
 
