@@ -83,8 +83,10 @@ async def build(settings: ChatSettings) -> ServiceApp:
     revocations: Revocations | None = app.settings.get(REVOCATIONS)
     if revocations is not None:
         # A deleted or deactivated user's sockets close as soon as this instance hears of it.
-        revocations.listeners.append(
-            lambda user_id, mark: sockets.revoked(user_id, mark, CLOSE_UNAUTHENTICATED, "token revoked"))
+        def close_revoked(user_id: int, mark: int) -> None:
+            sockets.revoked(user_id, mark, CLOSE_UNAUTHENTICATED, "token revoked")
+
+        revocations.listeners.append(close_revoked)
 
     async def close() -> None:
         await stop_watching()

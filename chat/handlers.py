@@ -8,6 +8,7 @@ A client-sent ``X-User`` is ignored.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import socket
@@ -41,7 +42,7 @@ CLIENT_ID_MAX = 64
 class ChatHandler(BaseHandler):
     @property
     def context(self) -> ChatContext:
-        return self.settings[CONTEXT]  # type: ignore[no-any-return]
+        return self.settings[CONTEXT]
 
     @property
     def ws_base(self) -> str:
@@ -152,7 +153,7 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
 
     @property
     def context(self) -> ChatContext:
-        return self.settings[CONTEXT]  # type: ignore[no-any-return]
+        return self.settings[CONTEXT]
 
     def initialize(self) -> None:
         ctx = self.context
@@ -204,7 +205,7 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         self._buffered += nbytes
         if self._buffered > self._low_water:
             self._drained.clear()
-        fut.add_done_callback(lambda f, n=nbytes: self._flushed(f, n))
+        fut.add_done_callback(functools.partial(self._flushed, nbytes=nbytes))
         if self._buffered > 2 * self.context.settings.chat_ws_max_buffer_bytes:
             # Deliveries stay under the limit by themselves (fanout pauses a socket at
             # it); this is the backstop for everything else written to the socket.
@@ -292,7 +293,7 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
             self.context.sockets.discard(self.user_id, self)
             self.user_id = None
 
-    async def open(self, chat_id: str) -> None:  # type: ignore[override]
+    async def open(self, chat_id: str) -> None:
         request_id_var.set(self.request_id)
         ctx = self.context
         self._limit_kernel_buffer()

@@ -65,7 +65,7 @@ class ChatCollector:
 
 def make_registry(cache: UserCache, users: UserDirectory, hub: Hub) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(ChatCollector(cache, users, hub))  # type: ignore[arg-type]
+    registry.register(ChatCollector(cache, users, hub))
     return registry
 
 

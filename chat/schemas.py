@@ -31,7 +31,7 @@ class ChatQuery(QueryModel):
 
 class HistoryQuery(QueryModel):
     id: ChatId
-    before: bounded_int(1, MAX_ID) | None = optional_param("only messages with a lower seq")
+    before: bounded_int(1, MAX_ID) | None = optional_param("only messages with a lower seq")  # type: ignore[valid-type]  # a runtime-built Annotated type
     limit: QueryInt = Field(50, ge=1, le=HISTORY_MAX)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from common.errors import NotFound
 from common.handler import CONTEXT, BaseHandler
 from common.openapi import api
@@ -32,7 +34,7 @@ class DeleteUserHandler(CoordinatorHandler):
         if int(user_id) < 1:
             raise NotFound(f"no user with id {user_id}")
         tx = await self.context.coordinator.delete_user(int(user_id), mode)
-        body = {"transaction_id": str(tx.id), "state": tx.state}
+        body: dict[str, Any] = {"transaction_id": str(tx.id), "state": tx.state}
         if tx.mode == "saga":
             self.set_header("Location", f"/admin/transactions/{tx.id}")
             self.write_json(body, status=202)

@@ -213,7 +213,8 @@ class TxLog:
             return tx
 
     async def list(self, state: str | None, user_id: int | None, limit: int) -> list[Transaction]:
-        clauses, params = [], {"limit": limit}
+        clauses: list[str] = []
+        params: dict[str, Any] = {"limit": limit}
         if state:
             clauses.append("state = :state")
             params["state"] = state

@@ -19,7 +19,7 @@ class DeleteQuery(QueryModel):
 
 class TransactionsQuery(QueryModel):
     state: Literal["running", "committed", "aborted"] | None = optional_param()
-    user_id: bounded_int(1, MAX_ID) | None = optional_param()
+    user_id: bounded_int(1, MAX_ID) | None = optional_param()  # type: ignore[valid-type]  # a runtime-built Annotated type
     limit: QueryInt = Field(50, ge=1, le=500)
 
 

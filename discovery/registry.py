@@ -19,6 +19,7 @@ process listens to so its long-polling watchers answer at once.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import logging
 import re
 import secrets
@@ -197,10 +198,11 @@ class Registry:
             {"instance_id": _s(flat[i]), "type": type_, "host": _s(flat[i + 1]), "port": int(flat[i + 2])}
             for i in range(0, len(flat), 3)
         ]
-        instances.sort(key=lambda r: r["instance_id"])
+        instances.sort(key=lambda r: str(r["instance_id"]))
         return Listing(type_, f"{_s(epoch)}.{int(version)}", instances, int(dropped))
 
-    async def types(self) -> list[str]:
+    # builtins.list: this class's own list() method shadows the name in its body.
+    async def types(self) -> builtins.list[str]:
         try:
             return sorted(_s(t) for t in await self.redis.smembers(PREFIX + "types"))
         except (RedisError, OSError) as e:

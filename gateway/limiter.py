@@ -362,7 +362,7 @@ class Limiter:
             self._dirty |= set(self.load) | set(self.in_flight)
             try:
                 await asyncio.wait_for(self.flush(), self.timeout_s * 2)
-                if not self.in_flight:
+                if not self.in_flight and self.redis is not None:
                     await self.redis.delete(PREFIX + "alive:" + self.gateway_id)
             except (RedisError, OSError, TimeoutError) as e:
                 log.warning("could not release this gateway's task counts (%s); they expire with its TTL", e)
