@@ -58,12 +58,7 @@ class StackProcess:
                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent,
             )
         def settled() -> bool:
-            if self.process is not None and self.process.poll() is not None:
-                return True
-            try:
-                return bool(self.control.status()["ready"])
-            except (ControlError, OSError, ValueError):
-                return False
+            return (self.process is not None and self.process.poll() is not None) or self.ready()
 
         try:
             wait_until_sync(settled, timeout=timeout_s, poll_interval=0.2, message="the stack ready")
@@ -72,6 +67,13 @@ class StackProcess:
             raise RuntimeError(f"the stack was not ready in {timeout_s}s:\n{self.tail()}") from e
         if self.process.poll() is not None:
             raise RuntimeError(f"the stack exited with {self.process.returncode}:\n{self.tail()}")
+
+    def ready(self) -> bool:
+        """The launcher says every component is healthy (False while it cannot be asked)."""
+        try:
+            return bool(self.control.status()["ready"])
+        except (ControlError, OSError, ValueError):
+            return False
 
     def service_headers(self) -> dict[str, str]:
         """The service credential, which status details (addresses, counters) require."""
@@ -105,14 +107,8 @@ class RunningStack(StackProcess):
     fault tests stop and start its parts through the same control socket and put them back."""
 
     def start(self, timeout_s: float = 60.0) -> None:
-        def ready() -> bool:
-            try:
-                return bool(self.control.status()["ready"])
-            except (ControlError, OSError, ValueError):
-                return False
-
         try:
-            wait_until_sync(ready, timeout=timeout_s, poll_interval=0.5, message="the running stack ready")
+            wait_until_sync(self.ready, timeout=timeout_s, poll_interval=0.5, message="the running stack ready")
         except AssertionError as e:
             raise RuntimeError(
                 f"BARBER_TEST_STACK=running, but no ready stack answers on {self.state_dir}'s control socket: "
