@@ -5,7 +5,7 @@ another offset)::
 
     .venv/bin/python bench/gateway.py [--duration 10] [--connections 32]
 
-Four targets, in one run, with the same load generator:
+Five targets, in one run, with the same load generator:
   direct   one authen instance, GET /utilities/status
   gateway  the stack's gateway, GET /authen/utilities/status (balanced over both instances;
            task limits shared through Redis, admitted on leased slots: rarely a round trip)
@@ -14,8 +14,13 @@ Four targets, in one run, with the same load generator:
            /authen/ to the same two instances with keep-alive upstream connections and
            an access log (the gateway writes one too); skipped with a message when the
            nginx binary is missing.
+  express  the original design's gateway (Node, Express + axios, an INCR/DECR task counter
+           per request in the stack's plain Redis; bench/peers/express-gateway/), started
+           here on a free port, proxying /authen/ round robin to the same two instances with
+           keep-alive agents; ``npm ci`` runs first when its node_modules is missing; skipped
+           with a message when node or npm is missing.
 
-The "cpu us/req" column is the CPU time of the serving process (the proxy; for
+The "cpu us/req" column is the CPU time of the serving process(es) (the proxy; for
 "direct", authen itself) per request in the throughput run (needs psutil): it varies far
 less than req/s on a machine shared with other work.
 
@@ -251,6 +256,66 @@ class LocalGateway:
             self.proc.wait(30)
 
 
+class ExpressGateway:
+    """The original design's Express gateway (bench/peers/express-gateway/), one node process."""
+
+    DIR = Path(__file__).resolve().parent / "peers" / "express-gateway"
+
+    def __init__(self, layout: Layout, upstreams: list[str]) -> None:
+        self.node = shutil.which("node")
+        self.npm = shutil.which("npm")
+        self.port = free_port()
+        self.env = {**os.environ, "PORT": str(self.port), "AUTHEN_UPSTREAMS": ",".join(upstreams),
+                    "REDIS_URL": layout.redis_url}
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = Path(tempfile.mkstemp(prefix="bench-express-", suffix=".log")[1])
+
+    def missing(self) -> str | None:
+        """Why this target cannot run here, or None."""
+        if self.node is None or self.npm is None:
+            return "node/npm not installed (apt-get install -y nodejs npm)"
+        return None
+
+    def install(self) -> None:
+        """``npm ci`` from the committed lock file, once: node_modules is not committed."""
+        if (self.DIR / "node_modules").is_dir():
+            return
+        assert self.npm is not None
+        print("express: node_modules missing; running npm ci")
+        done = subprocess.run([self.npm, "ci", "--no-audit", "--no-fund"], cwd=self.DIR,
+                              capture_output=True, text=True, timeout=600)
+        if done.returncode != 0:
+            raise RuntimeError(f"npm ci failed: {done.stderr.strip()[-500:]}")
+
+    def start(self) -> str:
+        assert self.node is not None
+        self.install()
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen([self.node, "server.js"], cwd=self.DIR, env=self.env,
+                                         stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        url = f"http://127.0.0.1:{self.port}"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"node exited with {self.proc.returncode}: {self.log.read_text()[-500:]}")
+            try:
+                check(url + "/status")
+                return url
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError("the express gateway did not become ready")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.unlink(missing_ok=True)
+
+
 # -- main ------------------------------------------------------------------------------
 def check(url: str) -> None:
     import urllib.request
@@ -296,6 +361,17 @@ def main() -> None:
             print(f"nginx: could not start ({e}); skipping the nginx target")
             targets.pop("nginx", None)
 
+    express = ExpressGateway(layout, authen)
+    if (why := express.missing()) is not None:
+        print(f"express: {why}; skipping the express target")
+    else:
+        try:
+            targets["express"] = express.start() + "/authen/utilities/status"
+            check(targets["express"])
+        except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+            print(f"express: could not start ({e}); skipping the express target")
+            targets.pop("express", None)
+
     results: list[Result] = []
     try:
         for name, url in targets.items():
@@ -309,6 +385,7 @@ def main() -> None:
             (rps1, p50_1, p99_1, err1), tool = load(url, 1, args.latency_duration)
             results.append(Result(name, "c=1", rps1, p50_1, p99_1, err1, tool))
     finally:
+        express.stop()
         nginx.stop()
         local_gw.stop()
 
@@ -328,6 +405,14 @@ def main() -> None:
                 g = by[(name, mode)]
                 print(f"{name}: throughput {100 * g.rps / n.rps:.0f}% of nginx's (goal >= 80%), "
                       f"adds {by[(name, 'c=1')].p50_ms - direct_p50:+.2f} ms at p50 (c=1; goal < 1 ms)")
+    if ("express", mode) in by:
+        e = by[("express", mode)]
+        for name in ("gateway", "gw-local"):
+            if (name, mode) in by:
+                g = by[(name, mode)]
+                cpu = (f", {g.cpu_us / e.cpu_us:.2f}x its CPU per request"
+                       if g.cpu_us is not None and e.cpu_us is not None else "")
+                print(f"{name}: throughput {g.rps / e.rps:.2f}x the express gateway's{cpu}")
 
 
 if __name__ == "__main__":

@@ -18,8 +18,9 @@ from tests.util import wait_until_sync
 
 ROOT = Path(__file__).resolve().parent.parent
 # The stack creates this admin account (the deletion coordinator's tests sign in with it).
-ADMIN_USERNAME = "admin"
-ADMIN_PASSWORD = "admin-password-for-tests"
+# Against a running stack (BARBER_TEST_STACK=running) they are the ones it was started with.
+ADMIN_USERNAME = os.environ.get("BARBER_ADMIN_USERNAME") or "admin"
+ADMIN_PASSWORD = os.environ.get("BARBER_ADMIN_PASSWORD") or "admin-password-for-tests"
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -30,7 +31,8 @@ def _die_with_parent() -> None:
 class StackProcess:
     """A whole local stack started by the real launcher, for the length of a test session."""
 
-    # The session's stack, for helpers that only get a URL (service_headers).
+    # The session's stack, for helpers that only get a URL (service_headers). Set by the
+    # session fixture, not by start(): a test's second stack must not take its place.
     current: StackProcess | None = None
 
     def __init__(self, port_offset: int, state_dir: Path | None = None) -> None:
@@ -49,7 +51,6 @@ class StackProcess:
                 "BARBER_ADMIN_USERNAME": ADMIN_USERNAME, "BARBER_ADMIN_PASSWORD": ADMIN_PASSWORD}
 
     def start(self, timeout_s: float = 240.0) -> None:
-        StackProcess.current = self
         self.state_dir.mkdir(parents=True, exist_ok=True)
         with open(self.output, "ab") as out:
             self.process = subprocess.Popen(
@@ -57,12 +58,7 @@ class StackProcess:
                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent,
             )
         def settled() -> bool:
-            if self.process is not None and self.process.poll() is not None:
-                return True
-            try:
-                return bool(self.control.status()["ready"])
-            except (ControlError, OSError, ValueError):
-                return False
+            return (self.process is not None and self.process.poll() is not None) or self.ready()
 
         try:
             wait_until_sync(settled, timeout=timeout_s, poll_interval=0.2, message="the stack ready")
@@ -71,6 +67,13 @@ class StackProcess:
             raise RuntimeError(f"the stack was not ready in {timeout_s}s:\n{self.tail()}") from e
         if self.process.poll() is not None:
             raise RuntimeError(f"the stack exited with {self.process.returncode}:\n{self.tail()}")
+
+    def ready(self) -> bool:
+        """The launcher says every component is healthy (False while it cannot be asked)."""
+        try:
+            return bool(self.control.status()["ready"])
+        except (ControlError, OSError, ValueError):
+            return False
 
     def service_headers(self) -> dict[str, str]:
         """The service credential, which status details (addresses, counters) require."""
@@ -96,6 +99,31 @@ class StackProcess:
 
     def remove(self) -> None:
         shutil.rmtree(self.state_dir, ignore_errors=True)
+
+
+class RunningStack(StackProcess):
+    """A stack started elsewhere (`make up`), which the suite attaches to instead of starting
+    its own (BARBER_TEST_STACK=running). It is never stopped or removed by the suite; the
+    fault tests stop and start its parts through the same control socket and put them back."""
+
+    def start(self, timeout_s: float = 60.0) -> None:
+        try:
+            wait_until_sync(self.ready, timeout=timeout_s, poll_interval=0.5, message="the running stack ready")
+        except AssertionError as e:
+            raise RuntimeError(
+                f"BARBER_TEST_STACK=running, but no ready stack answers on {self.state_dir}'s control socket: "
+                "start one with `make up` (STACK_DIR and PORT_OFFSET as it was started with)") from e
+        gateway = self.control.status()["processes"].get("gateway", {})
+        if self.layout.port("gateway") not in gateway.get("ports", []):
+            raise RuntimeError(
+                f"the stack in {self.state_dir} does not serve its gateway on port {self.layout.port('gateway')}: "
+                f"it runs under another PORT_OFFSET than {self.layout.port_offset}")
+
+    def stop(self, timeout_s: float = 120.0) -> int | None:
+        return None
+
+    def remove(self) -> None:
+        return None
 
 
 def service_headers() -> dict[str, str]:

@@ -360,6 +360,7 @@ async def test_sleepy_rejects_bad_seconds(a1: str, query: str) -> None:
     assert "seconds" in reply.json["detail"]
 
 
+@pytest.mark.unit
 def test_sleepy_is_capped_at_60_seconds() -> None:
     assert sleepy_seconds(1000.0) == SLEEPY_MAX_S == 60.0
     assert sleepy_seconds(2.5) == 2.5

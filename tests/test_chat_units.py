@@ -13,6 +13,8 @@ from chat.handlers import FloodGuard
 from chat.settings import ChatSettings
 from chat.store import Chat, ChatMessage, message_id
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.mark.parametrize(
     ("public", "expected"),

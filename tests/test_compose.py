@@ -152,6 +152,7 @@ def stop_process(proc: subprocess.Popen[bytes], sig: int = signal.SIGINT, timeou
 
 
 # == the file itself ======================================================================
+@pytest.mark.unit
 def test_compose_validates_against_the_compose_specification() -> None:
     schema = json.loads((ROOT / "tests" / "compose-spec.json").read_text())
     validator = jsonschema.Draft7Validator(schema)
@@ -164,6 +165,7 @@ def test_compose_validates_against_the_compose_specification() -> None:
     assert list(validator.iter_errors(broken))
 
 
+@pytest.mark.unit
 def test_every_variable_is_read_by_the_services_settings_and_every_needed_one_is_set() -> None:
     barber = {name for name in SVC if is_barber(name)}
     assert barber == set(SETTINGS), "every compose service built from our image needs its settings classes here"
@@ -187,6 +189,7 @@ def test_every_variable_is_read_by_the_services_settings_and_every_needed_one_is
                 assert name in env, f"{service}: {name.upper()} must be set (default {default!r} fits the local stack only)"
 
 
+@pytest.mark.unit
 def test_script_services_set_only_variables_their_scripts_or_images_read() -> None:
     image_vars = {
         "postgres-primary": {"POSTGRES_USER", "POSTGRES_PASSWORD", "POSTGRES_DB"},
@@ -216,6 +219,7 @@ def test_script_services_set_only_variables_their_scripts_or_images_read() -> No
 
 
 # == one topology ===========================================================================
+@pytest.mark.unit
 def test_postgres_topology_matches_the_local_stack() -> None:
     replicas = sorted(n for n in SVC if n.startswith("postgres-replica-"))
     assert replicas == [f"postgres-replica-{i}" for i in range(1, topology.PG_REPLICAS + 1)]
@@ -258,6 +262,7 @@ def _pg_target(url: str) -> tuple[str, str]:
     return ("primary" if index == 0 else f"replica{index}"), db
 
 
+@pytest.mark.unit
 def test_database_urls_point_at_the_same_databases_and_roles_as_the_local_stack() -> None:
     local = service_env(Layout(Path(".stack")))
     seen = 0
@@ -272,6 +277,7 @@ def test_database_urls_point_at_the_same_databases_and_roles_as_the_local_stack(
     assert seen >= 8
 
 
+@pytest.mark.unit
 def test_redis_topology_matches_the_local_stack() -> None:
     nodes = sorted(n for n in SVC if re.fullmatch(r"redis-cluster-\d+", n))
     assert len(nodes) == topology.CLUSTER_NODES == len(BASE_PORTS["redis_cluster"])
@@ -293,6 +299,7 @@ def test_redis_topology_matches_the_local_stack() -> None:
     assert env_of("chat")["CHAT_MONGO_DB"] == env_of("etl")["CHAT_MONGO_DB"] == topology.CHAT_MONGO_DB
 
 
+@pytest.mark.unit
 def test_services_match_the_local_stack() -> None:
     served = {served_module(n): n for n in SVC if served_module(n)}
     assert set(served) == {spec.module for spec in SERVICES}
@@ -321,6 +328,7 @@ def test_services_match_the_local_stack() -> None:
         assert ("migrate" in deps) == uses_db, f"{name}: waits for migrations iff it has a database"
 
 
+@pytest.mark.unit
 def test_scaled_services_have_no_fixed_names_or_ports_and_only_the_gateway_is_public() -> None:
     for name, service in SVC.items():
         assert "container_name" not in service, name
@@ -335,6 +343,7 @@ def test_scaled_services_have_no_fixed_names_or_ports_and_only_the_gateway_is_pu
             assert service["networks"] == ["backend"], name
 
 
+@pytest.mark.unit
 def test_start_order_is_health_based_and_data_lives_in_named_volumes() -> None:
     declared = set(COMPOSE["volumes"])
     for name, service in SVC.items():
@@ -362,12 +371,14 @@ def test_start_order_is_health_based_and_data_lives_in_named_volumes() -> None:
 
 
 # == the image ==============================================================================
+@pytest.mark.unit
 def test_dockerfile_passes_hadolint() -> None:
     hadolint = Path(sys.executable).parent / "hadolint"
     result = subprocess.run([str(hadolint), "--no-color", str(ROOT / "Dockerfile")], capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.strip() == "", result.stdout + result.stderr
 
 
+@pytest.mark.unit
 def test_deploy_scripts_pass_shellcheck() -> None:
     scripts = sorted(str(p.relative_to(ROOT)) for p in DEPLOY.rglob("*.sh"))
     assert len(scripts) >= 7
@@ -376,6 +387,7 @@ def test_deploy_scripts_pass_shellcheck() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+@pytest.mark.unit
 def test_dockerfile_structure() -> None:
     lines = [ln.strip() for ln in (ROOT / "Dockerfile").read_text().splitlines()]
     instr = [ln for ln in lines if ln and not ln.startswith("#")]
@@ -395,6 +407,7 @@ def test_dockerfile_structure() -> None:
     assert "-c constraints.txt" in (ROOT / "Dockerfile").read_text()
 
 
+@pytest.mark.unit
 def test_constraints_pin_every_dependency_of_the_project() -> None:
     pins = {}
     for line in (ROOT / "constraints.txt").read_text().splitlines():
@@ -411,6 +424,7 @@ def test_constraints_pin_every_dependency_of_the_project() -> None:
 
 
 # == the scripts, run for real ================================================================
+@pytest.mark.unit
 def test_entrypoint_advertises_the_container_address_and_execs() -> None:
     env = {k: v for k, v in os.environ.items() if k != "ADVERTISE_HOST"}
     probe = "import os; print(os.environ['ADVERTISE_HOST'], os.getpid(), os.getppid())"
@@ -461,6 +475,7 @@ def _keygen(folder: Path) -> tuple[KeySettings, str]:
     return KeySettings(**{k.lower(): v for k, v in env.items()}), out
 
 
+@pytest.mark.unit
 def test_keygen_makes_keys_with_the_right_modes_and_never_overwrites(tmp_path: Path) -> None:
     from common import tokens
 
@@ -486,6 +501,7 @@ def test_keygen_makes_keys_with_the_right_modes_and_never_overwrites(tmp_path: P
     assert keys.jwt_public_key_file.read_bytes() == before[keys.jwt_public_key_file]
 
 
+@pytest.mark.unit
 def test_init_env_generates_secrets_once(tmp_path: Path) -> None:
     target = tmp_path / ".env"
     subprocess.run(["/bin/sh", str(DEPLOY / "init-env.sh"), str(target)], check=True, capture_output=True)
@@ -736,6 +752,7 @@ class _Recorder(http.server.BaseHTTPRequestHandler):
         pass
 
 
+@pytest.mark.unit
 def test_kibana_password_script_sets_the_kibana_system_password() -> None:
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Recorder)
     thread = threading.Thread(target=server.serve_forever, daemon=True)

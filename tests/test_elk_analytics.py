@@ -15,6 +15,8 @@ from elk.analytics import AnalyticsIndexer, IndexingError
 from elk.templates import ANALYTICS_FIELDS, ANALYTICS_INDEX, flatten_properties, properties
 from tests.esfake import FakeElastic, fake  # noqa: F401 (the fixture)
 
+pytestmark = pytest.mark.unit
+
 BACKOFF_S = 0.2
 
 

@@ -16,6 +16,8 @@ from elk import kibana_objects
 from elk import templates as t
 from stack.services import SERVICES
 
+pytestmark = pytest.mark.unit
+
 ELK = Path(__file__).resolve().parent.parent / "elk"
 ENV_REF = re.compile(r"\$\{(\w+)(?::([^}]*))?\}")
 AGGREGATABLE = {"keyword", "constant_keyword", "long", "double", "date", "ip"}

@@ -20,7 +20,7 @@ from tests.http import call
 from tests.procs import ServiceProcess
 from tests.stackproc import StackProcess
 from tests.test_coordinator import delete, make_party
-from tests.test_gateway_support import ECHO_TYPE, echo_upstream, fetch, start_gateway, token_for, wait_routed
+from tests.test_gateway_support import ECHO_TYPE, echo_upstream, start_gateway, token_for, wait_routed
 from tests.util import wait_until
 
 
@@ -58,20 +58,20 @@ async def breaker_and_load_traffic(stack: StackProcess, g: ServiceProcess, http:
     await wait_routed(http, g.url, "authen", 2)
 
     async def opened() -> list[dict[str, Any]]:
-        await fetch(http, "POST", g.url + f"/{ECHO_TYPE}/x?status=500", headers=token)
+        await call("POST", g.url + f"/{ECHO_TYPE}/x?status=500", headers=token)
         return actions(read_lines(g.log_path), "breaker-open")
 
     await wait_until(opened, timeout=30, message="the echo upstream's breaker opening")
 
     async def closed() -> list[dict[str, Any]]:
-        await fetch(http, "POST", g.url + f"/{ECHO_TYPE}/x?status=200", headers=token)
+        await call("POST", g.url + f"/{ECHO_TYPE}/x?status=200", headers=token)
         return actions(read_lines(g.log_path), "breaker-closed")
 
     await wait_until(closed, timeout=30, message="the breaker closing again")
 
     async def alerted() -> list[dict[str, Any]]:
         for _ in range(8):
-            await fetch(http, "GET", g.url + "/authen/utilities/status")
+            await call("GET", g.url + "/authen/utilities/status")
         return actions(read_lines(g.log_path), "load-alert")
 
     await wait_until(alerted, timeout=30, message="a load alert")
@@ -145,6 +145,7 @@ async def test_real_log_lines_fit_the_template(stack: StackProcess, http: Any, a
     assert gateway_503 and all(e["log.level"] == "error" for e in gateway_503)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("action,kind", [("presumed-abort", "alert"), ("recovery-resume", "event")])
 def test_recovery_fields_fit_the_template(action: str, kind: str) -> None:
     """Recovery lines appear only after a crash (tests/test_coordinator.py causes those);
@@ -156,6 +157,7 @@ def test_recovery_fields_fit_the_template(action: str, kind: str) -> None:
     assert t.mapping_problems({**event, "barber.transaction.user": 1}) == ["barber.transaction.user: not mapped"]
 
 
+@pytest.mark.unit
 def test_failed_etl_run_fields_fit_the_template() -> None:
     """A failed run's line (tests/test_etl_faults.py causes those) carries these fields."""
     from etl.pipeline import Run, run_fields

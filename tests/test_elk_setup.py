@@ -10,10 +10,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from elk import templates as t
 from elk.install import HASH_KEY, load_saved_objects, setup
 from elk.settings import ElkSettings
 from tests.esfake import FakeElastic, fake  # noqa: F401 (the fixture)
+
+pytestmark = pytest.mark.unit
 
 ROOT = Path(__file__).resolve().parent.parent
 

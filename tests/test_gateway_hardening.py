@@ -411,6 +411,7 @@ async def test_signup_is_rate_limited_per_client_by_default(stack, http) -> None
 
 
 # -- the same rules without servers -----------------------------------------------------------
+@pytest.mark.unit
 def test_breaker_counts_clients_not_failures() -> None:
     from gateway.breaker import BreakerConfig, CircuitBreaker, State
 
@@ -432,6 +433,7 @@ def test_breaker_counts_clients_not_failures() -> None:
     ("utilities/status", "/utilities/status"), ("%61bc", "/abc"), ("a%2db", "/a-b"), ("x%c3%a9", "/x%C3%A9"),
     ("a%20b", "/a%20b"), ("a;b=c/@d", "/a;b=c/@d"),
 ])
+@pytest.mark.unit
 def test_canonical_paths(raw: str, canonical: str) -> None:
     from gateway.policy import check_service_path
 
@@ -440,6 +442,7 @@ def test_canonical_paths(raw: str, canonical: str) -> None:
 
 @pytest.mark.parametrize("raw", ["%09internal/tx", "signin%0A", "a%0D", "a%00", "a%3Fb", "a%23b", "a%7F", "a%C2%85",
                                  "a%zz", "a%4", "a b", "a\tb", "a\"b", "caf\xe9", "a%FF"])
+@pytest.mark.unit
 def test_malformed_paths(raw: str) -> None:
     from gateway.policy import MalformedPath, check_service_path
 
@@ -447,6 +450,7 @@ def test_malformed_paths(raw: str) -> None:
         check_service_path(raw)
 
 
+@pytest.mark.unit
 def test_identity_header_spellings_dropped() -> None:
     from gateway.policy import upstream_request_headers
 
@@ -460,6 +464,7 @@ def test_identity_header_spellings_dropped() -> None:
     assert not [k for k, _ in out if "service" in k.lower()]
 
 
+@pytest.mark.unit
 def test_rate_rules_default_signup_and_canonical_match() -> None:
     rules = GatewaySettings().rate_limits
     assert any(r.matches("POST", "/authen/authen/signup") for r in rules)
@@ -467,6 +472,7 @@ def test_rate_rules_default_signup_and_canonical_match() -> None:
     assert not any(r.matches("GET", "/authen/authen/signup") for r in rules)
 
 
+@pytest.mark.unit
 def test_whole_string_patterns() -> None:
     from common.errors import BadRequest
     from common.logs import sane_request_id

@@ -16,6 +16,8 @@ from gateway.policy import (
 )
 from gateway.settings import GatewaySettings, RateRule
 
+pytestmark = pytest.mark.unit
+
 
 class Clock:
     """A hand-driven monotonic clock (time is an input of the breaker, not a mock)."""

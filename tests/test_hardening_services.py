@@ -18,7 +18,6 @@ import sys
 import uuid
 from pathlib import Path
 
-import aiohttp
 import pytest
 from pydantic import ValidationError
 
@@ -27,7 +26,7 @@ from authen.settings import AuthenSettings
 from chat.store import Store, iso_now
 from common.logs import redact
 from common.tokens import MAX_TOKEN_TTL_S, TokenSigner, generate_keypair
-from tests.http import Reply, call
+from tests.http import call
 from tests.procs import start_service
 from tests.stackproc import ADMIN_PASSWORD, ROOT, StackProcess
 from tests.test_authen_support import new_username, signup, user_body
@@ -35,19 +34,6 @@ from tests.test_chat_support import ChatClient, make_user, socket_url, start_cha
 from tests.util import wait_until
 
 PASSWORD = "correct horse"
-
-
-async def call_from(source_ip: str, method: str, url: str, body: object = None,
-                    headers: dict[str, str] | None = None) -> Reply:
-    """A request whose TCP connection comes from ``source_ip`` (any 127.x works on Linux),
-    so that services see another client address, as they would for another machine."""
-    connector = aiohttp.TCPConnector(local_addr=(source_ip, 0), force_close=True)
-    async with aiohttp.ClientSession(connector=connector) as session:
-        data = json.dumps(body).encode() if body is not None else None
-        hdrs = {"Content-Type": "application/json", **(headers or {})} if body is not None else headers
-        async with session.request(method, url, data=data, headers=hdrs,
-                                   timeout=aiohttp.ClientTimeout(total=30)) as r:
-            return Reply(r.status, await r.read(), r.headers)
 
 
 # -- 3: a lone surrogate fails alone -------------------------------------------------------
@@ -114,14 +100,14 @@ async def test_an_attackers_failures_do_not_lock_out_the_owner(stack: StackProce
     username = body["username"]
     wrong = {"username": username, "password": "wrong password"}
     # The attacker (another address, through the gateway) uses up its attempts...
-    codes = [(await call_from("127.0.0.2", "POST", gw + "/authen/authen/signin", wrong)).code for _ in range(6)]
+    codes = [(await call("POST", gw + "/authen/authen/signin", wrong, source_ip="127.0.0.2")).code for _ in range(6)]
     assert codes == [401] * 5 + [429], codes
     # ...also with the right password, and from the same address under another spelling.
     right = {"username": username.upper(), "password": body["password"]}
-    assert (await call_from("127.0.0.2", "POST", gw + "/authen/authen/signin", right)).code == 429
+    assert (await call("POST", gw + "/authen/authen/signin", right, source_ip="127.0.0.2")).code == 429
     # The owner, from elsewhere, signs in.
-    owner = await call_from("127.0.0.3", "POST", gw + "/authen/authen/signin",
-                            {"username": username, "password": body["password"]})
+    owner = await call("POST", gw + "/authen/authen/signin", {"username": username, "password": body["password"]},
+                       source_ip="127.0.0.3")
     assert owner.code == 200, owner
     assert owner.json["user_id"] == reply.json["user_id"]
 
@@ -132,8 +118,8 @@ async def test_a_direct_client_cannot_choose_its_address(stack: StackProcess, a1
     wrong = {"username": body["username"], "password": "wrong password"}
     # From an address that is no trusted proxy, X-Forwarded-For is ignored: a new
     # spelling of the address on each try does not give new attempts.
-    codes = [(await call_from("127.0.0.4", "POST", a1 + "/authen/signin", wrong,
-                              headers={"X-Forwarded-For": f"10.9.8.{i}"})).code for i in range(6)]
+    codes = [(await call("POST", a1 + "/authen/signin", wrong, headers={"X-Forwarded-For": f"10.9.8.{i}"},
+                         source_ip="127.0.0.4")).code for i in range(6)]
     assert codes == [401] * 5 + [429], codes
     # From a trusted proxy (the gateway's address), its last X-Forwarded-For entry is the client.
     ok = await call("POST", a1 + "/authen/signin", {"username": body["username"], "password": body["password"]},
@@ -141,6 +127,7 @@ async def test_a_direct_client_cannot_choose_its_address(stack: StackProcess, a1
     assert ok.code == 200, ok
 
 
+@pytest.mark.unit
 def test_the_delay_grows_past_the_soft_threshold_and_is_capped() -> None:
     assert progressive_delay(20, slow_after=20, max_delay_s=2.0) == 0
     assert progressive_delay(21, slow_after=20, max_delay_s=2.0) == pytest.approx(0.1)
@@ -319,6 +306,7 @@ async def test_a_socket_closes_when_its_token_expires(stack: StackProcess, c1: s
         await client.close()
 
 
+@pytest.mark.unit
 def test_the_token_lifetime_is_capped() -> None:
     assert AuthenSettings(authen_token_ttl_s=MAX_TOKEN_TTL_S).authen_token_ttl_s == MAX_TOKEN_TTL_S
     with pytest.raises(ValidationError):
@@ -350,6 +338,7 @@ async def test_tornados_own_log_lines_carry_no_token(stack: StackProcess, c1: st
     assert "token=[REDACTED]" in (logs / "chat-1.log").read_text(errors="replace")
 
 
+@pytest.mark.unit
 def test_redact_covers_every_spelling() -> None:
     jwt_like = "eyJhbGciOiJFZERTQSJ9.eyJzdWIiOiIxIn0.c2lnbmF0dXJl"
     for line in (f"GET /x?token={jwt_like}&a=1", f"Authorization: Bearer {jwt_like}",
@@ -385,6 +374,7 @@ async def test_only_create_admin_sees_the_admin_password(stack: StackProcess) ->
     assert ADMIN_PASSWORD not in (stack.layout.logs_dir / "authen-1.log").read_text(errors="replace")
 
 
+@pytest.mark.unit
 def test_key_files_are_never_written_through_a_planted_link(tmp_path: Path) -> None:
     target = tmp_path / "victim"
     target.write_text("precious")

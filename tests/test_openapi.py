@@ -66,6 +66,7 @@ async def spec(stack: StackProcess) -> dict:
                             message="every service's part of the spec")
 
 
+@pytest.mark.unit
 def test_every_public_handler_method_declares_its_operation() -> None:
     tables = {name: build() for name, build in SERVICE_ROUTES.items()}
     tables["gateway"] = gateway_routes(list(SERVICE_ROUTES))

@@ -72,6 +72,7 @@ def _finder(key: str):
 
 
 # -- replica lag -----------------------------------------------------------------------------
+@pytest.mark.unit
 async def test_lag_is_dated_by_the_primary_samples_unless_the_gap_predates_them() -> None:
     r = ReadWriteRouter("postgresql://barber@127.0.0.1:1/authen", ["postgresql://barber@127.0.0.1:2/authen"])
     try:
@@ -107,6 +108,7 @@ async def test_high_water_mark_only_rises(redis: Redis, hwm_key: str) -> None:
     await redis.delete(hwm_key)
 
 
+@pytest.mark.unit
 async def test_high_water_mark_without_redis_is_unknown_and_kept_for_later(hwm_key: str) -> None:
     dead = Redis(host="127.0.0.1", port=free_port(), socket_connect_timeout=0.5, socket_timeout=0.5)
     mark = HighWaterMark(dead, hwm_key)

@@ -45,6 +45,7 @@ def test_only_authen_is_told_where_the_signing_key_is(stack: StackProcess) -> No
         assert public and private == name.startswith("authen"), (name, seen)
 
 
+@pytest.mark.unit
 def test_a_leftover_pid_file_kills_only_the_process_it_was_written_for(tmp_path) -> None:
     from stack.supervisor import kill_pidfile, write_pidfile
 
