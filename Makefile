@@ -28,13 +28,10 @@ test: lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Lint first (seconds, where the suite takes minutes): ruff's rules, its formatter and mypy,
-# all configured in pyproject.toml. FORMAT_PATHS: what is already formatted. TEMPORARY:
-# common/ but the three files another branch of issue 14 rewrites; once the merged tree
-# has been through `ruff format .`, this becomes `.`.
-FORMAT_PATHS ?= common
+# all configured in pyproject.toml.
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check $(FORMAT_PATHS)
+	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
 # Re-pin the image's dependencies (constraints.txt) to what this venv runs.

@@ -34,8 +34,9 @@ async def _create_admin(settings: AuthenSettings, username: str, password: str, 
     except Conflict as e:
         # The name is held by an ordinary account (signed up before sign-up reserved
         # it): the stack still starts, without an admin, and says why.
-        print(f"authen create-admin: no admin account: {e.detail}; choose another BARBER_ADMIN_USERNAME",
-              file=sys.stderr)
+        print(
+            f"authen create-admin: no admin account: {e.detail}; choose another BARBER_ADMIN_USERNAME", file=sys.stderr
+        )
         return 0 if lenient else 1
     except APIError as e:
         print(f"authen create-admin: {e.detail}", file=sys.stderr)
@@ -56,9 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     admin = sub.add_parser("create-admin", help="create the admin account unless it exists")
     admin.add_argument("--username", help="default: BARBER_ADMIN_USERNAME")
     admin.add_argument("--password", help="default: BARBER_ADMIN_PASSWORD")
-    admin.add_argument("--if-configured", action="store_true",
-                       help="do nothing (successfully) when no password is given or configured, and only "
-                            "warn when the username belongs to another account (the stack's mode)")
+    admin.add_argument(
+        "--if-configured",
+        action="store_true",
+        help="do nothing (successfully) when no password is given or configured, and only "
+        "warn when the username belongs to another account (the stack's mode)",
+    )
     args = parser.parse_args(argv)
 
     settings = load_settings_or_exit(AuthenSettings)
@@ -78,9 +82,11 @@ def main(argv: list[str] | None = None) -> int:
             TypeAdapter(Username).validate_python(username)
             TypeAdapter(Password).validate_python(password)
         except ValidationError as e:
-            print("authen create-admin: username must be 3-150 of letters, digits, _.@+- and the password "
-                  f"8-128 characters (set --password or BARBER_ADMIN_PASSWORD): {e.errors()[0]['msg']}",
-                  file=sys.stderr)
+            print(
+                "authen create-admin: username must be 3-150 of letters, digits, _.@+- and the password "
+                f"8-128 characters (set --password or BARBER_ADMIN_PASSWORD): {e.errors()[0]['msg']}",
+                file=sys.stderr,
+            )
             return 2
         return asyncio.run(_create_admin(settings, username, password, lenient=args.if_configured))
 

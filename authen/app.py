@@ -67,15 +67,25 @@ async def build(settings: AuthenSettings) -> ServiceApp:
     router = make_router(settings, redis)
     passwords = make_passwords(settings)
     guard = SigninGuard(
-        redis, max_failures=settings.authen_signin_max_failures, window_s=settings.authen_signin_window_s,
-        slow_after=settings.authen_signin_slow_after, max_delay_s=settings.authen_signin_max_delay_s,
+        redis,
+        max_failures=settings.authen_signin_max_failures,
+        window_s=settings.authen_signin_window_s,
+        slow_after=settings.authen_signin_slow_after,
+        max_delay_s=settings.authen_signin_max_delay_s,
     )
     await router.start()
-    deps = Deps(router=router, passwords=passwords, signer=signer, guard=guard, redis=redis,
-                admin_username=settings.barber_admin_username)
+    deps = Deps(
+        router=router,
+        passwords=passwords,
+        signer=signer,
+        guard=guard,
+        redis=redis,
+        admin_username=settings.barber_admin_username,
+    )
     participant = AuthenParticipant(router, lambda user_id: revoke_tokens(deps, user_id))
-    ctx = AuthenContext(settings=settings, deps=deps, participant=participant,
-                        instance=f"{settings.advertise_host}:{settings.port}")
+    ctx = AuthenContext(
+        settings=settings, deps=deps, participant=participant, instance=f"{settings.advertise_host}:{settings.port}"
+    )
     app = make_app(settings, handlers.routes(settings), context=ctx)
     stop_watching = await watch_outcomes(settings, participant)
 

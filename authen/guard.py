@@ -71,8 +71,16 @@ def progressive_delay(username_attempts: int, slow_after: int, max_delay_s: floa
 
 
 class SigninGuard:
-    def __init__(self, redis: Redis, *, max_failures: int, window_s: int, slow_after: int = 20,
-                 max_delay_s: float = 2.0, prefix: str = "authen:signin:") -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        *,
+        max_failures: int,
+        window_s: int,
+        slow_after: int = 20,
+        max_delay_s: float = 2.0,
+        prefix: str = "authen:signin:",
+    ) -> None:
         self._redis = redis
         self.max_failures = max_failures
         self.window_s = window_s
@@ -90,8 +98,9 @@ class SigninGuard:
         """Take a slot for one attempt (None: Redis down, failing open). Raises 429 when
         this client has no slot left for the username."""
         try:
-            taken, ttl_ms, total = await self._reserve(keys=self._keys(username, client),
-                                                       args=[self.max_failures, self.window_s * 1000])
+            taken, ttl_ms, total = await self._reserve(
+                keys=self._keys(username, client), args=[self.max_failures, self.window_s * 1000]
+            )
         except RedisError as e:
             log.warning("sign-in guard unavailable (%s): failing open", e)
             return None

@@ -36,8 +36,7 @@ class AuthenHandler(BaseHandler):
 
 
 class SignupHandler(AuthenHandler):
-    @api("Sign up as a customer or an employee", body=users.SignupRequest, responses={201: SignupResult},
-         errors=(409,))
+    @api("Sign up as a customer or an employee", body=users.SignupRequest, responses={201: SignupResult}, errors=(409,))
     async def post(self) -> None:
         req = self.parse_body(users.SignupRequest)
         user_id = await users.signup(self.context.deps, req)
@@ -45,8 +44,7 @@ class SignupHandler(AuthenHandler):
 
 
 class SigninHandler(AuthenHandler):
-    @api("Sign in: a bearer token", body=users.SigninRequest, responses={200: users.SigninResult},
-         errors=(401, 429))
+    @api("Sign in: a bearer token", body=users.SigninRequest, responses={200: users.SigninResult}, errors=(401, 429))
     async def post(self) -> None:
         req = self.parse_body(users.SigninRequest)
         self.write_json(await users.signin(self.context.deps, req, self.client_ip()))
@@ -86,9 +84,14 @@ class StatusHandler(AuthenHandler):
             return
         passwords = self.context.deps.passwords
         body["database"] = router.view()
-        body["password_hashing"] = {"algorithm": "argon2id", **passwords.parameters, "pending": passwords.pending,
-                                    "queue_max": passwords.max_pending, "shed": passwords.shed,
-                                    "hashed": passwords.hashed}
+        body["password_hashing"] = {
+            "algorithm": "argon2id",
+            **passwords.parameters,
+            "pending": passwords.pending,
+            "queue_max": passwords.max_pending,
+            "shed": passwords.shed,
+            "hashed": passwords.hashed,
+        }
         if self.context.settings.enable_sleepy:
             body["sleepy"] = {"received": self.context.sleepy_received, "active": self.context.sleepy_active}
         self.write_json(body)
@@ -105,8 +108,7 @@ class SleepyHandler(AuthenHandler):
             await asyncio.sleep(seconds)
         finally:
             self.context.sleepy_active -= 1
-        self.write_json({"detail": f"slept {seconds:g} seconds", "seconds": seconds,
-                         "instance": self.context.instance})
+        self.write_json({"detail": f"slept {seconds:g} seconds", "seconds": seconds, "instance": self.context.instance})
 
     @api("Sleep (a test aid: only with ENABLE_SLEEPY=1)", query=SleepyQuery, responses={200: SleepyResult})
     async def get(self) -> None:

@@ -97,14 +97,16 @@ class AuthenParticipant:
                 async with conn.begin():
                     # Do not queue behind another transaction holding this user: vote no instead.
                     await conn.execute(text("SET LOCAL lock_timeout = '2s'"))
-                    found = (await conn.execute(
-                        text("SELECT id FROM users WHERE id = :id FOR UPDATE"), {"id": user_id})).first()
+                    found = (
+                        await conn.execute(text("SELECT id FROM users WHERE id = :id FOR UPDATE"), {"id": user_id})
+                    ).first()
                     if found is None:
                         raise NotFound(f"no user with id {user_id}")
                     await conn.execute(text("DELETE FROM users WHERE id = :id"), {"id": user_id})
-                    await conn.execute(text(
-                        "INSERT INTO participant_tx (gid, user_id, state) VALUES (:gid, :id, 'committed')"),
-                        {"gid": gid, "id": user_id})
+                    await conn.execute(
+                        text("INSERT INTO participant_tx (gid, user_id, state) VALUES (:gid, :id, 'committed')"),
+                        {"gid": gid, "id": user_id},
+                    )
                     await conn.execute(text(f"PREPARE TRANSACTION '{gid}'"))
                 if after_prepare is not None:
                     after_prepare()
@@ -130,8 +132,11 @@ class AuthenParticipant:
                 # Reads on any instance must not see the user any more, replicas included.
                 await self.router.mark_written(conn)
             recorded = await _recorded(conn, gid)
-            user_id = (await conn.execute(text("SELECT user_id FROM participant_tx WHERE gid = :gid"),
-                                          {"gid": gid})).scalar() if recorded == "committed" else None
+            user_id = (
+                (await conn.execute(text("SELECT user_id FROM participant_tx WHERE gid = :gid"), {"gid": gid})).scalar()
+                if recorded == "committed"
+                else None
+            )
         if recorded == "committed":
             # Every time it is asked (idempotent): a retry after a failed revocation repeats it.
             if self.revoke is not None and user_id is not None:
@@ -152,9 +157,13 @@ class AuthenParticipant:
                     # (SET LOCAL: the pooled connection must not keep the timeout.)
                     await conn.execute(text("BEGIN"))
                     await conn.execute(text("SET LOCAL lock_timeout = '1s'"))
-                    await conn.execute(text(
-                        "INSERT INTO participant_tx (gid, state) VALUES (:gid, 'aborted') "
-                        "ON CONFLICT (gid) DO NOTHING"), {"gid": gid})
+                    await conn.execute(
+                        text(
+                            "INSERT INTO participant_tx (gid, state) VALUES (:gid, 'aborted') "
+                            "ON CONFLICT (gid) DO NOTHING"
+                        ),
+                        {"gid": gid},
+                    )
                     await conn.execute(text("COMMIT"))
                 except DBAPIError as e:
                     await conn.execute(text("ROLLBACK"))
@@ -169,16 +178,23 @@ class AuthenParticipant:
 
     async def prepared(self) -> list[dict[str, Any]]:
         async with self.router.on_primary() as conn:
-            rows = (await conn.execute(text(
-                "SELECT gid, prepared FROM pg_prepared_xacts WHERE database = current_database() ORDER BY prepared"
-            ))).all()
+            rows = (
+                await conn.execute(
+                    text(
+                        "SELECT gid, prepared FROM pg_prepared_xacts WHERE database = current_database() ORDER BY prepared"
+                    )
+                )
+            ).all()
         return [{"gid": r[0], "prepared_at": r[1].isoformat()} for r in rows]
 
     # -- saga steps ---------------------------------------------------------------------------
     async def set_active(self, user_id: int, active: bool) -> dict[str, Any]:
         async def run(conn: AsyncConnection) -> Any:
-            return (await conn.execute(text("UPDATE users SET is_active = :a WHERE id = :id RETURNING id"),
-                                       {"a": active, "id": user_id})).first()
+            return (
+                await conn.execute(
+                    text("UPDATE users SET is_active = :a WHERE id = :id RETURNING id"), {"a": active, "id": user_id}
+                )
+            ).first()
 
         if await self.router.write(run) is None:
             raise NotFound(f"no user with id {user_id}")
@@ -198,8 +214,13 @@ class AuthenParticipant:
 
     async def stale_prepared(self, older_than_s: float) -> list[str]:
         async with self.router.on_primary() as conn:
-            rows = (await conn.execute(text(
-                "SELECT gid FROM pg_prepared_xacts WHERE database = current_database() AND gid LIKE :prefix "
-                "AND prepared < now() - make_interval(secs => :after)"),
-                {"after": older_than_s, "prefix": GID_PREFIX + "%"})).all()
+            rows = (
+                await conn.execute(
+                    text(
+                        "SELECT gid FROM pg_prepared_xacts WHERE database = current_database() AND gid LIKE :prefix "
+                        "AND prepared < now() - make_interval(secs => :after)"
+                    ),
+                    {"after": older_than_s, "prefix": GID_PREFIX + "%"},
+                )
+            ).all()
         return [r[0] for r in rows]

@@ -33,8 +33,9 @@ class HashingBusy(DependencyUnavailable):
 
 
 class Passwords:
-    def __init__(self, *, time_cost: int, memory_kib: int, parallelism: int, threads: int,
-                 max_pending: int = 1_000_000) -> None:
+    def __init__(
+        self, *, time_cost: int, memory_kib: int, parallelism: int, threads: int, max_pending: int = 1_000_000
+    ) -> None:
         self._hasher = PasswordHasher(
             time_cost=time_cost, memory_cost=memory_kib, parallelism=parallelism, type=Type.ID
         )

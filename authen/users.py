@@ -122,16 +122,21 @@ async def revoke_tokens(deps: Deps, user_id: int) -> None:
 
 
 # -- writes ---------------------------------------------------------------------------
-async def _insert_user(deps: Deps, username: str, password_hash: str, first_name: str, last_name: str,
-                       user_type: str) -> int:
+async def _insert_user(
+    deps: Deps, username: str, password_hash: str, first_name: str, last_name: str, user_type: str
+) -> int:
     async def run(conn: AsyncConnection) -> int:
-        stmt = insert(users).values(
-            username=username,
-            password_hash=password_hash,
-            first_name=first_name,
-            last_name=last_name,
-            type=user_type,
-        ).returning(users.c.id)
+        stmt = (
+            insert(users)
+            .values(
+                username=username,
+                password_hash=password_hash,
+                first_name=first_name,
+                last_name=last_name,
+                type=user_type,
+            )
+            .returning(users.c.id)
+        )
         return int((await conn.execute(stmt)).scalar_one())
 
     try:
@@ -158,8 +163,9 @@ async def signup(deps: Deps, req: SignupRequest) -> int:
     return user_id
 
 
-async def create_admin(deps: Deps, username: str, password: str, first_name: str = "Admin",
-                       last_name: str = "Barber") -> tuple[int, bool]:
+async def create_admin(
+    deps: Deps, username: str, password: str, first_name: str = "Admin", last_name: str = "Barber"
+) -> tuple[int, bool]:
     """Create the admin account unless it exists. Returns (user_id, created)."""
     existing = await find_by_username(deps, username)
     if existing is not None:
@@ -200,11 +206,17 @@ async def signin(deps: Deps, req: SigninRequest, client: str = "") -> SigninResu
     ok = await deps.passwords.verify(user["password_hash"] if user else None, req.password)
     if not ok or user is None or not user["is_active"]:
         if deps.guard is not None and attempt is not None and attempt.client_attempts == deps.guard.max_failures:
-            log.warning("sign-in attempts at username %r from %s used up (%d failures from all clients)",
-                        req.username, client, attempt.username_attempts)
+            log.warning(
+                "sign-in attempts at username %r from %s used up (%d failures from all clients)",
+                req.username,
+                client,
+                attempt.username_attempts,
+            )
         else:
-            log.info("failed sign-in (%s failures in window from this client)",
-                     attempt.client_attempts if attempt is not None else "?")
+            log.info(
+                "failed sign-in (%s failures in window from this client)",
+                attempt.client_attempts if attempt is not None else "?",
+            )
         raise Unauthorized("invalid username or password")
     if deps.guard is not None:
         await deps.guard.succeeded(req.username, client)

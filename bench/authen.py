@@ -75,8 +75,9 @@ class Conn:
             self.writer.close()
 
 
-async def load(port: int, method: str, paths: list[tuple[str, bytes]], seconds: float,
-               concurrency: int) -> dict[str, float]:
+async def load(
+    port: int, method: str, paths: list[tuple[str, bytes]], seconds: float, concurrency: int
+) -> dict[str, float]:
     latencies: list[float] = []
     errors = 0
     deadline = time.monotonic() + seconds
@@ -102,8 +103,13 @@ async def load(port: int, method: str, paths: list[tuple[str, bytes]], seconds: 
     elapsed = time.monotonic() - started
     latencies.sort()
     q = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else [latencies[0]] * 99
-    return {"requests": len(latencies), "rps": len(latencies) / elapsed, "p50_ms": q[49] * 1000,
-            "p99_ms": q[98] * 1000, "errors": errors}
+    return {
+        "requests": len(latencies),
+        "rps": len(latencies) / elapsed,
+        "p50_ms": q[49] * 1000,
+        "p99_ms": q[98] * 1000,
+        "errors": errors,
+    }
 
 
 # -- processes ------------------------------------------------------------------------------
@@ -129,11 +135,24 @@ async def wait_http(port: int, timeout: float = 60.0) -> None:
 
 
 def start_authen(env: dict[str, str], port: int, log: Path, **extra: str) -> subprocess.Popen[bytes]:
-    full = {**os.environ, **env, "PORT": str(port), "DISCOVERY_URL": "", "ENABLE_SLEEPY": "0",
-            "LOG_LEVEL": "WARNING", **extra}
+    full = {
+        **os.environ,
+        **env,
+        "PORT": str(port),
+        "DISCOVERY_URL": "",
+        "ENABLE_SLEEPY": "0",
+        "LOG_LEVEL": "WARNING",
+        **extra,
+    }
     with open(log, "ab") as out:
-        return subprocess.Popen([sys.executable, "-m", "authen"], cwd=ROOT, env=full, stdout=out,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        return subprocess.Popen(
+            [sys.executable, "-m", "authen"],
+            cwd=ROOT,
+            env=full,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
 
 
 async def call_json(port: int, method: str, path: str, body: Any = None, headers: str = "") -> tuple[int, Any]:
@@ -146,8 +165,10 @@ async def call_json(port: int, method: str, path: str, body: Any = None, headers
 
 
 def fmt(name: str, r: dict[str, float]) -> str:
-    return (f"  {name:<34} {r['rps']:8.1f} req/s   p50 {r['p50_ms']:7.2f} ms   p99 {r['p99_ms']:7.2f} ms"
-            f"   ({int(r['requests'])} requests, {int(r['errors'])} non-200)")
+    return (
+        f"  {name:<34} {r['rps']:8.1f} req/s   p50 {r['p50_ms']:7.2f} ms   p99 {r['p99_ms']:7.2f} ms"
+        f"   ({int(r['requests'])} requests, {int(r['errors'])} non-200)"
+    )
 
 
 async def run(args: argparse.Namespace, layout: Layout) -> None:
@@ -165,9 +186,18 @@ async def run(args: argparse.Namespace, layout: Layout) -> None:
         users = []
         for i in range(args.employees + 1):
             name = f"bench_{uuid.uuid4().hex[:10]}"
-            code, body = await call_json(rep_port, "POST", "/authen/signup", {
-                "username": name, "password": password, "first_name": "Bench", "last_name": str(i),
-                "type": "employee" if i < args.employees else "customer"})
+            code, body = await call_json(
+                rep_port,
+                "POST",
+                "/authen/signup",
+                {
+                    "username": name,
+                    "password": password,
+                    "first_name": "Bench",
+                    "last_name": str(i),
+                    "type": "employee" if i < args.employees else "customer",
+                },
+            )
             assert code == 201, body
             users.append((name, body["user_id"]))
         ids = [uid for _, uid in users]
@@ -205,12 +235,15 @@ async def run(args: argparse.Namespace, layout: Layout) -> None:
             for name, _uid in users:
                 for kind, who in (("wrong password", name), ("unknown user", f"ghost_{uuid.uuid4().hex[:10]}")):
                     t0 = time.perf_counter()
-                    code, _ = await call_json(rep_port, "POST", "/authen/signin",
-                                              {"username": who, "password": "not the password"})
+                    code, _ = await call_json(
+                        rep_port, "POST", "/authen/signin", {"username": who, "password": "not the password"}
+                    )
                     timings[kind].append(time.perf_counter() - t0)
                     assert code == 401, code
-        print("  401 latency, median: " + ", ".join(
-            f"{k} {statistics.median(v) * 1000:.2f} ms" for k, v in timings.items()))
+        print(
+            "  401 latency, median: "
+            + ", ".join(f"{k} {statistics.median(v) * 1000:.2f} ms" for k, v in timings.items())
+        )
     finally:
         for p in procs:
             p.send_signal(signal.SIGTERM)

@@ -47,8 +47,12 @@ async def _call(method: str, url: str, body: Any = None, token: str | None = Non
     if token:
         headers["Authorization"] = f"Bearer {token}"
     resp = await AsyncHTTPClient().fetch(
-        url, method=method, headers=headers, body=json.dumps(body) if body is not None else ("" if method == "POST" else None),
-        request_timeout=60, raise_error=False,
+        url,
+        method=method,
+        headers=headers,
+        body=json.dumps(body) if body is not None else ("" if method == "POST" else None),
+        request_timeout=60,
+        raise_error=False,
     )
     if resp.code >= 400:
         raise RuntimeError(f"{method} {url}: {resp.code} {resp.body[:200]!r}")
@@ -57,8 +61,13 @@ async def _call(method: str, url: str, body: Any = None, token: str | None = Non
 
 async def _user(authen: str, type_: str, n: int, run: str) -> dict[str, Any]:
     username = f"bench_{run}_{type_[:1]}{n}"
-    body = {"username": username, "password": "bench password", "first_name": f"B{n}",
-            "last_name": type_.title(), "type": type_}
+    body = {
+        "username": username,
+        "password": "bench password",
+        "first_name": f"B{n}",
+        "last_name": type_.title(),
+        "type": type_,
+    }
     await _call("POST", authen + "/authen/signup", body)
     signed = await _call("POST", authen + "/authen/signin", {"username": username, "password": "bench password"})
     return {"id": signed["user_id"], "token": signed["token"]}
@@ -182,8 +191,7 @@ def sender_main(base: str, pairs: list[dict[str, Any]], conn: Any) -> None:
             conn.send({"sent": sent, "send_s": elapsed})
             # Then report stored echoes when asked (after the drain wait).
             await loop.run_in_executor(None, conn.recv)
-            conn.send({"stored": echoes.pop(phase, 0), "errors": list(errors),
-                       "store_lat": store_lat.pop(phase, [])})
+            conn.send({"stored": echoes.pop(phase, 0), "errors": list(errors), "store_lat": store_lat.pop(phase, [])})
             errors.clear()
         for r in readers:
             r.cancel()
@@ -212,10 +220,15 @@ def run(args: argparse.Namespace) -> None:
     receiver.start()
     sender.start()
     assert r_here.recv() == "ready" and s_here.recv() == "ready"
-    print(f"connected: {args.chats} sender sockets on :{layout.port('chat', 0)}, "
-          f"{args.chats} receiver sockets on :{layout.port('chat', 1)}", flush=True)
-    print(f"{'offered/s':>9} {'sent/s':>8} {'stored':>7} {'delivered':>9} {'deliv/s':>8} "
-          f"{'p50 ms':>7} {'p99 ms':>7} {'max ms':>7} {'order':>6} {'echo p50/p99':>13}  sustained")
+    print(
+        f"connected: {args.chats} sender sockets on :{layout.port('chat', 0)}, "
+        f"{args.chats} receiver sockets on :{layout.port('chat', 1)}",
+        flush=True,
+    )
+    print(
+        f"{'offered/s':>9} {'sent/s':>8} {'stored':>7} {'delivered':>9} {'deliv/s':>8} "
+        f"{'p50 ms':>7} {'p99 ms':>7} {'max ms':>7} {'order':>6} {'echo p50/p99':>13}  sustained"
+    )
     if args.warmup > 0:
         # Not reported: the first seconds after setup pay for cold caches and connections.
         s_here.send(("warmup", 200, args.warmup))
@@ -249,15 +262,23 @@ def run(args: argparse.Namespace) -> None:
         window = send_s + (max(lat) if lat else 0)
         p50, p99, worst = pct(lat, 0.50) * 1000, pct(lat, 0.99) * 1000, (max(lat) * 1000 if lat else float("nan"))
         kept_rate = sent / send_s >= 0.97 * rate
-        ok = (kept_rate and stored["stored"] == sent and delivered == sent and got["order_errors"] == 0
-              and p99 / 1000 < P99_GOAL_S and not stored["errors"])
+        ok = (
+            kept_rate
+            and stored["stored"] == sent
+            and delivered == sent
+            and got["order_errors"] == 0
+            and p99 / 1000 < P99_GOAL_S
+            and not stored["errors"]
+        )
         if ok:
             best = max(best, rate)
-        print(f"{rate:>9} {sent / send_s:>8.0f} {stored['stored']:>7} {delivered:>9} {delivered / window:>8.0f} "
-              f"{p50:>7.1f} {p99:>7.1f} {worst:>7.1f} {'ok' if got['order_errors'] == 0 else 'BAD':>6} "
-              f"{pct(stored['store_lat'], 0.5) * 1000:>6.1f}/{pct(stored['store_lat'], 0.99) * 1000:<6.1f}  "
-              f"{'yes' if ok else 'no'}{'  errors: ' + ','.join(sorted(set(stored['errors']))) if stored['errors'] else ''}",
-              flush=True)
+        print(
+            f"{rate:>9} {sent / send_s:>8.0f} {stored['stored']:>7} {delivered:>9} {delivered / window:>8.0f} "
+            f"{p50:>7.1f} {p99:>7.1f} {worst:>7.1f} {'ok' if got['order_errors'] == 0 else 'BAD':>6} "
+            f"{pct(stored['store_lat'], 0.5) * 1000:>6.1f}/{pct(stored['store_lat'], 0.99) * 1000:<6.1f}  "
+            f"{'yes' if ok else 'no'}{'  errors: ' + ','.join(sorted(set(stored['errors']))) if stored['errors'] else ''}",
+            flush=True,
+        )
         if not ok and args.stop_on_fail:
             break
     s_here.send("stop")

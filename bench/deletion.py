@@ -35,16 +35,25 @@ async def call(method: str, url: str, body: Any = None, token: str | None = None
     headers = {"Content-Type": "application/json"}
     if token:
         headers["Authorization"] = f"Bearer {token}"
-    resp = await AsyncHTTPClient().fetch(url, method=method, headers=headers, raise_error=False,
-                                         body=json.dumps(body) if body is not None else (b"" if method == "POST" else None),
-                                         request_timeout=120, allow_nonstandard_methods=True)
+    resp = await AsyncHTTPClient().fetch(
+        url,
+        method=method,
+        headers=headers,
+        raise_error=False,
+        body=json.dumps(body) if body is not None else (b"" if method == "POST" else None),
+        request_timeout=120,
+        allow_nonstandard_methods=True,
+    )
     return resp.code, json.loads(resp.body) if resp.body else None
 
 
 async def user(gw: str, kind: str) -> dict:
     name = f"b{kind[:3]}_{uuid.uuid4().hex[:10]}"
-    code, body = await call("POST", f"{gw}/authen/authen/signup", {"username": name, "password": PASSWORD,
-                                                                   "first_name": "B", "last_name": "M", "type": kind})
+    code, body = await call(
+        "POST",
+        f"{gw}/authen/authen/signup",
+        {"username": name, "password": PASSWORD, "first_name": "B", "last_name": "M", "type": kind},
+    )
     assert code == 201, body
     code, body = await call("POST", f"{gw}/authen/authen/signin", {"username": name, "password": PASSWORD})
     assert code == 200, body
@@ -54,17 +63,26 @@ async def user(gw: str, kind: str) -> dict:
 async def party(gw: str, mongo: AsyncMongoClient, chats: int, messages: int, employees: list[dict]) -> int:
     customer = await user(gw, "customer")
     for employee in employees[:chats]:
-        code, body = await call("POST", f"{gw}/chat/chats/start?employee_id={employee['user_id']}",
-                                token=customer["token"])
+        code, body = await call(
+            "POST", f"{gw}/chat/chats/start?employee_id={employee['user_id']}", token=customer["token"]
+        )
         assert code in (200, 201), body
         chat_id = body["chat_id"]
         now = time.time()
-        docs = [{"_id": f"{chat_id}:{s}", "chat_id": chat_id, "seq": s,
-                 "sender": {"id": customer["user_id"], "first_name": "B", "last_name": "M"},
-                 "message": f"message {s}", "sent_at": "2026-11-29T00:00:00Z", "created_at": now}
-                for s in range(1, messages + 1)]
+        docs = [
+            {
+                "_id": f"{chat_id}:{s}",
+                "chat_id": chat_id,
+                "seq": s,
+                "sender": {"id": customer["user_id"], "first_name": "B", "last_name": "M"},
+                "message": f"message {s}",
+                "sent_at": "2026-11-29T00:00:00Z",
+                "created_at": now,
+            }
+            for s in range(1, messages + 1)
+        ]
         for i in range(0, len(docs), 5000):
-            await mongo.chat.messages.insert_many(docs[i:i + 5000], ordered=False)
+            await mongo.chat.messages.insert_many(docs[i : i + 5000], ordered=False)
     return customer["user_id"]
 
 
@@ -73,8 +91,9 @@ def pct(values: list[float], p: float) -> float:
     return values[min(len(values) - 1, round(p / 100 * (len(values) - 1)))]
 
 
-async def run(layout: Layout, admin_password: str, users: int, chats: int, messages: int, concurrency: int,
-              saga_messages: int) -> None:
+async def run(
+    layout: Layout, admin_password: str, users: int, chats: int, messages: int, concurrency: int, saga_messages: int
+) -> None:
     env = service_env(layout)
     gw = layout.gateway_url
     mongo: AsyncMongoClient = AsyncMongoClient(env["MONGO_URL"])
@@ -105,11 +124,15 @@ async def run(layout: Layout, admin_password: str, users: int, chats: int, messa
     t0 = time.perf_counter()
     concurrent = await asyncio.gather(*(limited(uid) for uid in ids[half:]))
     conc_elapsed = time.perf_counter() - t0
-    for label, lat, elapsed in (("2pc sequential", sequential, seq_elapsed),
-                                (f"2pc concurrency {concurrency}", concurrent, conc_elapsed)):
+    for label, lat, elapsed in (
+        ("2pc sequential", sequential, seq_elapsed),
+        (f"2pc concurrency {concurrency}", concurrent, conc_elapsed),
+    ):
         ms = [x * 1000 for x in lat]
-        print(f"{label:<22} {len(lat) / elapsed:7.1f} deletions/s   p50 {statistics.median(ms):7.1f} ms   "
-              f"p99 {pct(ms, 99):7.1f} ms   ({len(lat)} users, {chats} chats x {messages} messages each)")
+        print(
+            f"{label:<22} {len(lat) / elapsed:7.1f} deletions/s   p50 {statistics.median(ms):7.1f} ms   "
+            f"p99 {pct(ms, 99):7.1f} ms   ({len(lat)} users, {chats} chats x {messages} messages each)"
+        )
 
     if saga_messages:
         uid = await party(gw, mongo, 1, saga_messages, employees)
@@ -124,8 +147,10 @@ async def run(layout: Layout, admin_password: str, users: int, chats: int, messa
             await asyncio.sleep(0.2)
         elapsed = time.perf_counter() - t0
         purge = next(s for s in tx["steps"] if s["name"] == "purge_chats")["progress"]
-        print(f"saga: {saga_messages} messages deleted in {elapsed:.2f} s ({purge.get('batches')} batches, "
-              f"{saga_messages / elapsed:.0f} messages/s), state {tx['state']}")
+        print(
+            f"saga: {saga_messages} messages deleted in {elapsed:.2f} s ({purge.get('batches')} batches, "
+            f"{saga_messages / elapsed:.0f} messages/s), state {tx['state']}"
+        )
     await mongo.close()
 
 
@@ -145,15 +170,33 @@ def main() -> None:
         proc = StackProcess(args.offset)
         proc.start()
         try:
-            asyncio.run(run(proc.layout, ADMIN_PASSWORD, args.users, args.chats, args.messages, args.concurrency,
-                            args.saga_messages))
+            asyncio.run(
+                run(
+                    proc.layout,
+                    ADMIN_PASSWORD,
+                    args.users,
+                    args.chats,
+                    args.messages,
+                    args.concurrency,
+                    args.saga_messages,
+                )
+            )
         finally:
             proc.stop()
             proc.remove()
     else:
         layout = Layout(Path(os.environ.get("STACK_DIR", ".stack")), int(os.environ.get("PORT_OFFSET", 0)))
-        asyncio.run(run(layout, os.environ.get("BARBER_ADMIN_PASSWORD", ""), args.users, args.chats, args.messages,
-                        args.concurrency, args.saga_messages))
+        asyncio.run(
+            run(
+                layout,
+                os.environ.get("BARBER_ADMIN_PASSWORD", ""),
+                args.users,
+                args.chats,
+                args.messages,
+                args.concurrency,
+                args.saga_messages,
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -20,9 +20,16 @@ from common import logs  # noqa: E402
 
 def per_line_us(n: int) -> float:
     log = logging.getLogger("bench.elk")
-    extra = {"http.request.method": "GET", "url.path": "/authen/list/employee", "http.response.status_code": 200,
-             "event.duration": 1_234_567, "client.ip": "127.0.0.1", "barber.route": "/authen/list",
-             "barber.upstream.service": "authen", "barber.upstream.instance": "127.0.0.1:8101"}
+    extra = {
+        "http.request.method": "GET",
+        "url.path": "/authen/list/employee",
+        "http.response.status_code": 200,
+        "event.duration": 1_234_567,
+        "client.ip": "127.0.0.1",
+        "barber.route": "/authen/list",
+        "barber.upstream.service": "authen",
+        "barber.upstream.instance": "127.0.0.1:8101",
+    }
     t0 = time.perf_counter()
     for _ in range(n):
         log.info("GET /authen/list/employee 200", extra=extra)
@@ -50,8 +57,10 @@ def main() -> None:
         finally:
             logs.uuid.uuid4 = original
     uuid_us = min(timeit.repeat(lambda: uuid.uuid4().hex, number=n, repeat=7)) / n * 1e6
-    print(f"ECS line: {min(with_id):.1f} us with a fresh event.id, {min(without_id):.1f} us with a constant one; "
-          f"uuid4().hex alone: {uuid_us:.2f} us ({n} lines per round, best of 7)")
+    print(
+        f"ECS line: {min(with_id):.1f} us with a fresh event.id, {min(without_id):.1f} us with a constant one; "
+        f"uuid4().hex alone: {uuid_us:.2f} us ({n} lines per round, best of 7)"
+    )
 
 
 if __name__ == "__main__":

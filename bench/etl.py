@@ -53,8 +53,9 @@ def insert_users(layout: Layout, kind: str, n: int, prefix: str) -> list[int]:
         with conn.cursor() as cur:
             with cur.copy("COPY users (username, password_hash, first_name, last_name, type) FROM STDIN") as copy:
                 copy.write(buf.getvalue())
-        rows = conn.execute("SELECT id FROM users WHERE username LIKE %s ORDER BY id",
-                            (f"{prefix}\\_{kind[:4]}\\_%",)).fetchall()
+        rows = conn.execute(
+            "SELECT id FROM users WHERE username LIKE %s ORDER BY id", (f"{prefix}\\_{kind[:4]}\\_%",)
+        ).fetchall()
     return [r[0] for r in rows]
 
 
@@ -74,11 +75,18 @@ async def generate(layout: Layout, db: str, scale: float, seed: int = 1) -> dict
         pair = (rnd.choice(customers), rnd.choice(barbers))
         if pair not in pairs:
             pairs.add(pair)
-            chats.append({"_id": f"{prefix}-{len(chats)}", "customer_id": pair[0], "employee_id": pair[1],
-                          "created_at": rnd.uniform(start, end - DAY), "deleting": None})
+            chats.append(
+                {
+                    "_id": f"{prefix}-{len(chats)}",
+                    "customer_id": pair[0],
+                    "employee_id": pair[1],
+                    "created_at": rnd.uniform(start, end - DAY),
+                    "deleting": None,
+                }
+            )
     coll = client[db]
     for i in range(0, len(chats), 10_000):
-        await coll.chats.insert_many(chats[i:i + 10_000], ordered=False)
+        await coll.chats.insert_many(chats[i : i + 10_000], ordered=False)
     # Messages per chat: n_messages spread evenly, each chat's in time order from its start.
     per_chat = [n_messages // n_chats + (1 if i < n_messages % n_chats else 0) for i in range(n_chats)]
     state: dict[str, tuple[int, float]] = {}
@@ -90,9 +98,17 @@ async def generate(layout: Layout, db: str, scale: float, seed: int = 1) -> dict
         for seq in range(1, n + 1):
             t += rnd.uniform(0.2, 1.8) * step
             sender = chat["employee_id"] if rnd.random() < 0.4 else chat["customer_id"]
-            batch.append({"_id": f"{chat['_id']}:{seq}", "chat_id": chat["_id"], "seq": seq,
-                          "sender": {"id": sender, "first_name": "F", "last_name": "L"}, "message": "hello there",
-                          "sent_at": "", "created_at": min(t, end)})
+            batch.append(
+                {
+                    "_id": f"{chat['_id']}:{seq}",
+                    "chat_id": chat["_id"],
+                    "seq": seq,
+                    "sender": {"id": sender, "first_name": "F", "last_name": "L"},
+                    "message": "hello there",
+                    "sent_at": "",
+                    "created_at": min(t, end),
+                }
+            )
             if len(batch) >= 10_000:
                 await coll.messages.insert_many(batch, ordered=False)
                 written += len(batch)
@@ -104,8 +120,15 @@ async def generate(layout: Layout, db: str, scale: float, seed: int = 1) -> dict
         written += len(batch)
     print(file=sys.stderr)
     await client.close()
-    return {"barbers": len(barbers), "customers": len(customers), "chats": len(chats), "messages": written,
-            "seconds": time.monotonic() - t0, "state": state, "chat_customers": {c["_id"]: c["customer_id"] for c in chats}}
+    return {
+        "barbers": len(barbers),
+        "customers": len(customers),
+        "chats": len(chats),
+        "messages": written,
+        "seconds": time.monotonic() - t0,
+        "state": state,
+        "chat_customers": {c["_id"]: c["customer_id"] for c in chats},
+    }
 
 
 async def raw_read(layout: Layout, db: str, batch: int) -> tuple[int, float]:
@@ -114,8 +137,12 @@ async def raw_read(layout: Layout, db: str, batch: int) -> tuple[int, float]:
     await client[db].messages.create_index([("created_at", ASCENDING)], name="etl_created_at")
     t0 = time.monotonic()
     n = 0
-    async for _ in client[db].messages.find({"created_at": {"$gt": 0.0}}, MESSAGE_FIELDS).sort(
-            "created_at", ASCENDING).batch_size(batch):
+    async for _ in (
+        client[db]
+        .messages.find({"created_at": {"$gt": 0.0}}, MESSAGE_FIELDS)
+        .sort("created_at", ASCENDING)
+        .batch_size(batch)
+    ):
         n += 1
     elapsed = time.monotonic() - t0
     await client.close()
@@ -126,8 +153,13 @@ def run_etl(layout: Layout, db: str, *args: str) -> dict[str, Any]:
     env = {**os.environ, **service_env(layout), "CHAT_MONGO_DB": db}
     while True:
         t0 = time.monotonic()
-        proc = subprocess.Popen([sys.executable, "-m", "etl", "run", *args], cwd=ROOT, env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "etl", "run", *args],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         assert proc.stderr is not None
         err = proc.stderr.read()
         _, status, usage = os.wait4(proc.pid, 0)
@@ -142,7 +174,8 @@ def run_etl(layout: Layout, db: str, *args: str) -> dict[str, Any]:
     with psycopg.connect(layout.pg_dsn("warehouse"), autocommit=True) as conn:
         run_id, seconds, rows = conn.execute(
             "SELECT run_id, extract(epoch FROM finished_at - started_at)::float8, rows FROM etl_runs "
-            "WHERE state = 'succeeded' ORDER BY run_id DESC LIMIT 1").fetchone()
+            "WHERE state = 'succeeded' ORDER BY run_id DESC LIMIT 1"
+        ).fetchone()
     return {"run_id": run_id, "run_s": seconds, "wall_s": wall, "rows": rows, "max_rss_mib": usage.ru_maxrss / 1024}
 
 
@@ -159,8 +192,17 @@ async def add_messages(layout: Layout, db: str, gen: dict[str, Any], n: int) -> 
         seq += 1
         state[cid] = (seq, barber)
         sender = barber if rnd.random() < 0.4 else gen["chat_customers"][cid]
-        docs.append({"_id": f"{cid}:{seq}", "chat_id": cid, "seq": seq, "sender": {"id": sender},
-                     "message": "new", "sent_at": "", "created_at": now + i * 1e-3})
+        docs.append(
+            {
+                "_id": f"{cid}:{seq}",
+                "chat_id": cid,
+                "seq": seq,
+                "sender": {"id": sender},
+                "message": "new",
+                "sent_at": "",
+                "created_at": now + i * 1e-3,
+            }
+        )
     await client[db].messages.insert_many(docs, ordered=False)
     await client.close()
 
@@ -176,20 +218,26 @@ def main() -> None:
 
     print(f"generating (scale {args.scale}) ...", file=sys.stderr)
     gen = asyncio.run(generate(layout, args.mongo_db, args.scale))
-    print(f"generated {gen['barbers']:,} barbers, {gen['customers']:,} customers, {gen['chats']:,} chats, "
-          f"{gen['messages']:,} messages in {gen['seconds']:.0f} s")
+    print(
+        f"generated {gen['barbers']:,} barbers, {gen['customers']:,} customers, {gen['chats']:,} chats, "
+        f"{gen['messages']:,} messages in {gen['seconds']:.0f} s"
+    )
     total, read_s = asyncio.run(raw_read(layout, args.mongo_db, 20_000))
     print(f"raw read: {total:,} messages in {read_s:.2f} s ({total / read_s:,.0f}/s)")
     full = run_etl(layout, args.mongo_db, "--full-refresh")
-    print(f"full refresh: {full['run_s']:.2f} s ({total / full['run_s']:,.0f} messages/s; "
-          f"{full['run_s'] / read_s:.2f}x the raw read), process {full['wall_s']:.2f} s, "
-          f"peak RSS {full['max_rss_mib']:.0f} MiB, rows {full['rows']}")
+    print(
+        f"full refresh: {full['run_s']:.2f} s ({total / full['run_s']:,.0f} messages/s; "
+        f"{full['run_s'] / read_s:.2f}x the raw read), process {full['wall_s']:.2f} s, "
+        f"peak RSS {full['max_rss_mib']:.0f} MiB, rows {full['rows']}"
+    )
     noop = run_etl(layout, args.mongo_db)
     print(f"no-op incremental: {noop['run_s']:.3f} s (process {noop['wall_s']:.2f} s), rows {noop['rows']}")
     asyncio.run(add_messages(layout, args.mongo_db, gen, 10_000))
     new = run_etl(layout, args.mongo_db)
-    print(f"10,000 new messages: {new['run_s']:.3f} s (process {new['wall_s']:.2f} s), "
-          f"peak RSS {new['max_rss_mib']:.0f} MiB, rows {new['rows']}")
+    print(
+        f"10,000 new messages: {new['run_s']:.3f} s (process {new['wall_s']:.2f} s), "
+        f"peak RSS {new['max_rss_mib']:.0f} MiB, rows {new['rows']}"
+    )
 
 
 if __name__ == "__main__":

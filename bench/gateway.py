@@ -72,14 +72,18 @@ def listener_pids(port: int) -> list[int]:
         import psutil
     except ImportError:
         return []
-    pids = {c.pid for c in psutil.net_connections("tcp") if c.laddr and c.laddr.port == port
-            and c.status == psutil.CONN_LISTEN and c.pid}
+    pids = {
+        c.pid
+        for c in psutil.net_connections("tcp")
+        if c.laddr and c.laddr.port == port and c.status == psutil.CONN_LISTEN and c.pid
+    }
     return sorted(pids)
 
 
 def cpu_seconds(pids: list[int]) -> float | None:
     try:
         import psutil
+
         total = 0.0
         for pid in pids:
             t = psutil.Process(pid).cpu_times()
@@ -109,7 +113,10 @@ def _ms(text: str) -> float:
 def run_wrk(url: str, connections: int, duration_s: float) -> tuple[float, float, float, int]:
     out = subprocess.run(
         ["wrk", "-t1", f"-c{connections}", f"-d{int(duration_s)}s", "--latency", url],
-        capture_output=True, text=True, timeout=duration_s + 30, check=True,
+        capture_output=True,
+        text=True,
+        timeout=duration_s + 30,
+        check=True,
     ).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     p50 = _ms(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1))
@@ -132,6 +139,7 @@ async def _asyncio_load(url: str, connections: int, duration_s: float) -> tuple[
     deadline = time.perf_counter() + duration_s
     connector = aiohttp.TCPConnector(limit=connections)
     async with aiohttp.ClientSession(connector=connector) as http:
+
         async def worker() -> None:
             nonlocal errors
             while time.perf_counter() < deadline:
@@ -202,12 +210,19 @@ class Nginx:
         assert self.binary is not None
         self.tmp.chmod(0o777)
         conf = self.tmp / "nginx.conf"
-        conf.write_text(NGINX_CONF.format(
-            workers=self.workers, tmp=self.tmp, port=self.port,
-            servers="\n        ".join(f"server {u};" for u in self.upstreams),
-        ))
-        self.proc = subprocess.Popen([self.binary, "-c", str(conf), "-p", str(self.tmp), "-e", str(self.tmp / "error.log")],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        conf.write_text(
+            NGINX_CONF.format(
+                workers=self.workers,
+                tmp=self.tmp,
+                port=self.port,
+                servers="\n        ".join(f"server {u};" for u in self.upstreams),
+            )
+        )
+        self.proc = subprocess.Popen(
+            [self.binary, "-c", str(conf), "-p", str(self.tmp), "-e", str(self.tmp / "error.log")],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -238,8 +253,13 @@ class LocalGateway:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> str:
-        self.proc = subprocess.Popen([sys.executable, "-m", "gateway"], env=self.env, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL, cwd=Path(__file__).resolve().parent.parent)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway"],
+            env=self.env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            cwd=Path(__file__).resolve().parent.parent,
+        )
         url = f"http://127.0.0.1:{self.port}"
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -265,8 +285,12 @@ class ExpressGateway:
         self.node = shutil.which("node")
         self.npm = shutil.which("npm")
         self.port = free_port()
-        self.env = {**os.environ, "PORT": str(self.port), "AUTHEN_UPSTREAMS": ",".join(upstreams),
-                    "REDIS_URL": layout.redis_url}
+        self.env = {
+            **os.environ,
+            "PORT": str(self.port),
+            "AUTHEN_UPSTREAMS": ",".join(upstreams),
+            "REDIS_URL": layout.redis_url,
+        }
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = Path(tempfile.mkstemp(prefix="bench-express-", suffix=".log")[1])
 
@@ -282,8 +306,9 @@ class ExpressGateway:
             return
         assert self.npm is not None
         print("express: node_modules missing; running npm ci")
-        done = subprocess.run([self.npm, "ci", "--no-audit", "--no-fund"], cwd=self.DIR,
-                              capture_output=True, text=True, timeout=600)
+        done = subprocess.run(
+            [self.npm, "ci", "--no-audit", "--no-fund"], cwd=self.DIR, capture_output=True, text=True, timeout=600
+        )
         if done.returncode != 0:
             raise RuntimeError(f"npm ci failed: {done.stderr.strip()[-500:]}")
 
@@ -291,8 +316,14 @@ class ExpressGateway:
         assert self.node is not None
         self.install()
         with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen([self.node, "server.js"], cwd=self.DIR, env=self.env,
-                                         stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            self.proc = subprocess.Popen(
+                [self.node, "server.js"],
+                cwd=self.DIR,
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
         url = f"http://127.0.0.1:{self.port}"
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -331,10 +362,14 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=10.0, help="seconds per throughput run")
     ap.add_argument("--latency-duration", type=float, default=5.0, help="seconds per one-connection run")
     ap.add_argument("--connections", type=int, default=32)
-    ap.add_argument("--nginx-workers", type=int, default=1,
-                    help="nginx worker processes (1: one process, like the gateway)")
-    ap.add_argument("--state-dir", default=os.environ.get("STACK_DIR", ".stack"),
-                    help="the stack's state folder (keys for the bench's own gateway)")
+    ap.add_argument(
+        "--nginx-workers", type=int, default=1, help="nginx worker processes (1: one process, like the gateway)"
+    )
+    ap.add_argument(
+        "--state-dir",
+        default=os.environ.get("STACK_DIR", ".stack"),
+        help="the stack's state folder (keys for the bench's own gateway)",
+    )
     args = ap.parse_args()
 
     layout = Layout(Path(args.state_dir), args.offset)
@@ -403,15 +438,20 @@ def main() -> None:
         for name in ("gateway", "gw-local"):
             if (name, mode) in by:
                 g = by[(name, mode)]
-                print(f"{name}: throughput {100 * g.rps / n.rps:.0f}% of nginx's (goal >= 80%), "
-                      f"adds {by[(name, 'c=1')].p50_ms - direct_p50:+.2f} ms at p50 (c=1; goal < 1 ms)")
+                print(
+                    f"{name}: throughput {100 * g.rps / n.rps:.0f}% of nginx's (goal >= 80%), "
+                    f"adds {by[(name, 'c=1')].p50_ms - direct_p50:+.2f} ms at p50 (c=1; goal < 1 ms)"
+                )
     if ("express", mode) in by:
         e = by[("express", mode)]
         for name in ("gateway", "gw-local"):
             if (name, mode) in by:
                 g = by[(name, mode)]
-                cpu = (f", {g.cpu_us / e.cpu_us:.2f}x its CPU per request"
-                       if g.cpu_us is not None and e.cpu_us is not None else "")
+                cpu = (
+                    f", {g.cpu_us / e.cpu_us:.2f}x its CPU per request"
+                    if g.cpu_us is not None and e.cpu_us is not None
+                    else ""
+                )
                 print(f"{name}: throughput {g.rps / e.rps:.2f}x the express gateway's{cpu}")
 
 

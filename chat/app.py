@@ -25,6 +25,7 @@ from common.tokens import Revocations
 
 log = logging.getLogger("barber.chat")
 
+
 async def _ensure_indexes(store: Store, attempts: int = 30) -> None:
     """MongoDB may still be starting: retry for a while, then give up (the supervisor
     restarts us)."""
@@ -66,8 +67,16 @@ async def build(settings: ChatSettings) -> ServiceApp:
     await hub.start()
     sockets = UserSockets(settings.chat_max_sockets_per_user)
     participant = ChatParticipant(store, hub, cache)
-    ctx = ChatContext(settings=settings, store=store, cache=cache, users=users, hub=hub, sockets=sockets,
-                      participant=participant, metrics=make_registry(cache, users, hub))
+    ctx = ChatContext(
+        settings=settings,
+        store=store,
+        cache=cache,
+        users=users,
+        hub=hub,
+        sockets=sockets,
+        participant=participant,
+        metrics=make_registry(cache, users, hub),
+    )
     stop_watching = await watch_outcomes(settings, participant)
     app = make_app(
         settings,

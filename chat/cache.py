@@ -119,7 +119,9 @@ class UserCache:
         self.stats.errors += 1
         self.last_error = f"{type(e).__name__}: {e}"
         self._skip_until = time.monotonic() + self.cooldown_s
-        log.warning("user cache %s failed (%s); using authen directly for %.1fs", what, self.last_error, self.cooldown_s)
+        log.warning(
+            "user cache %s failed (%s); using authen directly for %.1fs", what, self.last_error, self.cooldown_s
+        )
         client = self._client
         if client is not None and isinstance(e, RedisClusterException):
             # The client could not learn the slot map (cluster unreachable): start from the
@@ -183,8 +185,10 @@ class UserCache:
             await self._run(client.set(key, TOMBSTONE, ex=TOMBSTONE_TTL_S), budget_s)
             # On a replica too: a master that failed over before replicating the tombstone
             # would otherwise hand the deleted user's entry back through its promoted replica.
-            replicated = await self._run(client.execute_command(
-                "WAIT", 1, int(budget_s * 500), target_nodes=client.get_node_from_key(key)), budget_s)
+            replicated = await self._run(
+                client.execute_command("WAIT", 1, int(budget_s * 500), target_nodes=client.get_node_from_key(key)),
+                budget_s,
+            )
         except CACHE_ERRORS as e:
             self._failed("invalidate", e)
             raise CacheError(f"could not invalidate user#{user_id}: {self.last_error}") from e

@@ -28,6 +28,7 @@ class SocketRefused(Exception):
         self.code = code
         self.reason = reason
 
+
 HISTORY_MAX = 100
 LIST_DEFAULT = 100
 LIST_MAX = 500
@@ -46,8 +47,9 @@ def ws_url(base: str, chat_id: str) -> str:
     return base + chat_id
 
 
-async def start_chat(store: Store, users: UserDirectory, caller: Claims, employee_id: int,
-                     base: str) -> tuple[dict[str, Any], bool]:
+async def start_chat(
+    store: Store, users: UserDirectory, caller: Claims, employee_id: int, base: str
+) -> tuple[dict[str, Any], bool]:
     """The caller's (a customer's) chat with ``employee_id``; True when newly created."""
     if caller.user_type != "customer":
         raise Forbidden("only customers can start a chat")
@@ -97,8 +99,9 @@ async def history(store: Store, caller: Claims, chat_id: str, before: int | None
     }
 
 
-async def list_mine(store: Store, users: UserDirectory, caller: Claims, base: str, *, limit: int = LIST_DEFAULT,
-                    offset: int = 0) -> list[dict[str, Any]]:
+async def list_mine(
+    store: Store, users: UserDirectory, caller: Claims, base: str, *, limit: int = LIST_DEFAULT, offset: int = 0
+) -> list[dict[str, Any]]:
     """A page of the caller's chats, newest activity first, with the other party and last
     message (``limit`` from ``offset``; the default page holds a usual list whole)."""
     if not 1 <= limit <= LIST_MAX or offset < 0:
@@ -110,8 +113,11 @@ async def list_mine(store: Store, users: UserDirectory, caller: Claims, base: st
         async with gate:
             return chat, await store.last_message(chat.chat_id)
 
-    ranked = sorted(await asyncio.gather(*(last_of(c) for c in chats)),
-                    key=lambda pair: pair[1].created_at if pair[1] is not None else pair[0].created_at, reverse=True)
+    ranked = sorted(
+        await asyncio.gather(*(last_of(c) for c in chats)),
+        key=lambda pair: pair[1].created_at if pair[1] is not None else pair[0].created_at,
+        reverse=True,
+    )
 
     async def describe(chat: Chat, last: ChatMessage | None) -> dict[str, Any]:
         other_id = chat.other(caller.user_id)
@@ -131,7 +137,7 @@ async def list_mine(store: Store, users: UserDirectory, caller: Claims, base: st
         }
 
     # Only the page's other parties are looked up in authen.
-    return list(await asyncio.gather(*(describe(c, last) for c, last in ranked[offset:offset + limit])))
+    return list(await asyncio.gather(*(describe(c, last) for c, last in ranked[offset : offset + limit])))
 
 
 def parse_since(raw: str | None) -> int | None:

@@ -50,28 +50,48 @@ class ChatHandler(BaseHandler):
 
 
 class StartChatHandler(ChatHandler):
-    @api("Start (or find) the caller's chat with a barber; customers only", query=StartQuery,
-         responses={201: ChatRef, 200: ChatRef}, errors=(403, 404, 409, 503), auth=True)
+    @api(
+        "Start (or find) the caller's chat with a barber; customers only",
+        query=StartQuery,
+        responses={201: ChatRef, 200: ChatRef},
+        errors=(403, 404, 409, 503),
+        auth=True,
+    )
     async def post(self) -> None:
         caller = self.require_user()
         employee_id = self.parse_query(StartQuery).employee_id
-        body, created = await chats.start_chat(self.context.store, self.context.users, caller, employee_id, self.ws_base)
+        body, created = await chats.start_chat(
+            self.context.store, self.context.users, caller, employee_id, self.ws_base
+        )
         self.write_json(body, 201 if created else 200)
 
 
 class ListMyHandler(ChatHandler):
-    @api("The caller's chats, newest activity first", query=ListQuery, responses={200: list[ChatSummary]},
-         errors=(503,), auth=True)
+    @api(
+        "The caller's chats, newest activity first",
+        query=ListQuery,
+        responses={200: list[ChatSummary]},
+        errors=(503,),
+        auth=True,
+    )
     async def get(self) -> None:
         caller = self.require_user()
         q = self.parse_query(ListQuery)
-        self.write_json(await chats.list_mine(self.context.store, self.context.users, caller, self.ws_base,
-                                              limit=q.limit, offset=q.offset))
+        self.write_json(
+            await chats.list_mine(
+                self.context.store, self.context.users, caller, self.ws_base, limit=q.limit, offset=q.offset
+            )
+        )
 
 
 class ConnectHandler(ChatHandler):
-    @api("The socket URL of one of the caller's chats", query=ChatQuery, responses={200: ChatRef},
-         errors=(403, 404, 409, 503), auth=True)
+    @api(
+        "The socket URL of one of the caller's chats",
+        query=ChatQuery,
+        responses={200: ChatRef},
+        errors=(403, 404, 409, 503),
+        auth=True,
+    )
     async def get(self) -> None:
         caller = self.require_user()
         chat_id = self.parse_query(ChatQuery).id
@@ -79,8 +99,13 @@ class ConnectHandler(ChatHandler):
 
 
 class HistoryHandler(ChatHandler):
-    @api("Older messages of one of the caller's chats, newest first", query=HistoryQuery,
-         responses={200: HistoryPage}, errors=(403, 404, 503), auth=True)
+    @api(
+        "Older messages of one of the caller's chats, newest first",
+        query=HistoryQuery,
+        responses={200: HistoryPage},
+        errors=(403, 404, 503),
+        auth=True,
+    )
     async def get(self) -> None:
         caller = self.require_user()
         q = self.parse_query(HistoryQuery)
@@ -233,17 +258,27 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
             return
         self._closing = True
         if code == CLOSE_TOO_SLOW:
-            log.warning("closing a socket of user#%s: %d bytes not taken by the client",
-                        self.sub.user.id if self.sub else "?", self._buffered)
+            log.warning(
+                "closing a socket of user#%s: %d bytes not taken by the client",
+                self.sub.user.id if self.sub else "?",
+                self._buffered,
+            )
         self.close(code, reason)
 
-    @api("The real-time chat socket (a WebSocket upgrade)", responses={101: None}, errors=(400,),
-         path_names=("chat_id",), extensions={"x-websocket": True}, description=(
-             "Token as `?token=` or the `Sec-WebSocket-Protocol` pair `bearer, <token>`; `?since=<seq>` first "
-             "replays every later message. Client frames `{\"type\": \"chat_message\", \"message\": str, "
-             "\"client_id\"?: str}`; server frames as in the history's messages, or `{\"type\": \"error\", "
-             "\"code\", \"detail\"}`. Close codes: 4401 not authenticated, 4403 not a participant, 4404 no "
-             "such chat, 4409 chat being deleted."))
+    @api(
+        "The real-time chat socket (a WebSocket upgrade)",
+        responses={101: None},
+        errors=(400,),
+        path_names=("chat_id",),
+        extensions={"x-websocket": True},
+        description=(
+            "Token as `?token=` or the `Sec-WebSocket-Protocol` pair `bearer, <token>`; `?since=<seq>` first "
+            'replays every later message. Client frames `{"type": "chat_message", "message": str, '
+            '"client_id"?: str}`; server frames as in the history\'s messages, or `{"type": "error", '
+            '"code", "detail"}`. Close codes: 4401 not authenticated, 4403 not a participant, 4404 no '
+            "such chat, 4409 chat being deleted."
+        ),
+    )
     async def get(self, *args: Any, **kwargs: Any) -> None:
         await super().get(*args, **kwargs)
 
@@ -259,9 +294,11 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         self._send_json(frame)
 
     def _claims(self) -> Claims | None:
-        token = websocket_token(self.get_query_argument("token", None),
-                                offered_subprotocols(self.request.headers.get("Sec-WebSocket-Protocol")),
-                                self.request.headers.get("Authorization"))
+        token = websocket_token(
+            self.get_query_argument("token", None),
+            offered_subprotocols(self.request.headers.get("Sec-WebSocket-Protocol")),
+            self.request.headers.get("Authorization"),
+        )
         return verify_or_none(self.settings.get(VERIFIER), token)
 
     def _limit_kernel_buffer(self) -> None:
@@ -282,7 +319,8 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
         self.user_id, self.issued_at = claims.user_id, claims.issued_at
         # The socket lives no longer than the token that opened it.
         self._expiry = asyncio.get_running_loop().call_later(
-            max(0.0, claims.expires_at - time.time()), self.close_with, CLOSE_UNAUTHENTICATED, "token expired")
+            max(0.0, claims.expires_at - time.time()), self.close_with, CLOSE_UNAUTHENTICATED, "token expired"
+        )
         return True
 
     def _release(self) -> None:
@@ -321,8 +359,13 @@ class ChatSocket(tornado.websocket.WebSocketHandler):
             return
         self.sub = sub
         ctx.hub.stats.connections += 1
-        log.info("user#%d joined chat %s (since=%s)", user.id, chat.chat_id, since,
-                 extra={"user.id": user.id, "barber.chat.id": chat.chat_id})
+        log.info(
+            "user#%d joined chat %s (since=%s)",
+            user.id,
+            chat.chat_id,
+            since,
+            extra={"user.id": user.id, "barber.chat.id": chat.chat_id},
+        )
 
     async def on_message(self, data: str | bytes) -> None:
         sub = self.sub

@@ -27,20 +27,25 @@ class ChatCollector:
         c.add_metric(["skipped"], cache.skipped)
         yield c
         yield CounterMetricFamily("chat_user_cache_stores", "Entries written to the user cache", value=cache.stores)
-        yield CounterMetricFamily("chat_user_cache_invalidations", "Entries removed from the user cache",
-                                  value=cache.invalidations)
+        yield CounterMetricFamily(
+            "chat_user_cache_invalidations", "Entries removed from the user cache", value=cache.invalidations
+        )
         users = self.users
         yield CounterMetricFamily("chat_authen_lookups", "User lookups sent to authen", value=users.authen_calls)
-        yield CounterMetricFamily("chat_authen_lookup_failures", "authen lookups that failed",
-                                  value=users.authen_failures)
+        yield CounterMetricFamily(
+            "chat_authen_lookup_failures", "authen lookups that failed", value=users.authen_failures
+        )
         f = self.hub.stats
         for name, help_, value in (
             ("chat_messages_stored", "Messages stored by this instance", f.stored),
             ("chat_messages_deduplicated", "Resent messages answered with the stored copy", f.deduplicated),
             ("chat_messages_published", "Messages published on Redis", f.published),
             ("chat_publish_failures", "Publishes that failed and were queued for retry", f.publish_failures),
-            ("chat_publish_dropped", "Stored messages dropped from a full publish queue (read from MongoDB instead)",
-             f.publish_dropped),
+            (
+                "chat_publish_dropped",
+                "Stored messages dropped from a full publish queue (read from MongoDB instead)",
+                f.publish_dropped,
+            ),
             ("chat_messages_received", "Messages received from Redis", f.received),
             ("chat_messages_delivered", "Message frames sent to sockets", f.delivered),
             ("chat_gap_filled", "Messages read from MongoDB to fill a seq gap", f.gap_filled),
@@ -59,8 +64,9 @@ class ChatCollector:
         yield GaugeMetricFamily("chat_sockets", "Open chat sockets", value=self.hub.socket_count)
         yield GaugeMetricFamily("chat_rooms", "Chats with sockets on this instance", value=len(self.hub.rooms))
         yield GaugeMetricFamily("chat_write_queue", "Messages waiting to be stored", value=self.hub.writer.queued)
-        yield GaugeMetricFamily("chat_publish_backlog", "Stored messages waiting to be published",
-                                value=self.hub.bus.backlog)
+        yield GaugeMetricFamily(
+            "chat_publish_backlog", "Stored messages waiting to be published", value=self.hub.bus.backlog
+        )
 
 
 def make_registry(cache: UserCache, users: UserDirectory, hub: Hub) -> CollectorRegistry:

@@ -34,7 +34,6 @@ from common.participant import GID_PREFIX, check_gid
 log = logging.getLogger("barber.chat.participant")
 
 
-
 class ChatParticipant:
     def __init__(self, store: Store, hub: Hub, cache: UserCache) -> None:
         self.store = store
@@ -64,8 +63,15 @@ class ChatParticipant:
             if doc is None:
                 try:
                     # Recorded first: an abort racing with this prepare then finds it.
-                    await self.txs.insert_one({"_id": gid, "user_id": user_id, "state": "prepared",
-                                               "chat_ids": [c.chat_id for c in chats], "at": time.time()})
+                    await self.txs.insert_one(
+                        {
+                            "_id": gid,
+                            "user_id": user_id,
+                            "state": "prepared",
+                            "chat_ids": [c.chat_id for c in chats],
+                            "at": time.time(),
+                        }
+                    )
                 except DuplicateKeyError:
                     return await self.prepare(gid, user_id, after_prepare)
             # A repeated prepare (the first one may have died half-way) marks again: "yes"
@@ -85,8 +91,9 @@ class ChatParticipant:
 
     async def _mark(self, chat_id: str, gid: str) -> None:
         """Mark a chat for ``gid`` unless another deletion holds it (then vote no)."""
-        result = await self.store.chats.update_one({"_id": {"$eq": chat_id}, "deleting": {"$eq": None}},
-                                                   {"$set": {"deleting": gid}})
+        result = await self.store.chats.update_one(
+            {"_id": {"$eq": chat_id}, "deleting": {"$eq": None}}, {"$set": {"deleting": gid}}
+        )
         if result.matched_count:
             return
         current = await self.store.get_chat(chat_id)
@@ -148,10 +155,14 @@ class ChatParticipant:
             docs = await self.txs.find({"state": {"$eq": "prepared"}}).to_list()
             marked = await self.store.chats.find(
                 {"deleting": {"$gte": GID_PREFIX, "$lt": GID_PREFIX[:-1] + chr(ord(GID_PREFIX[-1]) + 1)}},
-                {"deleting": 1}).to_list()
+                {"deleting": 1},
+            ).to_list()
         cutoff = time.time() - older_than_s
-        held = {d["_id"]: {"gid": d["_id"], "user_id": d.get("user_id"), "prepared_at": d.get("at")}
-                for d in docs if d.get("at", 0) <= cutoff}
+        held = {
+            d["_id"]: {"gid": d["_id"], "user_id": d.get("user_id"), "prepared_at": d.get("at")}
+            for d in docs
+            if d.get("at", 0) <= cutoff
+        }
         for chat in marked:
             if chat["deleting"] not in held and not older_than_s:
                 held[chat["deleting"]] = {"gid": chat["deleting"], "user_id": None, "prepared_at": None}
@@ -190,11 +201,17 @@ class ChatParticipant:
             for chat in chats:
                 if budget <= 0:
                     break
-                cut = await self.store.messages.find({"chat_id": {"$eq": chat.chat_id}}, {"seq": 1}).sort(
-                    "seq", ASCENDING).skip(budget - 1).limit(1).to_list()
+                cut = (
+                    await self.store.messages.find({"chat_id": {"$eq": chat.chat_id}}, {"seq": 1})
+                    .sort("seq", ASCENDING)
+                    .skip(budget - 1)
+                    .limit(1)
+                    .to_list()
+                )
                 if cut:
                     result = await self.store.messages.delete_many(
-                        {"chat_id": {"$eq": chat.chat_id}, "seq": {"$lte": int(cut[0]["seq"])}})
+                        {"chat_id": {"$eq": chat.chat_id}, "seq": {"$lte": int(cut[0]["seq"])}}
+                    )
                     messages_deleted += int(result.deleted_count)
                     budget -= int(result.deleted_count)
                     continue
@@ -202,5 +219,9 @@ class ChatParticipant:
                 chats_deleted += 1
                 budget -= 1
             remaining = await self.store.chats_of(user_id)
-        return {"user_id": user_id, "chats_deleted": chats_deleted, "messages_deleted": messages_deleted,
-                "done": not remaining}
+        return {
+            "user_id": user_id,
+            "chats_deleted": chats_deleted,
+            "messages_deleted": messages_deleted,
+            "done": not remaining,
+        }

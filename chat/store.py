@@ -238,7 +238,12 @@ class Store:
     # -- messages --------------------------------------------------------------------
     async def max_seq(self, chat_id: str) -> int:
         with unavailable("message"):
-            docs = await self.messages.find({"chat_id": {"$eq": chat_id}}, {"seq": 1}).sort("seq", DESCENDING).limit(1).to_list()
+            docs = (
+                await self.messages.find({"chat_id": {"$eq": chat_id}}, {"seq": 1})
+                .sort("seq", DESCENDING)
+                .limit(1)
+                .to_list()
+            )
         return int(docs[0]["seq"]) if docs else 0
 
     async def last_message(self, chat_id: str) -> ChatMessage | None:

@@ -62,13 +62,20 @@ class User:
 
 
 class UserDirectory:
-    def __init__(self, view: InstanceView, cache: UserCache, *, timeout_s: float = 3.0,
-                 secret: str | None = None) -> None:
+    def __init__(
+        self, view: InstanceView, cache: UserCache, *, timeout_s: float = 3.0, secret: str | None = None
+    ) -> None:
         self.view = view
         self.cache = cache
         self.timeout_s = timeout_s
-        self.authen = InternalClient("authen", lambda: view.instances, secret, timeout_s=timeout_s,
-                                     connect_timeout_s=min(1.0, timeout_s), refusals=NO_SUCH_USER)
+        self.authen = InternalClient(
+            "authen",
+            lambda: view.instances,
+            secret,
+            timeout_s=timeout_s,
+            connect_timeout_s=min(1.0, timeout_s),
+            refusals=NO_SUCH_USER,
+        )
         self._inflight: dict[int, asyncio.Future[User | None]] = {}
 
     @property

@@ -44,9 +44,17 @@ async def build(settings: CoordinatorSettings, host: Host) -> Mount:
     txlog = TxLog(settings.coordinator_database_url, settings.coordinator_lease_s)
     secret = internal.read_secret(settings.service_secret_file)
     http = AsyncHTTPClient(force_instance=True, max_clients=MAX_CALLS)
+
     def client(name: str) -> ParticipantClient:
-        return ParticipantClient(InternalClient(name, lambda: host.instances(name), secret,
-                                                timeout_s=settings.coordinator_participant_timeout_s, http=http))
+        return ParticipantClient(
+            InternalClient(
+                name,
+                lambda: host.instances(name),
+                secret,
+                timeout_s=settings.coordinator_participant_timeout_s,
+                http=http,
+            )
+        )
 
     participants = {name: client(name) for name in PARTICIPANTS}
     coordinator = Coordinator(settings, txlog, participants, owner=f"{settings.advertise_host}:{settings.port}")

@@ -37,15 +37,21 @@ SAGA_PIVOT = SAGA_STEPS.index("purge_chats")
 
 def tx_fields(tx_id: uuid.UUID | str, mode: str, state: str, action: str, **more: Any) -> dict[str, Any]:
     """ECS `extra=` for a transaction's log line (mapped in elk/templates.py)."""
-    fields = {"event.kind": "event", "event.action": action, "barber.transaction.id": str(tx_id),
-              "barber.transaction.mode": mode, "barber.transaction.state": state}
+    fields = {
+        "event.kind": "event",
+        "event.action": action,
+        "barber.transaction.id": str(tx_id),
+        "barber.transaction.mode": mode,
+        "barber.transaction.state": state,
+    }
     fields.update({k if "." in k else f"barber.transaction.{k}": v for k, v in more.items()})
     return fields
 
 
 class Coordinator:
-    def __init__(self, settings: CoordinatorSettings, txlog: TxLog, participants: dict[str, ParticipantClient],
-                 owner: str) -> None:
+    def __init__(
+        self, settings: CoordinatorSettings, txlog: TxLog, participants: dict[str, ParticipantClient], owner: str
+    ) -> None:
         self.settings = settings
         self.txlog = txlog
         self.participants = participants
@@ -72,8 +78,12 @@ class Coordinator:
         if mode == "2pc":
             try:
                 await self.txlog.begin(tx_id, "2pc", user_id, self.owner, list(PARTICIPANTS), [])
-                log.info("2pc %s: deleting user %d", tx_id, user_id,
-                         extra=tx_fields(tx_id, "2pc", "started", "deletion-start", **{"user.id": user_id}))
+                log.info(
+                    "2pc %s: deleting user %d",
+                    tx_id,
+                    user_id,
+                    extra=tx_fields(tx_id, "2pc", "started", "deletion-start", **{"user.id": user_id}),
+                )
                 self.crash("after_log_start")
                 await self._two_phase(tx_id, user_id)
             finally:
@@ -84,8 +94,12 @@ class Coordinator:
             except BaseException:
                 self.active.discard(tx_id)
                 raise
-            log.info("saga %s: deleting user %d", tx_id, user_id,
-                     extra=tx_fields(tx_id, "saga", "started", "deletion-start", **{"user.id": user_id}))
+            log.info(
+                "saga %s: deleting user %d",
+                tx_id,
+                user_id,
+                extra=tx_fields(tx_id, "saga", "started", "deletion-start", **{"user.id": user_id}),
+            )
             self._spawn(self._run_saga(tx_id, user_id))
         tx = await self.txlog.get(tx_id)
         assert tx is not None
@@ -129,8 +143,13 @@ class Coordinator:
             await self.txlog.set_participant(tx_id, name, "prepared")
             self.crash(f"after_{name}_prepared")
         decision = await self.txlog.decide(tx_id, decision, detail)
-        log.info("2pc %s: decision %s%s", tx_id, decision, f" ({detail})" if detail else "",
-                 extra=tx_fields(tx_id, "2pc", "decided", "deletion-decision", decision=decision))
+        log.info(
+            "2pc %s: decision %s%s",
+            tx_id,
+            decision,
+            f" ({detail})" if detail else "",
+            extra=tx_fields(tx_id, "2pc", "decided", "deletion-decision", decision=decision),
+        )
         self.crash("after_decision")
         await self._finish_2pc(tx_id, decision, self.settings.coordinator_finish_wait_s)
 
@@ -167,13 +186,20 @@ class Coordinator:
             assert tx is not None
             if all(tx.participants[n]["state"] == done for n in PARTICIPANTS):
                 await self.txlog.complete(tx_id)
-                log.info("2pc %s: %s everywhere", tx_id, done,
-                         extra=tx_fields(tx_id, "2pc", done, "deletion-finish", decision=decision))
+                log.info(
+                    "2pc %s: %s everywhere",
+                    tx_id,
+                    done,
+                    extra=tx_fields(tx_id, "2pc", done, "deletion-finish", decision=decision),
+                )
                 return True
             if time.monotonic() >= deadline:
-                log.warning("2pc %s: %s not yet acknowledged by all; recovery will finish it", tx_id, decision,
-                            extra=tx_fields(tx_id, "2pc", f"{decision}_pending", "deletion-pending",
-                                            decision=decision))
+                log.warning(
+                    "2pc %s: %s not yet acknowledged by all; recovery will finish it",
+                    tx_id,
+                    decision,
+                    extra=tx_fields(tx_id, "2pc", f"{decision}_pending", "deletion-pending", decision=decision),
+                )
                 return False
             attempt += 1
             await asyncio.sleep(backoff_delay(attempt))
@@ -203,14 +229,21 @@ class Coordinator:
                 await self.txlog.set_step(tx_id, step["position"], "done")
             await self.txlog.decide(tx_id, "commit")
             await self.txlog.complete(tx_id)
-            log.info("saga %s: user %d deleted", tx_id, user_id,
-                     extra=tx_fields(tx_id, "saga", "committed", "deletion-finish", **{"user.id": user_id}))
+            log.info(
+                "saga %s: user %d deleted",
+                tx_id,
+                user_id,
+                extra=tx_fields(tx_id, "saga", "committed", "deletion-finish", **{"user.id": user_id}),
+            )
         except asyncio.CancelledError:
             raise
         except Exception:
             # Left unfinished in the log with its lease; recovery resumes it.
-            log.exception("saga %s: stopped; recovery will resume it", tx_id,
-                          extra=tx_fields(tx_id, "saga", "stopped", "deletion-stopped"))
+            log.exception(
+                "saga %s: stopped; recovery will resume it",
+                tx_id,
+                extra=tx_fields(tx_id, "saga", "stopped", "deletion-stopped"),
+            )
         finally:
             self.active.discard(tx_id)
 
@@ -241,8 +274,9 @@ class Coordinator:
             progress.setdefault("messages_deleted", 0)
             batch = self.settings.coordinator_saga_batch
             while True:
-                result = await self._forever(tx_id, name, lambda: chat.call(
-                    "POST", f"/internal/users/{user_id}/purge?limit={batch}"))
+                result = await self._forever(
+                    tx_id, name, lambda: chat.call("POST", f"/internal/users/{user_id}/purge?limit={batch}")
+                )
                 progress["chats_deleted"] += int(result.get("chats_deleted", 0))
                 progress["messages_deleted"] += int(result.get("messages_deleted", 0))
                 progress["batches"] = progress.get("batches", 0) + 1
@@ -265,17 +299,23 @@ class Coordinator:
             # (the cache entry) was refused. Reactivating is idempotent.
             if step["name"] == "deactivate" and step["state"] in ("done", "running", "failed"):
                 try:
-                    await self._forever(tx_id, "reactivate",
-                                        lambda: self.participants["authen"].call(
-                                            "POST", f"/internal/users/{user_id}/reactivate"))
+                    await self._forever(
+                        tx_id,
+                        "reactivate",
+                        lambda: self.participants["authen"].call("POST", f"/internal/users/{user_id}/reactivate"),
+                    )
                 except Refused as e:
                     if e.status != 404:
                         raise
                     log.info("saga %s: user %d no longer exists; nothing to reactivate", tx_id, user_id)
                 await self.txlog.set_step(tx_id, step["position"], "compensated")
         await self.txlog.complete(tx_id)
-        log.warning("saga %s: compensated (%s)", tx_id, detail,
-                    extra=tx_fields(tx_id, "saga", "compensated", "deletion-finish", decision="abort"))
+        log.warning(
+            "saga %s: compensated (%s)",
+            tx_id,
+            detail,
+            extra=tx_fields(tx_id, "saga", "compensated", "deletion-finish", decision="abort"),
+        )
 
     # -- recovery --------------------------------------------------------------------
     async def recover_once(self) -> None:
@@ -285,8 +325,14 @@ class Coordinator:
             tx = await self.txlog.get(tx_id)
             if tx is None:
                 continue
-            log.warning("recovery: resuming %s %s (state %s, decision %s)", tx.mode, tx_id, tx.state, tx.decision,
-                        extra=tx_fields(tx_id, tx.mode, tx.state, "recovery-resume"))
+            log.warning(
+                "recovery: resuming %s %s (state %s, decision %s)",
+                tx.mode,
+                tx_id,
+                tx.state,
+                tx.decision,
+                extra=tx_fields(tx_id, tx.mode, tx.state, "recovery-resume"),
+            )
             if tx.mode == "saga":
                 self.active.add(tx_id)
                 self._spawn(self._run_saga(tx_id, tx.user_id))
@@ -296,10 +342,16 @@ class Coordinator:
                 decision = tx.decision
                 if decision is None:
                     decision = await self.txlog.decide(
-                        tx_id, "abort", "presumed abort: the coordinator stopped before deciding")
-                    log.warning("recovery: 2pc %s had no decision: presumed abort", tx_id,
-                                extra={**tx_fields(tx_id, "2pc", "aborting", "presumed-abort", decision=decision),
-                                       "event.kind": "alert"})
+                        tx_id, "abort", "presumed abort: the coordinator stopped before deciding"
+                    )
+                    log.warning(
+                        "recovery: 2pc %s had no decision: presumed abort",
+                        tx_id,
+                        extra={
+                            **tx_fields(tx_id, "2pc", "aborting", "presumed-abort", decision=decision),
+                            "event.kind": "alert",
+                        },
+                    )
                 await self._finish_2pc(tx_id, decision, self.settings.coordinator_finish_wait_s)
             finally:
                 self.active.discard(tx_id)
@@ -323,9 +375,20 @@ class Coordinator:
                     continue  # still being decided by its owner (its lease has not run out)
                 else:
                     decision = tx.decision
-                log.warning("recovery: %s holds %s prepared; sending %s", name, item["gid"], decision,
-                            extra=tx_fields(tx_id, tx.mode if tx else "2pc", "orphan", "recovery-resolve",
-                                            decision=decision, participant=name))
+                log.warning(
+                    "recovery: %s holds %s prepared; sending %s",
+                    name,
+                    item["gid"],
+                    decision,
+                    extra=tx_fields(
+                        tx_id,
+                        tx.mode if tx else "2pc",
+                        "orphan",
+                        "recovery-resolve",
+                        decision=decision,
+                        participant=name,
+                    ),
+                )
                 try:
                     await (participant.commit(item["gid"]) if decision == "commit" else participant.abort(item["gid"]))
                 except (Unreachable, Refused) as e:

@@ -25,9 +25,14 @@ class CoordinatorHandler(BaseHandler):
 
 
 class DeleteUserHandler(CoordinatorHandler):
-    @api("Delete a user and all their chats, atomically (admin)", query=DeleteQuery,
-         responses={200: DeletionStarted, 202: DeletionStarted}, errors=(403, 404, 409, 502, 503), auth=True,
-         headers={202: {"Location": "the transaction's URL"}})
+    @api(
+        "Delete a user and all their chats, atomically (admin)",
+        query=DeleteQuery,
+        responses={200: DeletionStarted, 202: DeletionStarted},
+        errors=(403, 404, 409, 502, 503),
+        auth=True,
+        headers={202: {"Location": "the transaction's URL"}},
+    )
     async def delete(self, user_id: str) -> None:
         self.require_user("admin")
         mode = self.parse_query(DeleteQuery).mode
@@ -45,8 +50,13 @@ class DeleteUserHandler(CoordinatorHandler):
 
 
 class TransactionHandler(CoordinatorHandler):
-    @api("A deletion's state, participants and steps (admin)", responses={200: Transaction},
-         errors=(400, 403, 404, 503), auth=True, path=TransactionPath)
+    @api(
+        "A deletion's state, participants and steps (admin)",
+        responses={200: Transaction},
+        errors=(400, 403, 404, 503),
+        auth=True,
+        path=TransactionPath,
+    )
     async def get(self, raw_id: str) -> None:
         self.require_user("admin")
         tx = await self.context.coordinator.txlog.get(self.parse_path(TransactionPath, raw_id).transaction_id)
@@ -56,8 +66,13 @@ class TransactionHandler(CoordinatorHandler):
 
 
 class TransactionListHandler(CoordinatorHandler):
-    @api("Deletions, newest first (admin)", query=TransactionsQuery, responses={200: TransactionList},
-         errors=(403, 503), auth=True)
+    @api(
+        "Deletions, newest first (admin)",
+        query=TransactionsQuery,
+        responses={200: TransactionList},
+        errors=(403, 503),
+        auth=True,
+    )
     async def get(self) -> None:
         self.require_user("admin")
         q = self.parse_query(TransactionsQuery)

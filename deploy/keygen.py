@@ -33,8 +33,9 @@ class KeySettings(BaseSettings):
 
 def _derive_public(private_path: Path, public_path: Path) -> None:
     key = serialization.load_pem_private_key(private_path.read_bytes(), password=None)
-    public_path.write_bytes(key.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    public_path.write_bytes(
+        key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
 
 
 def ensure_keys(settings: KeySettings) -> list[str]:

@@ -16,8 +16,12 @@ from discovery.settings import DiscoverySettings
 async def build(settings: DiscoverySettings) -> ServiceApp:
     # Brief retries only: with Redis down, callers should get a 503 at once and retry
     # on their own schedule, not hang in a client-side backoff.
-    redis = aioredis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=2,
-                              retry=Retry(ExponentialBackoff(cap=0.2, base=0.05), 2))
+    redis = aioredis.from_url(
+        settings.redis_url,
+        socket_timeout=5,
+        socket_connect_timeout=2,
+        retry=Retry(ExponentialBackoff(cap=0.2, base=0.05), 2),
+    )
     registry = Registry(redis, settings.instance_ttl_s)
     watchers = Watchers()
     feed = ChangeFeed(registry, watchers, settings.sweep_interval_s)

@@ -258,9 +258,9 @@ class Watchers:
         self.notify_all()
 
 
-
-async def wait_for_change(registry: Registry, watchers: Watchers, type_: str, version: str | None,
-                          wait_s: float) -> Listing:
+async def wait_for_change(
+    registry: Registry, watchers: Watchers, type_: str, version: str | None, wait_s: float
+) -> Listing:
     """The current listing, or, if it still has ``version``, the next one within ``wait_s``.
 
     A type's event exists only while a long poll holds it, so asking about any number of

@@ -68,9 +68,17 @@ def document(row: Mapping[str, Any]) -> dict[str, Any]:
 
 
 class AnalyticsIndexer:
-    def __init__(self, url: str, *, index: str = ANALYTICS_INDEX, max_retries: int = 4,
-                 initial_backoff_s: float = 0.5, max_backoff_s: float = 10.0, chunk_size: int = 500,
-                 **client_kwargs: Any) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        index: str = ANALYTICS_INDEX,
+        max_retries: int = 4,
+        initial_backoff_s: float = 0.5,
+        max_backoff_s: float = 10.0,
+        chunk_size: int = 500,
+        **client_kwargs: Any,
+    ) -> None:
         self.index = index
         self.max_retries = max_retries
         self.initial_backoff_s = initial_backoff_s
@@ -90,8 +98,12 @@ class AnalyticsIndexer:
 
     def _actions(self, rows: Iterable[Mapping[str, Any]]) -> Iterator[dict[str, Any]]:
         for row in rows:
-            yield {"_op_type": "index", "_index": self.index, "_id": doc_id(row["barber_id"], row["day"]),
-                   "_source": document(row)}
+            yield {
+                "_op_type": "index",
+                "_index": self.index,
+                "_id": doc_id(row["barber_id"], row["day"]),
+                "_source": document(row),
+            }
 
     async def index_days(self, rows: Iterable[Mapping[str, Any]]) -> int:
         """Index one document per row (id barber:day); the number indexed."""
@@ -99,17 +111,24 @@ class AnalyticsIndexer:
             # raise_on_error=False: with it on, the helper raises at the first refused item
             # instead of retrying it; the items still refused after the retries come back.
             ok, errors = await async_bulk(
-                self.client, self._actions(rows), chunk_size=self.chunk_size, raise_on_error=False,
-                max_retries=self.max_retries, initial_backoff=self.initial_backoff_s,
-                max_backoff=self.max_backoff_s, retry_on_status=RETRY_STATUS,
+                self.client,
+                self._actions(rows),
+                chunk_size=self.chunk_size,
+                raise_on_error=False,
+                max_retries=self.max_retries,
+                initial_backoff=self.initial_backoff_s,
+                max_backoff=self.max_backoff_s,
+                retry_on_status=RETRY_STATUS,
             )
         except (ApiError, TransportError) as e:
             raise IndexingError(f"bulk request failed: {e}") from e
         if errors:
             assert isinstance(errors, list)
             first = next(iter(errors[0].values()))
-            raise IndexingError(f"{len(errors)} document(s) not indexed; first: {first.get('_id')} "
-                                f"{first.get('status')} {first.get('error')}")
+            raise IndexingError(
+                f"{len(errors)} document(s) not indexed; first: {first.get('_id')} "
+                f"{first.get('status')} {first.get('error')}"
+            )
         return ok
 
     async def delete_barbers(self, barber_ids: Iterable[int]) -> int:
@@ -122,14 +141,20 @@ class AnalyticsIndexer:
     async def delete_before_run(self, run_id: int) -> int:
         """After a full refresh has indexed every barber-day again (each document now carries
         ``run_id``): delete the older ones, days the warehouse no longer holds; the number deleted."""
-        return await self._delete({"range": {"etl.run_id": {"lt": int(run_id)}}},
-                                  f"the documents written before run {run_id}")
+        return await self._delete(
+            {"range": {"etl.run_id": {"lt": int(run_id)}}}, f"the documents written before run {run_id}"
+        )
 
     async def _delete(self, query: dict[str, Any], what: str) -> int:
         try:
-            resp = await self.client.options(retry_on_status=(429, 502, 503, 504), retry_backoff_base=0.5,
-                                              retry_backoff_cap=5.0).delete_by_query(
-                index=self.index, query=query, conflicts="proceed", refresh=True, ignore_unavailable=True,
+            resp = await self.client.options(
+                retry_on_status=(429, 502, 503, 504), retry_backoff_base=0.5, retry_backoff_cap=5.0
+            ).delete_by_query(
+                index=self.index,
+                query=query,
+                conflicts="proceed",
+                refresh=True,
+                ignore_unavailable=True,
             )
         except (ApiError, TransportError) as e:
             raise IndexingError(f"deleting {what} failed: {e}") from e

@@ -53,8 +53,9 @@ class Report:
 
     def text(self) -> str:
         lines = [f"{outcome:9}  {kind:20} {name}" for kind, name, outcome in self.items]
-        lines.append(f"{self.count('created')} created, {self.count('updated')} updated, "
-                     f"{self.count('unchanged')} unchanged")
+        lines.append(
+            f"{self.count('created')} created, {self.count('updated')} updated, {self.count('unchanged')} unchanged"
+        )
         return "\n".join(lines)
 
 
@@ -102,18 +103,27 @@ async def _index_template_hash(es: AsyncElasticsearch, name: str) -> str | None:
 
 ILM = Kind("ilm policy", _ilm_hash, lambda es, name, body: es.ilm.put_lifecycle(name=name, policy=body))
 PIPELINE = Kind("ingest pipeline", _pipeline_hash, lambda es, name, body: es.ingest.put_pipeline(id=name, body=body))
-COMPONENT = Kind("component template", _component_hash,
-                 lambda es, name, body: es.cluster.put_component_template(name=name, body=body))
-INDEX_TEMPLATE = Kind("index template", _index_template_hash,
-                      lambda es, name, body: es.indices.put_index_template(name=name, body=body))
+COMPONENT = Kind(
+    "component template",
+    _component_hash,
+    lambda es, name, body: es.cluster.put_component_template(name=name, body=body),
+)
+INDEX_TEMPLATE = Kind(
+    "index template", _index_template_hash, lambda es, name, body: es.indices.put_index_template(name=name, body=body)
+)
 
 
 def desired_objects(settings: ElkSettings) -> list[tuple[Kind, str, dict[str, Any]]]:
     """What setup installs, in dependency order (a template names the policy and the
     pipeline; an index template names its component templates)."""
     objs: list[tuple[Kind, str, dict[str, Any]]] = [
-        (ILM, t.LOGS_ILM_POLICY, t.ilm_policy(settings.elk_log_retention_days, settings.elk_rollover_max_size,
-                                              settings.elk_rollover_max_age)),
+        (
+            ILM,
+            t.LOGS_ILM_POLICY,
+            t.ilm_policy(
+                settings.elk_log_retention_days, settings.elk_rollover_max_size, settings.elk_rollover_max_age
+            ),
+        ),
         (PIPELINE, t.LOGS_PIPELINE, t.logs_pipeline()),
     ]
     objs += [(COMPONENT, name, body) for name, body in t.component_templates(settings.elk_replicas).items()]
@@ -198,10 +208,10 @@ class Kibana:
     async def import_objects(self, objects: list[dict[str, Any]]) -> None:
         data = aiohttp.FormData()
         ndjson = "".join(json.dumps(o, sort_keys=True) + "\n" for o in objects)
-        data.add_field("file", io.BytesIO(ndjson.encode()), filename="barber.ndjson",
-                       content_type="application/ndjson")
-        async with self.session.post(f"{self.base}/api/saved_objects/_import", params={"overwrite": "true"},
-                                     data=data) as resp:
+        data.add_field("file", io.BytesIO(ndjson.encode()), filename="barber.ndjson", content_type="application/ndjson")
+        async with self.session.post(
+            f"{self.base}/api/saved_objects/_import", params={"overwrite": "true"}, data=data
+        ) as resp:
             body = await resp.json(content_type=None) if resp.content_type.endswith("json") else {}
             if resp.status != 200 or not body.get("success"):
                 raise SetupError(f"Kibana import answered {resp.status}: {body.get('errors') or body}")

@@ -95,20 +95,20 @@ ECS_FIELDS: dict[str, str] = {
 # Our own fields. Every custom `extra=` key a service logs must be one of these.
 BARBER_FIELDS: dict[str, str] = {
     # gateway: a proxied request (on its access line) and the upstream that served it
-    "barber.route": "keyword",            # "/authen/authen", "other" for unknown paths
+    "barber.route": "keyword",  # "/authen/authen", "other" for unknown paths
     "barber.upstream.service": "keyword",  # authen, chat, etl
     "barber.upstream.instance": "keyword",  # host:port, "none" when no instance answered
-    "barber.retry.reason": "keyword",      # connect, timeout, status, error
+    "barber.retry.reason": "keyword",  # connect, timeout, status, error
     # circuit breaker transitions
     "barber.breaker.state": "keyword",
     "barber.breaker.previous_state": "keyword",
     # load alerts
     "barber.load.threshold_per_s": "long",
     "barber.load.per_s": "long",
-    "barber.load.shared": "boolean",        # counted over every gateway (Redis) or this one
+    "barber.load.shared": "boolean",  # counted over every gateway (Redis) or this one
     # deletion transactions (coordinator)
     "barber.transaction.id": "keyword",
-    "barber.transaction.mode": "keyword",   # 2pc, saga
+    "barber.transaction.mode": "keyword",  # 2pc, saga
     "barber.transaction.state": "keyword",  # started, committed, aborted, compensated, ...
     "barber.transaction.decision": "keyword",
     "barber.transaction.participant": "keyword",
@@ -116,20 +116,25 @@ BARBER_FIELDS: dict[str, str] = {
     "barber.chat.id": "keyword",
     # ETL runs
     "barber.etl.run_id": "long",
-    "barber.etl.mode": "keyword",           # incremental, full
-    "barber.etl.state": "keyword",          # running, succeeded, failed
+    "barber.etl.mode": "keyword",  # incremental, full
+    "barber.etl.state": "keyword",  # running, succeeded, failed
     "barber.etl.rows.extracted": "long",
     "barber.etl.rows.transformed": "long",
     "barber.etl.rows.loaded": "long",
     "barber.etl.rows.skipped": "long",
     "barber.etl.indexed": "long",
-    "barber.etl.skipped_id": "keyword",     # a source row left out of a run
+    "barber.etl.skipped_id": "keyword",  # a source row left out of a run
 }
 
 # One document per barber and day, id "<barber_id>:<day>" (elk/analytics.py).
 ANALYTICS_METRICS: tuple[str, ...] = (
-    "chats_started", "new_customers", "returning_customers", "customer_messages",
-    "barber_messages", "replies", "unanswered_chats",
+    "chats_started",
+    "new_customers",
+    "returning_customers",
+    "customer_messages",
+    "barber_messages",
+    "replies",
+    "unanswered_chats",
 )
 ANALYTICS_FIELDS: dict[str, str] = {
     "@timestamp": "date",
@@ -175,15 +180,20 @@ def flatten_properties(props: dict[str, Any], prefix: str = "") -> dict[str, str
 
 
 # `labels` is ECS's open-ended keyword map: any key, always a keyword.
-_LABELS_DYNAMIC = {"labels_as_keyword": {"path_match": "labels.*", "mapping": {"type": "keyword", "ignore_above": 1024}}}
+_LABELS_DYNAMIC = {
+    "labels_as_keyword": {"path_match": "labels.*", "mapping": {"type": "keyword", "ignore_above": 1024}}
+}
 
 
 def ilm_policy(retention_days: int, rollover_max_size: str = "10gb", rollover_max_age: str = "1d") -> dict[str, Any]:
     return {
         "phases": {
-            "hot": {"min_age": "0ms", "actions": {
-                "rollover": {"max_primary_shard_size": rollover_max_size, "max_age": rollover_max_age},
-            }},
+            "hot": {
+                "min_age": "0ms",
+                "actions": {
+                    "rollover": {"max_primary_shard_size": rollover_max_size, "max_age": rollover_max_age},
+                },
+            },
             "delete": {"min_age": f"{retention_days}d", "actions": {"delete": {}}},
         },
         "_meta": {"description": "Barber service logs: roll over by size or age, delete after the retention"},
@@ -201,8 +211,13 @@ def logs_pipeline() -> dict[str, Any]:
             {"set": {"field": "event.kind", "value": "event", "override": False}},
             # A line that was not JSON (a crash's traceback on stderr) keeps its text and is
             # marked, rather than lost.
-            {"set": {"if": "ctx.error?.message != null && ctx['@timestamp'] == null",
-                     "field": "@timestamp", "value": "{{{_ingest.timestamp}}}"}},
+            {
+                "set": {
+                    "if": "ctx.error?.message != null && ctx['@timestamp'] == null",
+                    "field": "@timestamp",
+                    "value": "{{{_ingest.timestamp}}}",
+                }
+            },
         ],
         "on_failure": [
             {"set": {"field": "event.kind", "value": "pipeline_error"}},
@@ -213,27 +228,45 @@ def logs_pipeline() -> dict[str, Any]:
 
 def component_templates(replicas: int) -> dict[str, dict[str, Any]]:
     return {
-        LOGS_SETTINGS_COMPONENT: {"template": {"settings": {
-            "index": {
-                "lifecycle": {"name": LOGS_ILM_POLICY},
-                "default_pipeline": LOGS_PIPELINE,
-                "number_of_replicas": replicas,
-                "codec": "best_compression",
+        LOGS_SETTINGS_COMPONENT: {
+            "template": {
+                "settings": {
+                    "index": {
+                        "lifecycle": {"name": LOGS_ILM_POLICY},
+                        "default_pipeline": LOGS_PIPELINE,
+                        "number_of_replicas": replicas,
+                        "codec": "best_compression",
+                    },
+                }
             },
-        }}, "_meta": {"description": "Barber logs: ILM policy, default pipeline"}},
-        LOGS_ECS_COMPONENT: {"template": {"mappings": {
-            "dynamic": False,
-            "date_detection": False,
-            "dynamic_templates": [_LABELS_DYNAMIC],
-            "properties": {**properties(ECS_FIELDS), "labels": {"type": "object", "dynamic": True}},
-        }}, "_meta": {"description": "ECS core fields the Barber services emit"}},
-        LOGS_BARBER_COMPONENT: {"template": {"mappings": {
-            "properties": properties(BARBER_FIELDS),
-        }}, "_meta": {"description": "Barber's own log fields, under barber.*"}},
-        ANALYTICS_COMPONENT: {"template": {
-            "settings": {"index": {"number_of_replicas": replicas}},
-            "mappings": {"dynamic": "strict", "properties": properties(ANALYTICS_FIELDS)},
-        }, "_meta": {"description": "Per-barber daily analytics written by the ETL"}},
+            "_meta": {"description": "Barber logs: ILM policy, default pipeline"},
+        },
+        LOGS_ECS_COMPONENT: {
+            "template": {
+                "mappings": {
+                    "dynamic": False,
+                    "date_detection": False,
+                    "dynamic_templates": [_LABELS_DYNAMIC],
+                    "properties": {**properties(ECS_FIELDS), "labels": {"type": "object", "dynamic": True}},
+                }
+            },
+            "_meta": {"description": "ECS core fields the Barber services emit"},
+        },
+        LOGS_BARBER_COMPONENT: {
+            "template": {
+                "mappings": {
+                    "properties": properties(BARBER_FIELDS),
+                }
+            },
+            "_meta": {"description": "Barber's own log fields, under barber.*"},
+        },
+        ANALYTICS_COMPONENT: {
+            "template": {
+                "settings": {"index": {"number_of_replicas": replicas}},
+                "mappings": {"dynamic": "strict", "properties": properties(ANALYTICS_FIELDS)},
+            },
+            "_meta": {"description": "Per-barber daily analytics written by the ETL"},
+        },
     }
 
 

@@ -78,8 +78,11 @@ async def _run(settings: EtlSettings, full_refresh: bool) -> int:
             return FAILED
         progress.close()
         es = record["elasticsearch"]
-        print(f"etl run: run {record['run_id']} succeeded: {record['rows']}"
-              + (f"; elasticsearch: {es}" if settings.elasticsearch_url else ""), file=sys.stderr)
+        print(
+            f"etl run: run {record['run_id']} succeeded: {record['rows']}"
+            + (f"; elasticsearch: {es}" if settings.elasticsearch_url else ""),
+            file=sys.stderr,
+        )
         return 0
     finally:
         await close_context(ctx)

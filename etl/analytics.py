@@ -17,8 +17,17 @@ from sqlalchemy import text
 from common.errors import BadRequest, NotFound
 from replicas import ReadWriteRouter
 
-METRICS = ("chats_started", "new_customers", "returning_customers", "customer_messages", "barber_messages",
-           "replies", "reply_time_median_s", "reply_time_p90_s", "unanswered_chats")
+METRICS = (
+    "chats_started",
+    "new_customers",
+    "returning_customers",
+    "customer_messages",
+    "barber_messages",
+    "replies",
+    "reply_time_median_s",
+    "reply_time_p90_s",
+    "unanswered_chats",
+)
 SORT_KEYS = (*METRICS, "barber_id", "username", "first_name", "last_name")
 MAX_RANGE_DAYS = 366
 DEFAULT_DAYS = 30
@@ -115,11 +124,11 @@ def _row(mapping: Any) -> dict[str, Any]:
     return out
 
 
-async def leaderboard(router: ReadWriteRouter, period: Period, sort: str, order: str, limit: int,
-                      offset: int) -> dict[str, Any]:
+async def leaderboard(
+    router: ReadWriteRouter, period: Period, sort: str, order: str, limit: int, offset: int
+) -> dict[str, Any]:
     # sort and order are checked against fixed lists (parse_sort), never free text.
-    sql = (_LEADERBOARD
-           + f" ORDER BY {sort} {order.upper()} NULLS LAST, b.barber_id LIMIT :limit OFFSET :offset")
+    sql = _LEADERBOARD + f" ORDER BY {sort} {order.upper()} NULLS LAST, b.barber_id LIMIT :limit OFFSET :offset"
     params = {"start": period.start, "end": period.end, "limit": limit, "offset": offset}
 
     async def read(conn: Any) -> list[Any]:
@@ -128,12 +137,21 @@ async def leaderboard(router: ReadWriteRouter, period: Period, sort: str, order:
     rows = await router.read(read)
     total = int(rows[0]["total"]) if rows else 0
     if not rows and offset > 0:  # past the end: count the barbers all the same
+
         async def count(conn: Any) -> int:
             return int((await conn.execute(text("SELECT count(*) FROM dim_user WHERE type = 'employee'"))).scalar_one())
 
         total = await router.read(count)
-    return {"from": period.start.isoformat(), "to": period.end.isoformat(), "sort": sort, "order": order,
-            "limit": limit, "offset": offset, "total": total, "barbers": [_row(r) for r in rows]}
+    return {
+        "from": period.start.isoformat(),
+        "to": period.end.isoformat(),
+        "sort": sort,
+        "order": order,
+        "limit": limit,
+        "offset": offset,
+        "total": total,
+        "barbers": [_row(r) for r in rows],
+    }
 
 
 async def daily(router: ReadWriteRouter, barber_id: int, period: Period) -> dict[str, Any]:
@@ -148,5 +166,9 @@ async def daily(router: ReadWriteRouter, barber_id: int, period: Period) -> dict
     barber, days = await router.read(read)
     if barber is None:
         raise NotFound(f"no barber {barber_id} in the analytics")
-    return {"barber": barber, "from": period.start.isoformat(), "to": period.end.isoformat(),
-            "days": [_row(d) for d in days]}
+    return {
+        "barber": barber,
+        "from": period.start.isoformat(),
+        "to": period.end.isoformat(),
+        "days": [_row(d) for d in days],
+    }

@@ -27,14 +27,33 @@ def make_redis(url: str) -> Redis:
 
 def make_context(settings: EtlSettings, redis: Redis | None, instance: str) -> Context:
     timeout = settings.etl_db_connect_timeout_s
-    authen = ReadWriteRouter(settings.authen_database_url, settings.authen_replica_urls, redis=redis,
-                             hwm_key=AUTHEN_HWM_KEY, connect_timeout_s=timeout, statement_timeout_ms=60_000,
-                             pool_size=2, max_overflow=2)
-    warehouse = ReadWriteRouter(settings.warehouse_database_url, settings.warehouse_replica_urls, redis=redis,
-                                hwm_key=WAREHOUSE_HWM_KEY, connect_timeout_s=timeout,
-                                statement_timeout_ms=60_000, pool_size=5, max_overflow=5)
-    return Context(settings=settings, chat=ChatSource(settings.mongo_url, settings.chat_mongo_db),
-                   users=UserSource(authen), warehouse=warehouse, instance=instance)
+    authen = ReadWriteRouter(
+        settings.authen_database_url,
+        settings.authen_replica_urls,
+        redis=redis,
+        hwm_key=AUTHEN_HWM_KEY,
+        connect_timeout_s=timeout,
+        statement_timeout_ms=60_000,
+        pool_size=2,
+        max_overflow=2,
+    )
+    warehouse = ReadWriteRouter(
+        settings.warehouse_database_url,
+        settings.warehouse_replica_urls,
+        redis=redis,
+        hwm_key=WAREHOUSE_HWM_KEY,
+        connect_timeout_s=timeout,
+        statement_timeout_ms=60_000,
+        pool_size=5,
+        max_overflow=5,
+    )
+    return Context(
+        settings=settings,
+        chat=ChatSource(settings.mongo_url, settings.chat_mongo_db),
+        users=UserSource(authen),
+        warehouse=warehouse,
+        instance=instance,
+    )
 
 
 async def start_context(ctx: Context) -> None:

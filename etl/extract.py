@@ -36,7 +36,10 @@ class ChatSource:
 
     def __init__(self, url: str, db_name: str, *, timeout_ms: int = 3000) -> None:
         self.client: AsyncMongoClient = AsyncMongoClient(
-            url, serverSelectionTimeoutMS=timeout_ms, connectTimeoutMS=timeout_ms, socketTimeoutMS=60_000,
+            url,
+            serverSelectionTimeoutMS=timeout_ms,
+            connectTimeoutMS=timeout_ms,
+            socketTimeoutMS=60_000,
             tz_aware=False,
         )
         self.db = self.client[db_name]
@@ -59,10 +62,15 @@ class ChatSource:
         except PyMongoError as e:
             raise SourceUnavailable(f"MongoDB unreachable: {e}") from e
 
-    async def _batches(self, collection: str, after: float, fields: dict[str, int],
-                       size: int) -> AsyncIterator[list[dict[str, Any]]]:
-        cursor = (self.db[collection].find({"created_at": {"$gt": after}}, fields)
-                  .sort("created_at", ASCENDING).batch_size(size))
+    async def _batches(
+        self, collection: str, after: float, fields: dict[str, int], size: int
+    ) -> AsyncIterator[list[dict[str, Any]]]:
+        cursor = (
+            self.db[collection]
+            .find({"created_at": {"$gt": after}}, fields)
+            .sort("created_at", ASCENDING)
+            .batch_size(size)
+        )
         batch: list[dict[str, Any]] = []
         try:
             async for doc in cursor:

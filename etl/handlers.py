@@ -53,8 +53,14 @@ class EtlHandler(BaseHandler):
 
 
 class RunsHandler(EtlHandler):
-    @api("Start an ETL run (admin)", query=StartRunQuery, responses={202: RunStarted}, errors=(403, 409, 503),
-         auth=True, headers={202: {"Location": "the run's URL"}})
+    @api(
+        "Start an ETL run (admin)",
+        query=StartRunQuery,
+        responses={202: RunStarted},
+        errors=(403, 409, 503),
+        auth=True,
+        headers={202: {"Location": "the run's URL"}},
+    )
     async def post(self) -> None:
         self.require_user("admin")
         full = self.parse_query(StartRunQuery).full_refresh in ("1", "true", "yes")
@@ -81,8 +87,13 @@ class RunHandler(EtlHandler):
 
 
 class LeaderboardHandler(EtlHandler):
-    @api("Per-barber metrics over a period, sorted (admin)", query=LeaderboardQuery, responses={200: Leaderboard},
-         errors=(403, 503), auth=True)
+    @api(
+        "Per-barber metrics over a period, sorted (admin)",
+        query=LeaderboardQuery,
+        responses={200: Leaderboard},
+        errors=(403, 503),
+        auth=True,
+    )
     async def get(self) -> None:
         self.require_user("admin")
         q = self.parse_query(LeaderboardQuery)
@@ -92,8 +103,13 @@ class LeaderboardHandler(EtlHandler):
 
 
 class DailyHandler(EtlHandler):
-    @api("One barber's metrics for every day of a period (admin, or that barber)", query=PeriodQuery,
-         responses={200: Daily}, errors=(403, 404, 503), auth=True)
+    @api(
+        "One barber's metrics for every day of a period (admin, or that barber)",
+        query=PeriodQuery,
+        responses={200: Daily},
+        errors=(403, 404, 503),
+        auth=True,
+    )
     async def get(self, barber_id: str) -> None:
         claims = self.require_user("admin", "employee")
         if claims.user_type == "employee" and claims.user_id != int(barber_id):
@@ -121,16 +137,20 @@ class StatusHandler(EtlHandler):
         except TimeoutError:
             mongo_ok = False
         warehouse = self.ctx.warehouse.view()
-        self.write_json({
-            "status": "ok" if mongo_ok and warehouse["primary"]["healthy"] else "degraded",
-            "service": "etl",
-            "instance": self.ctx.instance,
-            "mongo": "ok" if mongo_ok else "unavailable",
-            "warehouse": warehouse,
-            "authen_database": self.ctx.users.router.view(),
-            "schedule": {"interval_s": self.ctx.settings.etl_interval_s,
-                         "consecutive_failures": self.context.scheduler.failures},
-        })
+        self.write_json(
+            {
+                "status": "ok" if mongo_ok and warehouse["primary"]["healthy"] else "degraded",
+                "service": "etl",
+                "instance": self.ctx.instance,
+                "mongo": "ok" if mongo_ok else "unavailable",
+                "warehouse": warehouse,
+                "authen_database": self.ctx.users.router.view(),
+                "schedule": {
+                    "interval_s": self.ctx.settings.etl_interval_s,
+                    "consecutive_failures": self.context.scheduler.failures,
+                },
+            }
+        )
 
 
 class MetricsHandler(BaseHandler):

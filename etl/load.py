@@ -52,15 +52,15 @@ CROSS JOIN LATERAL (
 _AFFECTED_BY_BATCH = f"""
 INSERT INTO tmp_affected (barber_id, day)
 SELECT m.barber_id, m.reply_day FROM fact_message m JOIN tmp_in USING (chat_key, seq) WHERE m.reply_day IS NOT NULL
-UNION SELECT barber_id, {_DAY_US.format('sent_us')} FROM tmp_in
-UNION SELECT barber_id, {_DAY_US.format('reply_us')} FROM tmp_in WHERE reply_us IS NOT NULL
+UNION SELECT barber_id, {_DAY_US.format("sent_us")} FROM tmp_in
+UNION SELECT barber_id, {_DAY_US.format("reply_us")} FROM tmp_in WHERE reply_us IS NOT NULL
 ON CONFLICT DO NOTHING
 """
 
 _UPSERT_MESSAGES = f"""
 INSERT INTO fact_message (chat_key, seq, barber_id, sender_role, sent_at, day, reply_seq, reply_at, reply_s, reply_day)
-SELECT chat_key, seq, barber_id, sender_role, {_TS_US.format('sent_us')}, {_DAY_US.format('sent_us')},
-       reply_seq, {_TS_US.format('reply_us')}, reply_s, {_DAY_US.format('reply_us')}
+SELECT chat_key, seq, barber_id, sender_role, {_TS_US.format("sent_us")}, {_DAY_US.format("sent_us")},
+       reply_seq, {_TS_US.format("reply_us")}, reply_s, {_DAY_US.format("reply_us")}
 FROM tmp_in
 ON CONFLICT (chat_key, seq) DO UPDATE SET
     reply_seq = EXCLUDED.reply_seq, reply_at = EXCLUDED.reply_at, reply_s = EXCLUDED.reply_s,
@@ -181,9 +181,16 @@ async def forget_users(conn: AsyncConnection, ids: list[int]) -> dict[str, int]:
     """
     if not ids:
         return {"customers": 0, "barbers": 0}
-    barbers = {r[0] for r in await (await conn.execute(
-        "SELECT user_id FROM dim_user WHERE user_id = ANY(%s) AND type = 'employee' "
-        "UNION SELECT barber_id FROM fact_chat WHERE barber_id = ANY(%s)", (ids, ids))).fetchall()}
+    barbers = {
+        r[0]
+        for r in await (
+            await conn.execute(
+                "SELECT user_id FROM dim_user WHERE user_id = ANY(%s) AND type = 'employee' "
+                "UNION SELECT barber_id FROM fact_chat WHERE barber_id = ANY(%s)",
+                (ids, ids),
+            )
+        ).fetchall()
+    }
     cur = await conn.execute(
         "UPDATE fact_chat SET customer_id = NULL, chat_id = NULL, customer_deleted = true WHERE customer_id = ANY(%s)",
         (ids,),
@@ -209,7 +216,7 @@ async def upsert_chats(conn: AsyncConnection, chats: pd.DataFrame) -> int:
     cur = await conn.execute(
         f"""WITH new AS (
               INSERT INTO fact_chat (chat_id, barber_id, customer_id, started_at, started_day)
-              SELECT chat_id, employee_id, customer_id, to_timestamp(created_at), {_DAY.format('created_at')}
+              SELECT chat_id, employee_id, customer_id, to_timestamp(created_at), {_DAY.format("created_at")}
               FROM unnest(%s::text[], %s::bigint[], %s::bigint[], %s::float8[])
                    AS t(chat_id, customer_id, employee_id, created_at)
               ON CONFLICT (chat_id) DO NOTHING
@@ -217,8 +224,12 @@ async def upsert_chats(conn: AsyncConnection, chats: pd.DataFrame) -> int:
             , aff AS (INSERT INTO tmp_affected (barber_id, day) SELECT DISTINCT barber_id, started_day FROM new
                       ON CONFLICT DO NOTHING)
             SELECT count(*) FROM new""",
-        (chats["chat_id"].tolist(), chats["customer_id"].tolist(), chats["employee_id"].tolist(),
-         chats["created_at"].tolist()),
+        (
+            chats["chat_id"].tolist(),
+            chats["customer_id"].tolist(),
+            chats["employee_id"].tolist(),
+            chats["created_at"].tolist(),
+        ),
     )
     row = await cur.fetchone()
     return int(row[0]) if row else 0
@@ -248,8 +259,9 @@ async def working_set(conn: AsyncConnection, new: pd.DataFrame) -> pd.DataFrame:
     """The stored messages whose reply the batch ``new`` may change (see _WORKING_SET)."""
     first = new.groupby("chat_key", sort=False)["seq"].min()
     cur = await conn.execute(_WORKING_SET, (first.index.tolist(), first.tolist()))
-    stored = pd.DataFrame.from_records(await cur.fetchall(),
-                                       columns=["chat_key", "seq", "barber_id", "sender_role", "sent_us"])
+    stored = pd.DataFrame.from_records(
+        await cur.fetchall(), columns=["chat_key", "seq", "barber_id", "sender_role", "sent_us"]
+    )
     return stored
 
 

@@ -80,7 +80,9 @@ class Run:
 async def connect_warehouse(ctx: Context) -> AsyncConnection:
     try:
         return await psycopg.AsyncConnection.connect(
-            ctx.warehouse.primary.dsn, autocommit=True, connect_timeout=max(2, int(ctx.settings.etl_db_connect_timeout_s))
+            ctx.warehouse.primary.dsn,
+            autocommit=True,
+            connect_timeout=max(2, int(ctx.settings.etl_db_connect_timeout_s)),
         )
     except psycopg.OperationalError as e:
         raise WarehouseUnavailable(f"the warehouse primary is unavailable: {_one_line(e)}") from e
@@ -88,9 +90,15 @@ async def connect_warehouse(ctx: Context) -> AsyncConnection:
 
 def run_fields(run: Run, state: str, elapsed_s: float, **more: Any) -> dict[str, Any]:
     """ECS `extra=` of a finished run (mapped in elk/templates.py; the Kibana ETL dashboard)."""
-    return {"event.action": "etl-run", "event.duration": int(elapsed_s * 1e9), "barber.etl.run_id": run.run_id,
-            "barber.etl.mode": run.mode, "barber.etl.state": state,
-            **{f"barber.etl.rows.{phase}": n for phase, n in run.rows.items()}, **more}
+    return {
+        "event.action": "etl-run",
+        "event.duration": int(elapsed_s * 1e9),
+        "barber.etl.run_id": run.run_id,
+        "barber.etl.mode": run.mode,
+        "barber.etl.state": state,
+        **{f"barber.etl.rows.{phase}": n for phase, n in run.rows.items()},
+        **more,
+    }
 
 
 async def begin(ctx: Context, *, full_refresh: bool) -> Run:
@@ -103,9 +111,17 @@ async def begin(ctx: Context, *, full_refresh: bool) -> Run:
     except BaseException:
         await conn.close()
         raise
-    log.info("run %d started (%s)", run_id, "full refresh" if full_refresh else "incremental",
-             extra={"barber.etl.run_id": run_id, "event.action": "etl-run-start", "barber.etl.state": "running",
-                    "barber.etl.mode": "full" if full_refresh else "incremental"})
+    log.info(
+        "run %d started (%s)",
+        run_id,
+        "full refresh" if full_refresh else "incremental",
+        extra={
+            "barber.etl.run_id": run_id,
+            "event.action": "etl-run-start",
+            "barber.etl.state": "running",
+            "barber.etl.mode": "full" if full_refresh else "incremental",
+        },
+    )
     return Run(conn, run_id, full_refresh)
 
 
@@ -151,8 +167,12 @@ async def execute(ctx: Context, run: Run, progress: Progress | None = None) -> d
                 _crash(ctx.settings, "before_commit")
         except Exception as e:
             error = _describe(e)
-            log.error("run %d failed: %s", run.run_id, error, extra=run_fields(
-                run, "failed", time.monotonic() - started, **{"error.type": type(e).__name__}))
+            log.error(
+                "run %d failed: %s",
+                run.run_id,
+                error,
+                extra=run_fields(run, "failed", time.monotonic() - started, **{"error.type": type(e).__name__}),
+            )
             await _record_failure(ctx, run, error)
             metrics.RUNS.labels("failed").inc()
             raise RunFailed(run.run_id, error) from e
@@ -163,8 +183,9 @@ async def execute(ctx: Context, run: Run, progress: Progress | None = None) -> d
         metrics.LAST_SUCCESS.set_to_current_time()
         for phase, n in run.rows.items():
             metrics.ROWS.labels(phase).inc(n)
-        log.info("run %d succeeded in %.2fs: %s", run.run_id, elapsed, run.rows,
-                 extra=run_fields(run, "succeeded", elapsed))
+        log.info(
+            "run %d succeeded in %.2fs: %s", run.run_id, elapsed, run.rows, extra=run_fields(run, "succeeded", elapsed)
+        )
         indexed, es_error = await search.index_pending(ctx.settings, run.conn, run.run_id, run.full_refresh)
         try:
             await runs.set_elasticsearch(run.conn, run.run_id, indexed, es_error)

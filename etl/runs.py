@@ -40,10 +40,12 @@ async def start(conn: AsyncConnection, mode: str, instance: str) -> int:
             "UPDATE etl_runs SET state = 'failed', finished_at = now(), "
             "error = 'interrupted: the process running it stopped before it finished' WHERE state = 'running'"
         )
-        row = await (await conn.execute(
-            "INSERT INTO etl_runs (mode, state, instance) VALUES (%s, 'running', %s) RETURNING run_id",
-            (mode, instance),
-        )).fetchone()
+        row = await (
+            await conn.execute(
+                "INSERT INTO etl_runs (mode, state, instance) VALUES (%s, 'running', %s) RETURNING run_id",
+                (mode, instance),
+            )
+        ).fetchone()
     assert row is not None
     return int(row[0])
 
@@ -64,8 +66,10 @@ async def fail(conn: AsyncConnection, run_id: int, rows: dict[str, int], error: 
 
 
 async def set_elasticsearch(conn: AsyncConnection, run_id: int, indexed: int, error: str | None) -> None:
-    await conn.execute("UPDATE etl_runs SET elasticsearch = %s WHERE run_id = %s",
-                       (Jsonb({"indexed": indexed, "error": error}), run_id))
+    await conn.execute(
+        "UPDATE etl_runs SET elasticsearch = %s WHERE run_id = %s",
+        (Jsonb({"indexed": indexed, "error": error}), run_id),
+    )
 
 
 def _public(row: dict[str, Any]) -> dict[str, Any]:
@@ -89,6 +93,7 @@ async def get(conn: AsyncConnection, run_id: int) -> dict[str, Any] | None:
 
 async def recent(conn: AsyncConnection, limit: int, offset: int) -> list[dict[str, Any]]:
     async with conn.cursor(row_factory=dict_row) as cur:
-        await cur.execute(f"SELECT {RUN_COLUMNS} FROM etl_runs ORDER BY run_id DESC LIMIT %s OFFSET %s",
-                          (limit, offset))
+        await cur.execute(
+            f"SELECT {RUN_COLUMNS} FROM etl_runs ORDER BY run_id DESC LIMIT %s OFFSET %s", (limit, offset)
+        )
         return [_public(r) for r in await cur.fetchall()]

@@ -17,7 +17,8 @@ Day = Annotated[str, Field(pattern=r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$", json_schema_
 
 class StartRunQuery(QueryModel):
     full_refresh: Literal["0", "1", "true", "false", "yes", "no"] = Field(
-        "0", description="1: rebuild the warehouse from scratch instead of an incremental run")
+        "0", description="1: rebuild the warehouse from scratch instead of an incremental run"
+    )
 
 
 class RunsQuery(QueryModel):

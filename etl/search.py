@@ -31,8 +31,9 @@ ORDER BY d.barber_id, d.day LIMIT %s
 """
 
 
-async def index_pending(settings: EtlSettings, conn: AsyncConnection, run_id: int,
-                        full_refresh: bool = False) -> tuple[int, str | None]:
+async def index_pending(
+    settings: EtlSettings, conn: AsyncConnection, run_id: int, full_refresh: bool = False
+) -> tuple[int, str | None]:
     """(documents indexed, error or None)."""
     if not settings.elasticsearch_url:
         return 0, None
@@ -66,14 +67,32 @@ async def index_pending(settings: EtlSettings, conn: AsyncConnection, run_id: in
         if gone:
             await indexer.delete_barbers(gone)
             await conn.execute("DELETE FROM es_pending_delete WHERE barber_id = ANY(%s)", (gone,))
-        log.info("run %d indexed %d daily rows into Elasticsearch", run_id, indexed,
-                 extra={"event.action": "etl-index", "event.outcome": "success", "barber.etl.run_id": run_id,
-                        "barber.etl.indexed": indexed})
+        log.info(
+            "run %d indexed %d daily rows into Elasticsearch",
+            run_id,
+            indexed,
+            extra={
+                "event.action": "etl-index",
+                "event.outcome": "success",
+                "barber.etl.run_id": run_id,
+                "barber.etl.indexed": indexed,
+            },
+        )
         return indexed, None
     except Exception as e:  # IndexingError or a transport error: retried by the next run
-        log.error("run %d: Elasticsearch indexing failed after %d documents: %s", run_id, indexed, e,
-                  extra={"event.action": "etl-index", "event.outcome": "failure", "barber.etl.run_id": run_id,
-                         "barber.etl.indexed": indexed, "error.type": type(e).__name__})
+        log.error(
+            "run %d: Elasticsearch indexing failed after %d documents: %s",
+            run_id,
+            indexed,
+            e,
+            extra={
+                "event.action": "etl-index",
+                "event.outcome": "failure",
+                "barber.etl.run_id": run_id,
+                "barber.etl.indexed": indexed,
+                "error.type": type(e).__name__,
+            },
+        )
         return indexed, f"{type(e).__name__}: {e}"
     finally:
         await indexer.close()

@@ -127,9 +127,13 @@ def compute_replies(work: pd.DataFrame) -> pd.DataFrame:
     # carry the nearest later barber message backwards (never across chats).
     barber_seq = work["seq"].where(is_barber)
     barber_at = work["sent_us"].where(is_barber)
-    nxt = pd.DataFrame({"chat_key": work["chat_key"],
-                        "seq": barber_seq.groupby(work["chat_key"]).shift(-1),
-                        "at": barber_at.groupby(work["chat_key"]).shift(-1)})
+    nxt = pd.DataFrame(
+        {
+            "chat_key": work["chat_key"],
+            "seq": barber_seq.groupby(work["chat_key"]).shift(-1),
+            "at": barber_at.groupby(work["chat_key"]).shift(-1),
+        }
+    )
     filled = nxt.groupby("chat_key", sort=False)[["seq", "at"]].bfill()
     customer = ~is_barber
     work["reply_seq"] = filled["seq"].where(customer).astype("Int64")

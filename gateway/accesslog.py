@@ -35,8 +35,7 @@ class AccessLog:
     def __init__(self, service_name: str, instance: str, stream: IO[str] | None = None) -> None:
         self._stream = stream
         self._service = {"name": service_name, "node": {"name": instance}}
-        self._log = {"logger": LOGGER, "origin": {"file": {"line": 0, "name": "accesslog.py"},
-                                                  "function": "record"}}
+        self._log = {"logger": LOGGER, "origin": {"file": {"line": 0, "name": "accesslog.py"}, "function": "record"}}
         self._logger = logging.getLogger(LOGGER)
         self._lines: list[str] = []
         self._timer: asyncio.TimerHandle | None = None
@@ -47,16 +46,32 @@ class AccessLog:
     def log_request(self, handler: tornado.web.RequestHandler) -> None:
         """Tornado's ``log_function``: the line for a request a handler served."""
         request = handler.request
-        self.record(request.method or "", request.path, handler.get_status(), request.request_time(),
-                    getattr(handler, "request_id", None), request.remote_ip, getattr(handler, "log_fields", None))
+        self.record(
+            request.method or "",
+            request.path,
+            handler.get_status(),
+            request.request_time(),
+            getattr(handler, "request_id", None),
+            request.remote_ip,
+            getattr(handler, "log_fields", None),
+        )
 
-    def record(self, method: str, path: str, status: int, duration_s: float, request_id: str | None,
-               client_ip: str | None, fields: dict[str, Any] | None = None) -> None:
+    def record(
+        self,
+        method: str,
+        path: str,
+        status: int,
+        duration_s: float,
+        request_id: str | None,
+        client_ip: str | None,
+        fields: dict[str, Any] | None = None,
+    ) -> None:
         level = level_for_status(status)
         if not self._logger.isEnabledFor(level):
             return
         line: dict[str, Any] = {
-            "@timestamp": self._timestamp(), "log.level": _LEVELS.get(level, "info"),
+            "@timestamp": self._timestamp(),
+            "log.level": _LEVELS.get(level, "info"),
             "message": f"{method} {path} {status}",
         }
         for key, value in sorted((fields or {}).items()):

@@ -24,7 +24,6 @@ from coordinator.app import build as build_coordinator
 from coordinator.settings import CoordinatorSettings
 from gateway.accesslog import AccessLog
 from gateway.breaker import BreakerConfig, State
-from gateway.settings import GatewaySettings
 from gateway.context import GatewayContext
 from gateway.forwarding import LeanProxy
 from gateway.handlers import routes
@@ -32,9 +31,11 @@ from gateway.limiter import Limiter
 from gateway.metrics import GatewayMetrics
 from gateway.openapi import SpecSource
 from gateway.proxy import Proxy, make_pool, make_session
+from gateway.settings import GatewaySettings
 from gateway.upstreams import Breakers, Service
 
 log = logging.getLogger("barber.gateway")
+
 
 def breaker_config(s: GatewaySettings) -> BreakerConfig:
     return BreakerConfig(
@@ -58,26 +59,31 @@ async def build(settings: GatewaySettings) -> ServiceApp:
         socket_connect_timeout=settings.limiter_redis_timeout_ms / 1000,
         retry=Retry(NoBackoff(), 0),
     )
-    limiter = Limiter(redis, owner_ttl_ms=settings.limiter_owner_ttl_ms,
-                      timeout_s=settings.limiter_redis_timeout_ms / 1000,
-                      shared=settings.task_limit_scope == "shared")
+    limiter = Limiter(
+        redis,
+        owner_ttl_ms=settings.limiter_owner_ttl_ms,
+        timeout_s=settings.limiter_redis_timeout_ms / 1000,
+        shared=settings.task_limit_scope == "shared",
+    )
 
     def on_transition(address: str, old: State, new: State) -> None:
         metrics.breaker_transitions.labels(address, old.value, new.value).inc()
         metrics.breaker_open.labels(address).set(1 if new is State.OPEN else 0)
         # Selectable by a Kibana rule: event.action breaker-open / breaker-half-open / breaker-closed.
-        fields = {"event.kind": "alert" if new is State.OPEN else "event",
-                  "event.action": f"breaker-{new.value.replace('_', '-')}", "barber.upstream.instance": address,
-                  "barber.breaker.state": new.value, "barber.breaker.previous_state": old.value}
+        fields = {
+            "event.kind": "alert" if new is State.OPEN else "event",
+            "event.action": f"breaker-{new.value.replace('_', '-')}",
+            "barber.upstream.instance": address,
+            "barber.breaker.state": new.value,
+            "barber.breaker.previous_state": old.value,
+        }
         if new is State.OPEN:
             log.warning("Tripped the circuit for %s (%s -> open)", address, old.value, extra=fields)
         else:
             log.info("circuit for %s: %s -> %s", address, old.value, new.value, extra=fields)
 
     breakers = Breakers(breaker_config(settings), on_transition)
-    services = {
-        name: Service(name, InstanceView(settings.discovery_url, name), breakers) for name in settings.services
-    }
+    services = {name: Service(name, InstanceView(settings.discovery_url, name), breakers) for name in settings.services}
     await asyncio.gather(*(svc.view.start(initial_timeout_s=3.0) for svc in services.values()))
     limiter.start()
     session = make_session(settings)
@@ -85,23 +91,31 @@ async def build(settings: GatewaySettings) -> ServiceApp:
     proxy = Proxy(settings, services, limiter, metrics, pool)
     ctx = GatewayContext(settings, services, breakers, limiter, metrics, proxy, session, redis)
 
-    coordinator = await build_coordinator(load_settings(CoordinatorSettings),
-                                          CoordinatorHost(instances=lambda name: services[name].instances))
+    coordinator = await build_coordinator(
+        load_settings(CoordinatorSettings), CoordinatorHost(instances=lambda name: services[name].instances)
+    )
 
     if not settings.jwt_public_key_file.exists():
-        log.error("no JWT public key at %s: every path that needs a token will answer 401",
-                  settings.jwt_public_key_file)
+        log.error(
+            "no JWT public key at %s: every path that needs a token will answer 401", settings.jwt_public_key_file
+        )
     lean = LeanProxy(ctx)
     table = routes(settings.services, lean)
     secret = internal.read_secret(settings.service_secret_file) if settings.service_secret_file.exists() else ""
-    spec = SpecSource(settings, fragment(coordinator.routes + table), lambda name: services[name].instances,
-                      session, secret)
+    spec = SpecSource(
+        settings, fragment(coordinator.routes + table), lambda name: services[name].instances, session, secret
+    )
     ctx.spec = spec
     ctx.access_log = AccessLog("gateway", f"{settings.advertise_host}:{settings.port}")
-    app = make_app(settings, table, context=ctx, mounts=[coordinator],
-                   websocket_max_message_size=chat_frame_bytes(settings.chat_max_message_chars),
-                   websocket_ping_interval=settings.ws_ping_interval_s,
-                   websocket_ping_timeout=settings.ws_ping_timeout_s)
+    app = make_app(
+        settings,
+        table,
+        context=ctx,
+        mounts=[coordinator],
+        websocket_max_message_size=chat_frame_bytes(settings.chat_max_message_chars),
+        websocket_ping_interval=settings.ws_ping_interval_s,
+        websocket_ping_timeout=settings.ws_ping_timeout_s,
+    )
     lean.app_settings = app.settings
     # The same ECS access line as every service's, written in batches (gateway.accesslog).
     app.settings["log_function"] = ctx.access_log.log_request

@@ -27,9 +27,9 @@ import logging
 import random
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
-from typing import Callable
 
 log = logging.getLogger("barber.gateway.breaker")
 
@@ -60,8 +60,14 @@ Listener = Callable[[str, State, State], None]
 
 
 class CircuitBreaker:
-    def __init__(self, name: str, config: BreakerConfig, *, clock: Callable[[], float] = time.monotonic,
-                 on_transition: Listener | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        config: BreakerConfig,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        on_transition: Listener | None = None,
+    ) -> None:
         self.name = name
         self.config = config
         self._clock = clock
@@ -95,7 +101,10 @@ class CircuitBreaker:
         self._refresh()
         if self.state is State.CLOSED:
             return True
-        if self.state is State.HALF_OPEN and self.trials_in_flight + self.trial_successes < self.config.half_open_trials:
+        if (
+            self.state is State.HALF_OPEN
+            and self.trials_in_flight + self.trial_successes < self.config.half_open_trials
+        ):
             self.trials_in_flight += 1
             return True
         return False

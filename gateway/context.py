@@ -12,16 +12,17 @@ import redis.asyncio as aioredis
 
 from gateway.accesslog import AccessLog
 from gateway.breaker import State
-from gateway.settings import GatewaySettings
 from gateway.limiter import Limiter
 from gateway.metrics import GatewayMetrics
 from gateway.proxy import Proxy
+from gateway.settings import GatewaySettings
 from gateway.upstreams import Breakers, Service
 
 if TYPE_CHECKING:
     from gateway.openapi import SpecSource
 
 log = logging.getLogger("barber.gateway")
+
 
 @dataclass
 class GatewayContext:
@@ -35,7 +36,7 @@ class GatewayContext:
     redis: aioredis.Redis
     started_at: float = field(default_factory=time.time)
     # The public OpenAPI document; set once the route table (plugins included) is known.
-    spec: "SpecSource" = field(init=False)
+    spec: SpecSource = field(init=False)
     access_log: AccessLog = field(init=False)
 
     def refresh_gauges(self) -> None:

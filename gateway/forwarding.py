@@ -56,7 +56,7 @@ def service_path(request: HTTPServerRequest, service: str, *, test_routes: bool)
     client encoded it (Tornado's decoded path arguments are never forwarded: what is
     checked is what goes). 400 for malformed paths, 404 for internal or unsafe ones and
     for test aids unless ``test_routes``."""
-    rest = request.path[len(service) + 2:]
+    rest = request.path[len(service) + 2 :]
     try:
         path = check_service_path(rest)
     except PermissionError as e:
@@ -93,8 +93,14 @@ def rate_charge(ctx: GatewayContext, method: str, public_path: str, client: str)
     return None
 
 
-async def proxy_request(ctx: GatewayContext, verifier: TokenVerifier | None, request: HTTPServerRequest,
-                        service_name: str, request_id: str, log_fields: dict[str, Any]) -> UpstreamResponse:
+async def proxy_request(
+    ctx: GatewayContext,
+    verifier: TokenVerifier | None,
+    request: HTTPServerRequest,
+    service_name: str,
+    request_id: str,
+    log_fields: dict[str, Any],
+) -> UpstreamResponse:
     """``/<service>/<rest>`` -> ``/<rest>`` on an instance of ``<service>``. Raises
     :class:`APIError` for what the gateway answers itself; fills ``log_fields`` for the
     access line."""
@@ -129,8 +135,9 @@ async def proxy_request(ctx: GatewayContext, verifier: TokenVerifier | None, req
     status = 0
     instance = "none"
     try:
-        resp = await ctx.proxy.forward(service, method, path_qs, headers, body, deadline=deadline, charge=charge,
-                                       client=client)
+        resp = await ctx.proxy.forward(
+            service, method, path_qs, headers, body, deadline=deadline, charge=charge, client=client
+        )
         status, instance = resp.status, resp.instance
         return resp
     except APIError as e:
@@ -140,8 +147,16 @@ async def proxy_request(ctx: GatewayContext, verifier: TokenVerifier | None, req
         _count(ctx, service_name, path, method, status, instance, time.perf_counter() - started, log_fields)
 
 
-def _count(ctx: GatewayContext, service_name: str, path: str, method: str, status: int, instance: str,
-           seconds: float, log_fields: dict[str, Any]) -> None:
+def _count(
+    ctx: GatewayContext,
+    service_name: str,
+    path: str,
+    method: str,
+    status: int,
+    instance: str,
+    seconds: float,
+    log_fields: dict[str, Any],
+) -> None:
     """Metrics of a forwarded request, and its fields on the access line (for the traffic
     dashboard)."""
     route = path[1:].split("/", 1)[0]
@@ -151,8 +166,9 @@ def _count(ctx: GatewayContext, service_name: str, path: str, method: str, statu
     m = ctx.metrics
     m.child(m.requests, service_name, label, method, str(status), instance).inc()
     m.child(m.latency, service_name).observe(seconds)
-    log_fields.update({"barber.route": label, "barber.upstream.service": service_name,
-                       "barber.upstream.instance": instance})
+    log_fields.update(
+        {"barber.route": label, "barber.upstream.service": service_name, "barber.upstream.instance": instance}
+    )
 
 
 def response_headers(resp: UpstreamResponse, method: str, request_id: str) -> list[tuple[str, str]]:
@@ -191,8 +207,12 @@ class LeanProxy:
         self.app_settings: dict[str, Any] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def __call__(self, request: HTTPServerRequest, path_args: list[bytes] | None = None,
-                 path_kwargs: dict[str, bytes] | None = None) -> None:
+    def __call__(
+        self,
+        request: HTTPServerRequest,
+        path_args: list[bytes] | None = None,
+        path_kwargs: dict[str, bytes] | None = None,
+    ) -> None:
         assert path_args
         # The service name: one of the routed names (ASCII), as the route's first group.
         service_name = path_args[0].decode("ascii")
@@ -212,11 +232,17 @@ class LeanProxy:
             limit = self.app_settings.get(MAX_BODY)
             if limit is not None and len(request.body) > limit:
                 raise PayloadTooLarge.over(limit)
-            resp = await proxy_request(self.ctx, self.app_settings.get(VERIFIER), request, service_name,
-                                       request_id, fields)
+            resp = await proxy_request(
+                self.ctx, self.app_settings.get(VERIFIER), request, service_name, request_id, fields
+            )
             status = resp.status
-            _answer(request, status, resp.reason, response_headers(resp, method, request_id),
-                    resp.body if has_body(status, method) else None)
+            _answer(
+                request,
+                status,
+                resp.reason,
+                response_headers(resp, method, request_id),
+                resp.body if has_body(status, method) else None,
+            )
         except APIError as e:
             status = e.status_code
             _answer_error(request, e, request_id)
@@ -225,12 +251,14 @@ class LeanProxy:
             _answer_error(request, APIError("internal server error", status=500), request_id)
         finally:
             inflight.count -= 1
-            self.ctx.access_log.record(method, request.path, status, request.request_time(), request_id,
-                                       request.remote_ip, fields)
+            self.ctx.access_log.record(
+                method, request.path, status, request.request_time(), request_id, request.remote_ip, fields
+            )
 
 
-def _answer(request: HTTPServerRequest, status: int, reason: str | None, headers: list[tuple[str, str]],
-            body: bytes | None) -> None:
+def _answer(
+    request: HTTPServerRequest, status: int, reason: str | None, headers: list[tuple[str, str]], body: bytes | None
+) -> None:
     out = HTTPHeaders()
     for k, v in headers:
         out.add(k, v)
@@ -239,8 +267,9 @@ def _answer(request: HTTPServerRequest, status: int, reason: str | None, headers
     conn = request.connection
     assert conn is not None
     try:
-        written = conn.write_headers(ResponseStartLine("HTTP/1.1", status, reason or responses.get(status, "Unknown")),
-                                     out, body or None)
+        written = conn.write_headers(
+            ResponseStartLine("HTTP/1.1", status, reason or responses.get(status, "Unknown")), out, body or None
+        )
         written.add_done_callback(_retrieve)  # a client gone already is no error
         conn.finish()
     except StreamClosedError:
@@ -248,11 +277,17 @@ def _answer(request: HTTPServerRequest, status: int, reason: str | None, headers
 
 
 def _answer_error(request: HTTPServerRequest, error: APIError, request_id: str) -> None:
-    headers = [("Server", _SERVER), ("Content-Type", "application/json; charset=UTF-8"),
-               ("Date", format_timestamp(time.time())), (REQUEST_ID_HEADER, request_id),
-               *error.headers.items()]
+    headers = [
+        ("Server", _SERVER),
+        ("Content-Type", "application/json; charset=UTF-8"),
+        ("Date", format_timestamp(time.time())),
+        (REQUEST_ID_HEADER, request_id),
+        *error.headers.items(),
+    ]
     body = json.dumps({"detail": error.detail}).encode()
-    _answer(request, error.status_code, None, headers, body if has_body(error.status_code, request.method or "") else None)
+    _answer(
+        request, error.status_code, None, headers, body if has_body(error.status_code, request.method or "") else None
+    )
 
 
 def _retrieve(f: asyncio.Future[None]) -> None:

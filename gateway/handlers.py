@@ -17,8 +17,8 @@ import tornado.httputil
 import tornado.web
 import tornado.websocket
 from tornado.httpclient import HTTPClientError, HTTPRequest
-from tornado.routing import PathMatches, Rule
 from tornado.httputil import HTTPServerRequest
+from tornado.routing import PathMatches, Rule
 
 from common.errors import APIError, BadGateway
 from common.handler import CONTEXT, VERIFIER, BaseHandler, offered_subprotocols, websocket_token
@@ -39,6 +39,7 @@ from gateway.metrics import CONTENT_TYPE_LATEST
 from gateway.policy import upstream_request_headers
 
 log = logging.getLogger("barber.gateway")
+
 
 class GatewayHandler(BaseHandler):
     @property
@@ -68,8 +69,9 @@ class ProxyHandler(GatewayHandler):
         # serves the same requests when routed here (and answers 405 to other methods).
         self.log_fields: dict[str, Any] = {}
         method = self.request.method or "GET"
-        resp = await proxy_request(self.context, self.settings.get(VERIFIER), self.request, service_name,
-                                   self.request_id, self.log_fields)
+        resp = await proxy_request(
+            self.context, self.settings.get(VERIFIER), self.request, service_name, self.request_id, self.log_fields
+        )
         self.set_status(resp.status, resp.reason or None)
         for name in ("Content-Type", "Server", "Date"):
             self.clear_header(name)
@@ -129,8 +131,9 @@ class WebSocketProxyHandler(tornado.websocket.WebSocketHandler):
         self._service_name = service_name
         path = service_path(self.request, service_name, test_routes=self.context.settings.enable_sleepy)
         offered = offered_subprotocols(self.request.headers.get("Sec-WebSocket-Protocol"))
-        token = websocket_token(self.get_query_argument("token", None), offered,
-                                self.request.headers.get("Authorization"))
+        token = websocket_token(
+            self.get_query_argument("token", None), offered, self.request.headers.get("Authorization")
+        )
         claims = verify(self.settings.get(VERIFIER), token)
         if claims is None:
             self.context.metrics.rejections.labels(service_name, "unauthorized").inc()
@@ -146,11 +149,13 @@ class WebSocketProxyHandler(tornado.websocket.WebSocketHandler):
             user_type=claims.user_type,
             websocket=True,
         )
-        self._upstream = await self._connect(service_name, path, headers, offered,
-                                             client_key(claims, self.request.remote_ip))
+        self._upstream = await self._connect(
+            service_name, path, headers, offered, client_key(claims, self.request.remote_ip)
+        )
 
-    async def _connect(self, service_name: str, path: str, headers: list[tuple[str, str]],
-                       subprotocols: list[str], client: str) -> tornado.websocket.WebSocketClientConnection:
+    async def _connect(
+        self, service_name: str, path: str, headers: list[tuple[str, str]], subprotocols: list[str], client: str
+    ) -> tornado.websocket.WebSocketClientConnection:
         ctx = self.context
         service = ctx.services[service_name]
         query = f"?{self.request.query}" if self.request.query else ""

@@ -41,8 +41,8 @@ import logging
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -268,9 +268,18 @@ class LocalLoad:
 
 
 class Limiter:
-    def __init__(self, redis: aioredis.Redis | None, *, owner_ttl_ms: int, timeout_s: float,
-                 gateway_id: str | None = None, shared: bool = True, load_threshold: int = 0,
-                 on_load_alert: LoadAlert | None = None, lease_block: int = LEASE_BLOCK) -> None:
+    def __init__(
+        self,
+        redis: aioredis.Redis | None,
+        *,
+        owner_ttl_ms: int,
+        timeout_s: float,
+        gateway_id: str | None = None,
+        shared: bool = True,
+        load_threshold: int = 0,
+        on_load_alert: LoadAlert | None = None,
+        lease_block: int = LEASE_BLOCK,
+    ) -> None:
         self.redis = redis
         # shared: admissions are decided over every gateway's leases (exact across
         # gateways). Not shared: each gateway decides by its own counts (exact for itself,
@@ -307,15 +316,24 @@ class Limiter:
         self.round_trips = 0
 
     # -- public ----------------------------------------------------------------------
-    async def admit(self, candidates: Sequence[str], *, limit: int, least_outstanding: bool = False,
-                    charge: RateCharge | None = None) -> Admission:
+    async def admit(
+        self,
+        candidates: Sequence[str],
+        *,
+        limit: int,
+        least_outstanding: bool = False,
+        charge: RateCharge | None = None,
+    ) -> Admission:
         """Choose the first (round robin) or least loaded candidate under ``limit``.
 
         Raises :class:`Full` or :class:`RateLimited`. The caller must :meth:`release`
         the returned admission's instance when the request is over.
         """
-        if (self._script is None or (not self.shared and charge is None)
-                or (not self.redis_ok and time.monotonic() < self._retry_redis_at)):
+        if (
+            self._script is None
+            or (not self.shared and charge is None)
+            or (not self.redis_ok and time.monotonic() < self._retry_redis_at)
+        ):
             return self._admit_locally(candidates, limit, least_outstanding)
         if charge is None and not least_outstanding and candidates and self.redis_ok:
             leased = self._admit_leased(candidates[0], limit)
@@ -483,15 +501,26 @@ class Limiter:
     async def _call(self, batch: list[_Pending]) -> list:
         assert self._script is not None
         dirty_before, hits_before = set(self._dirty), dict(self._hits)
-        args: list[str | int | float] = [PREFIX, self.gateway_id, self.owner_ttl_ms,
-                                         self.load_threshold or 2**62, self.lease_block]
+        args: list[str | int | float] = [
+            PREFIX,
+            self.gateway_id,
+            self.owner_ttl_ms,
+            self.load_threshold or 2**62,
+            self.lease_block,
+        ]
         args += self._own_counts(batch)
         args.append(len(batch))
         for p in batch:
             c = p.charge
             policy = ("lo" if p.least_outstanding else "rr") if self.shared else "none"
-            args += [policy, p.limit,
-                     c.key if c else "", c.rate_per_s if c else 0, c.burst if c else 0, len(p.candidates)]
+            args += [
+                policy,
+                p.limit,
+                c.key if c else "",
+                c.rate_per_s if c else 0,
+                c.burst if c else 0,
+                len(p.candidates),
+            ]
             args += list(p.candidates)
         try:
             self.round_trips += 1 if batch else 0
@@ -576,8 +605,10 @@ class Limiter:
     def _mark_up(self) -> None:
         if not self.redis_ok:
             self.redis_ok = True
-            log.warning("Redis reachable again: task limits are shared and rate limiting is on",
-                        extra={"event.action": "limiter-restored"})
+            log.warning(
+                "Redis reachable again: task limits are shared and rate limiting is on",
+                extra={"event.action": "limiter-restored"},
+            )
 
     async def _beat(self, interval_s: float) -> None:
         """Keep this gateway's ownership alive and publish releases that no request carried."""

@@ -15,24 +15,31 @@ import asyncio
 import copy
 import json
 import logging
+from collections.abc import Callable, Sequence
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import aiohttp
 
 from common.discovery import Instance
 from common.internal import SERVICE_TOKEN_HEADER
 from common.openapi import ERROR_SCHEMA, FRAGMENT_PATH, Fragment, add_error
-from gateway.settings import GatewaySettings
 from gateway.policy import is_public, is_test_only
+from gateway.settings import GatewaySettings
 
 log = logging.getLogger("barber.gateway.openapi")
 
 REF_PREFIX = "#/components/schemas/"
 # What the gateway answers on any proxied path when instances fail, are all busy or slow.
 PROXY_ERRORS = (502, 503, 504)
-SECURITY_SCHEMES = {"bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT (EdDSA)",
-                               "description": "the token from POST /authen/authen/signin"}}
+SECURITY_SCHEMES = {
+    "bearer": {
+        "type": "http",
+        "scheme": "bearer",
+        "bearerFormat": "JWT (EdDSA)",
+        "description": "the token from POST /authen/authen/signin",
+    }
+}
 
 
 def _package_version() -> str:
@@ -48,7 +55,7 @@ def rename_refs(node: Any, rename: Callable[[str], str]) -> Any:
         out = {}
         for k, v in node.items():
             if k == "$ref" and isinstance(v, str) and v.startswith(REF_PREFIX):
-                out[k] = REF_PREFIX + rename(v[len(REF_PREFIX):])
+                out[k] = REF_PREFIX + rename(v[len(REF_PREFIX) :])
             else:
                 out[k] = rename_refs(v, rename)
         return out
@@ -97,7 +104,7 @@ def assemble(settings: GatewaySettings, own: Fragment, fragments: dict[str, dict
         "info": {
             "title": "Barber public API",
             "version": _package_version(),
-            "description": "Every path through the gateway. Errors are JSON `{\"detail\": str}`.",
+            "description": 'Every path through the gateway. Errors are JSON `{"detail": str}`.',
         },
         "paths": dict(sorted(paths.items())),
         "components": {"schemas": dict(sorted(components.items())), "securitySchemes": SECURITY_SCHEMES},
@@ -115,8 +122,9 @@ def _gateway_answers(settings: GatewaySettings, method: str, public: str, op: di
         add_error(responses, 401)
     if any(rule.matches(method, public) for rule in settings.rate_limits):
         add_error(responses, 429)
-        responses["429"].setdefault("headers", {"Retry-After": {"schema": {"type": "string"},
-                                                                "description": "seconds to wait"}})
+        responses["429"].setdefault(
+            "headers", {"Retry-After": {"schema": {"type": "string"}, "description": "seconds to wait"}}
+        )
     for status in PROXY_ERRORS:
         add_error(responses, status)
     op["responses"] = dict(sorted(responses.items()))
@@ -125,9 +133,17 @@ def _gateway_answers(settings: GatewaySettings, method: str, public: str, op: di
 class SpecSource:
     """The services' fragments, fetched in the background; :attr:`document` is always ready."""
 
-    def __init__(self, settings: GatewaySettings, own: Fragment, instances: Callable[[str], Sequence[Instance]],
-                 session: aiohttp.ClientSession, secret: str, *, refresh_s: float = 300.0,
-                 retry_s: float = 2.0) -> None:
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        own: Fragment,
+        instances: Callable[[str], Sequence[Instance]],
+        session: aiohttp.ClientSession,
+        secret: str,
+        *,
+        refresh_s: float = 300.0,
+        retry_s: float = 2.0,
+    ) -> None:
         self.settings = settings
         self.own = own
         self._instances = instances
@@ -168,8 +184,9 @@ class SpecSource:
         timeout = aiohttp.ClientTimeout(total=5.0)
         for inst in self._instances(service):
             try:
-                async with self._session.get(inst.url + FRAGMENT_PATH, timeout=timeout,
-                                             headers={SERVICE_TOKEN_HEADER: self._secret}) as resp:
+                async with self._session.get(
+                    inst.url + FRAGMENT_PATH, timeout=timeout, headers={SERVICE_TOKEN_HEADER: self._secret}
+                ) as resp:
                     if resp.status != 200:
                         log.info("no OpenAPI fragment from %s %s: %d", service, inst.address, resp.status)
                         continue

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import functools
 import re
-from typing import Iterable
+from collections.abc import Iterable
 from urllib.parse import unquote
 
 from common.internal import SERVICE_TOKEN_HEADER
@@ -21,19 +21,41 @@ USER_TYPE_HEADER = "X-User-Type"
 HOP_BY_HOP = frozenset(
     h.lower()
     for h in (
-        "Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "Proxy-Connection",
-        "TE", "Trailer", "Trailers", "Transfer-Encoding", "Upgrade",
+        "Connection",
+        "Keep-Alive",
+        "Proxy-Authenticate",
+        "Proxy-Authorization",
+        "Proxy-Connection",
+        "TE",
+        "Trailer",
+        "Trailers",
+        "Transfer-Encoding",
+        "Upgrade",
     )
 )
 NOT_FORWARDED_REQUEST = HOP_BY_HOP | {
-    "host", "content-length", USER_HEADER.lower(), USER_TYPE_HEADER.lower(), SERVICE_TOKEN_HEADER.lower(),
-    REQUEST_ID_HEADER.lower(), "x-forwarded-for", "x-forwarded-host", "x-forwarded-proto",
+    "host",
+    "content-length",
+    USER_HEADER.lower(),
+    USER_TYPE_HEADER.lower(),
+    SERVICE_TOKEN_HEADER.lower(),
+    REQUEST_ID_HEADER.lower(),
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-proto",
 }
 NOT_FORWARDED_RESPONSE = HOP_BY_HOP | {"content-length"}
 # WebSocket handshake headers the client library of the upstream leg makes itself.
 WS_HANDSHAKE = frozenset(
-    h.lower() for h in ("Sec-WebSocket-Key", "Sec-WebSocket-Version", "Sec-WebSocket-Extensions",
-                        "Sec-WebSocket-Protocol", "Sec-WebSocket-Accept", "Origin")
+    h.lower()
+    for h in (
+        "Sec-WebSocket-Key",
+        "Sec-WebSocket-Version",
+        "Sec-WebSocket-Extensions",
+        "Sec-WebSocket-Protocol",
+        "Sec-WebSocket-Accept",
+        "Origin",
+    )
 )
 
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
@@ -144,10 +166,7 @@ def upstream_request_headers(
     pairs = list(headers)
     # Headers named in Connection are hop-by-hop too (RFC 9110 7.6.1).
     named = {
-        _header_key(token)
-        for name, value in pairs
-        if _header_key(name) == "connection"
-        for token in value.split(",")
+        _header_key(token) for name, value in pairs if _header_key(name) == "connection" for token in value.split(",")
     }
     drop = NOT_FORWARDED_REQUEST | named | (WS_HANDSHAKE if websocket else frozenset())
     # Every spelling of a dropped name goes (X_User, x-user, X-USER...), and so does any
@@ -170,12 +189,7 @@ def upstream_request_headers(
 def downstream_response_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
     pairs = list(headers)
     named = {
-        token.strip().lower()
-        for name, value in pairs
-        if name.lower() == "connection"
-        for token in value.split(",")
+        token.strip().lower() for name, value in pairs if name.lower() == "connection" for token in value.split(",")
     }
     drop = NOT_FORWARDED_RESPONSE | named
     return [(k, v) for k, v in pairs if k.lower() not in drop]
-
-

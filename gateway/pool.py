@@ -16,7 +16,8 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from typing import Sequence, cast
+from collections.abc import Sequence
+from typing import cast
 
 MAX_HEAD_BYTES = 64 * 1024
 _NO_BODY_STATUS = frozenset({204, 304})
@@ -86,7 +87,7 @@ class _Conn(asyncio.Protocol):
                 raise UpstreamFailed("the instance's response head is too large")
             await self._fill()
         out = bytes(self.buf[:end])
-        del self.buf[:end + len(marker)]
+        del self.buf[: end + len(marker)]
         return out
 
     async def _exactly(self, n: int) -> bytes:
@@ -173,8 +174,9 @@ class UpstreamPool:
         self._sweeper: asyncio.TimerHandle | None = None
         self._closed = False
 
-    async def request(self, address: str, method: str, path_qs: str, headers: Sequence[tuple[str, str]],
-                      body: bytes | None) -> tuple[int, str, list[tuple[str, str]], bytes]:
+    async def request(
+        self, address: str, method: str, path_qs: str, headers: Sequence[tuple[str, str]], body: bytes | None
+    ) -> tuple[int, str, list[tuple[str, str]], bytes]:
         """One request on a pooled connection to ``address`` (``host:port``)."""
         conn = await self._acquire(address)
         done = False
@@ -274,8 +276,9 @@ class UpstreamPool:
             self._sweeper = asyncio.get_running_loop().call_later(self.idle_s / 2, self._sweep)
 
 
-def _request_bytes(address: str, method: str, path_qs: str, headers: Sequence[tuple[str, str]],
-                   body: bytes | None) -> bytes:
+def _request_bytes(
+    address: str, method: str, path_qs: str, headers: Sequence[tuple[str, str]], body: bytes | None
+) -> bytes:
     # Header values arrive decoded as latin-1 (Tornado's parser), so latin-1 sends the
     # client's bytes unchanged; they cannot contain CR or LF.
     lines = [f"{method} {path_qs} HTTP/1.1\r\nHost: {address}\r\n"]

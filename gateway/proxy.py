@@ -14,17 +14,17 @@ import asyncio
 import logging
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import aiohttp
 
 from common.errors import DEPENDENCY_HEADER, BadGateway, GatewayTimeout, ServiceUnavailable, TooManyRequests
-from gateway.settings import GatewaySettings
 from gateway.limiter import Admission, Full, Limiter, RateCharge, RateLimited
 from gateway.metrics import GatewayMetrics
 from gateway.policy import IDEMPOTENT_METHODS
 from gateway.pool import ConnectFailed, UpstreamFailed, UpstreamPool
+from gateway.settings import GatewaySettings
 from gateway.upstreams import Candidate, Service
 
 log = logging.getLogger("barber.gateway.proxy")
@@ -62,9 +62,11 @@ def make_pool(settings: GatewaySettings) -> UpstreamPool:
     # Upstream servers close idle connections after their HEADER_TIMEOUT_S (the same
     # default as ours); we close ours well before, so no request goes out on a
     # connection the server is closing.
-    return UpstreamPool(connect_timeout_s=settings.upstream_connect_timeout_ms / 1000,
-                        max_per_address=settings.upstream_max_connections,
-                        idle_s=min(30.0, settings.header_timeout_s / 2))
+    return UpstreamPool(
+        connect_timeout_s=settings.upstream_connect_timeout_ms / 1000,
+        max_per_address=settings.upstream_max_connections,
+        idle_s=min(30.0, settings.header_timeout_s / 2),
+    )
 
 
 def make_session(settings: GatewaySettings) -> aiohttp.ClientSession:
@@ -90,8 +92,14 @@ def make_session(settings: GatewaySettings) -> aiohttp.ClientSession:
 
 
 class Proxy:
-    def __init__(self, settings: GatewaySettings, services: dict[str, Service], limiter: Limiter,
-                 metrics: GatewayMetrics, pool: UpstreamPool) -> None:
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        services: dict[str, Service],
+        limiter: Limiter,
+        metrics: GatewayMetrics,
+        pool: UpstreamPool,
+    ) -> None:
         self.settings = settings
         self.services = services
         self.limiter = limiter
@@ -102,17 +110,29 @@ class Proxy:
         limiter.on_load_alert = self._alert_on_load
 
     # -- the whole request -----------------------------------------------------------
-    async def forward(self, service: Service, method: str, path_qs: str, headers: Sequence[tuple[str, str]],
-                      body: bytes | None, *, deadline: float, charge: RateCharge | None = None,
-                      client: str | None = None) -> UpstreamResponse:
+    async def forward(
+        self,
+        service: Service,
+        method: str,
+        path_qs: str,
+        headers: Sequence[tuple[str, str]],
+        body: bytes | None,
+        *,
+        deadline: float,
+        charge: RateCharge | None = None,
+        client: str | None = None,
+    ) -> UpstreamResponse:
         idempotent = method in IDEMPOTENT_METHODS
         tried: set[str] = set()
         last: _AttemptFailed | UpstreamResponse | None = None
         attempt = 0
         while True:
             candidates = self.candidates(service, tried, have_answer=last is not None)
-            admission = None if candidates is None else await self._admit(
-                service, candidates, deadline, charge if attempt == 0 else None, last)
+            admission = (
+                None
+                if candidates is None
+                else await self._admit(service, candidates, deadline, charge if attempt == 0 else None, last)
+            )
             if admission is None:
                 assert last is not None
                 return self._give_up(service, last, attempt)
@@ -150,8 +170,14 @@ class Proxy:
         else:
             breaker.record_failure(chosen.breaker_state, client=client)
 
-    async def _admit(self, service: Service, candidates: list[Candidate], deadline: float,
-                     charge: RateCharge | None, last: _AttemptFailed | UpstreamResponse | None) -> Admission | None:
+    async def _admit(
+        self,
+        service: Service,
+        candidates: list[Candidate],
+        deadline: float,
+        charge: RateCharge | None,
+        last: _AttemptFailed | UpstreamResponse | None,
+    ) -> Admission | None:
         """A slot on one of ``candidates`` (None: all full after an attempt that answered)."""
         remaining = deadline - asyncio.get_running_loop().time()
         admission: Admission | None = None
@@ -184,9 +210,17 @@ class Proxy:
             # Trial slots of half-open breakers that this request will not use go back.
             service.give_back(candidates, admission.instance if admission is not None else None)
 
-    async def _attempt_admitted(self, service: Service, chosen: Candidate, method: str, path_qs: str,
-                                headers: Sequence[tuple[str, str]], body: bytes | None, deadline: float,
-                                attempt: int) -> _AttemptFailed | UpstreamResponse:
+    async def _attempt_admitted(
+        self,
+        service: Service,
+        chosen: Candidate,
+        method: str,
+        path_qs: str,
+        headers: Sequence[tuple[str, str]],
+        body: bytes | None,
+        deadline: float,
+        attempt: int,
+    ) -> _AttemptFailed | UpstreamResponse:
         address = chosen.instance.address
         try:
             return await self._attempt(chosen, method, path_qs, headers, body, deadline, attempt)
@@ -196,8 +230,14 @@ class Proxy:
         finally:
             self.limiter.release(address)
 
-    def _settled(self, service: Service, chosen: Candidate, result: _AttemptFailed | UpstreamResponse,
-                 idempotent: bool, client: str | None) -> bool:
+    def _settled(
+        self,
+        service: Service,
+        chosen: Candidate,
+        result: _AttemptFailed | UpstreamResponse,
+        idempotent: bool,
+        client: str | None,
+    ) -> bool:
         """Record the outcome; is it final (no retry)?"""
         if isinstance(result, UpstreamResponse):
             ok = result.status < 500 or result.dependency_refusal
@@ -216,19 +256,41 @@ class Proxy:
         delay = random.uniform(0, self.settings.retry_backoff_ms / 1000 * 2 ** (attempt - 1))
         return None if asyncio.get_running_loop().time() + delay >= deadline else delay
 
-    def _count_retry(self, service: Service, method: str, path_qs: str, instance: str,
-                     result: _AttemptFailed | UpstreamResponse) -> None:
-        reason = "status" if isinstance(result, UpstreamResponse) else (
-            "timeout" if result.timed_out else "connect" if not result.reached else "error")
+    def _count_retry(
+        self, service: Service, method: str, path_qs: str, instance: str, result: _AttemptFailed | UpstreamResponse
+    ) -> None:
+        reason = (
+            "status"
+            if isinstance(result, UpstreamResponse)
+            else ("timeout" if result.timed_out else "connect" if not result.reached else "error")
+        )
         self.metrics.retries.labels(service.name, reason).inc()
-        log.info("retrying %s %s on another %s instance after %s at %s", method, path_qs.split("?")[0],
-                 service.name, reason, instance,
-                 extra={"event.action": "retry", "barber.upstream.service": service.name,
-                        "barber.upstream.instance": instance, "barber.retry.reason": reason})
+        log.info(
+            "retrying %s %s on another %s instance after %s at %s",
+            method,
+            path_qs.split("?")[0],
+            service.name,
+            reason,
+            instance,
+            extra={
+                "event.action": "retry",
+                "barber.upstream.service": service.name,
+                "barber.upstream.instance": instance,
+                "barber.retry.reason": reason,
+            },
+        )
 
     # -- one attempt -----------------------------------------------------------------
-    async def _attempt(self, chosen: Candidate, method: str, path_qs: str, headers: Sequence[tuple[str, str]],
-                       body: bytes | None, deadline: float, attempt: int) -> _AttemptFailed | UpstreamResponse:
+    async def _attempt(
+        self,
+        chosen: Candidate,
+        method: str,
+        path_qs: str,
+        headers: Sequence[tuple[str, str]],
+        body: bytes | None,
+        deadline: float,
+        attempt: int,
+    ) -> _AttemptFailed | UpstreamResponse:
         inst = chosen.instance
         loop = asyncio.get_running_loop()
         budget = deadline - loop.time()
@@ -240,7 +302,8 @@ class Proxy:
         try:
             async with asyncio.timeout(budget):
                 status, reason, resp_headers, data = await self.pool.request(
-                    inst.address, method, path_qs, headers, body)
+                    inst.address, method, path_qs, headers, body
+                )
                 return UpstreamResponse(status, reason, resp_headers, data, inst.address, attempt)
         except TimeoutError:
             return _AttemptFailed(inst.address, reached=True, timed_out=True, cause="timed out")
@@ -279,12 +342,15 @@ class Proxy:
         """The limiter saw ``instance`` cross the threshold this second (once per instance
         per second: over all gateways when ``shared``)."""
         threshold = self.settings.load_threshold_per_s_per_service
-        name = next((n for n, svc in self.services.items() if any(i.address == instance for i in svc.instances)),
-                    "unknown")
+        name = next(
+            (n for n, svc in self.services.items() if any(i.address == instance for i in svc.instances)), "unknown"
+        )
         self.metrics.load_alerts.labels(name, instance).inc()
         log.warning(
             "ALERT: Load on %s [%s] has exceeded %d req/s",
-            name, instance, threshold,
+            name,
+            instance,
+            threshold,
             extra={
                 "event.kind": "alert",
                 "event.category": ["network"],

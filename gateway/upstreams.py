@@ -7,8 +7,8 @@ routing goes on with the last view while discovery is down.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from common.discovery import Instance, InstanceView
 from gateway.breaker import BreakerConfig, CircuitBreaker, State
@@ -24,7 +24,7 @@ class Candidate:
 
 
 class Service:
-    def __init__(self, name: str, view: InstanceView, breakers: "Breakers") -> None:
+    def __init__(self, name: str, view: InstanceView, breakers: Breakers) -> None:
         self.name = name
         self.view = view
         self.breakers = breakers

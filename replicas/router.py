@@ -348,8 +348,14 @@ class ReadWriteRouter:
         now = time.monotonic()
         unpublished = self._unpublished_since
         probed = self.primary.checked_at
-        if (unpublished is not None and unpublished < round_started and probed is not None
-                and probed >= round_started and self.primary.healthy and self.primary.lsn is not None):
+        if (
+            unpublished is not None
+            and unpublished < round_started
+            and probed is not None
+            and probed >= round_started
+            and self.primary.healthy
+            and self.primary.lsn is not None
+        ):
             # This round's probe of the primary began after that commit: its position covers it.
             await self.hwm.publish(self.primary.lsn)
             self._unpublished_since = None
@@ -417,8 +423,9 @@ class ReadWriteRouter:
         if lagging != node.lagging:
             node.lagging = lagging
             if lagging:
-                log.warning("replica %s lags %.1fs behind (limit %.1fs): reads avoid it", node.name, node.lag_s,
-                            self.max_lag_s)
+                log.warning(
+                    "replica %s lags %.1fs behind (limit %.1fs): reads avoid it", node.name, node.lag_s, self.max_lag_s
+                )
             else:
                 log.info("replica %s caught up (lag %.1fs)", node.name, node.lag_s)
 
@@ -430,11 +437,7 @@ class ReadWriteRouter:
         return [
             r
             for r in self.replicas
-            if r.healthy
-            and r.lsn is not None
-            and r.lsn >= hwm
-            and r.lag_s is not None
-            and r.lag_s <= self.max_lag_s
+            if r.healthy and r.lsn is not None and r.lsn >= hwm and r.lag_s is not None and r.lag_s <= self.max_lag_s
         ]
 
     def read_plan(self, hwm: int | None) -> list[Node]:
@@ -573,8 +576,10 @@ class ReadWriteRouter:
                 async with self.primary.write_engine.connect() as fresh:
                     lsn = (await fresh.execute(self.write_position_sql)).scalar_one()
             except (DBAPIError, OSError, PoolTimeout) as again:
-                log.warning("the WAL position is still unreadable (%s): reads use the primary until the "
-                            "monitor publishes it", describe(again))
+                log.warning(
+                    "the WAL position is still unreadable (%s): reads use the primary until the monitor publishes it",
+                    describe(again),
+                )
                 self._unpublished_since = time.monotonic()
                 return
         await self.hwm.publish(int(lsn))

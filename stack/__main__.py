@@ -110,8 +110,7 @@ def main() -> int:
     if args.command == "up":
         from stack.launcher import Stack, StackError
 
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(message)s",
-                            stream=sys.stdout)
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(message)s", stream=sys.stdout)
         try:
             return asyncio.run(Stack(layout).run())
         except StackError as e:

@@ -95,15 +95,19 @@ def _chown_tree(path: Path, user: str | None) -> None:
             os.lchown(os.path.join(root, name), pw.pw_uid, pw.pw_gid)
 
 
-async def _run(argv: list[str], user: str | None = None, timeout: float = 120,
-               env: dict[str, str] | None = None) -> str:
+async def _run(
+    argv: list[str], user: str | None = None, timeout: float = 120, env: dict[str, str] | None = None
+) -> str:
     kwargs: dict = {"env": env} if env is not None else {}
     if user:
         pw = pwd.getpwnam(user)
         kwargs.update(user=pw.pw_uid, group=pw.pw_gid, extra_groups=[])
     proc = await asyncio.create_subprocess_exec(
-        *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT, **kwargs,
+        *argv,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        **kwargs,
     )
     try:
         out, _ = await asyncio.wait_for(proc.communicate(), timeout)
@@ -157,8 +161,13 @@ def pg_spec(layout: Layout, index: int, bindir: Path, user: str | None) -> ProcS
 
     # After a SIGKILL the pid file stays behind; postgres itself checks whether it is stale.
     return ProcSpec(
-        name=pg_name(index), argv=argv, health=health, user=user, ports=(port,),
-        stop_signal=signal.SIGINT, start_timeout_s=90,
+        name=pg_name(index),
+        argv=argv,
+        health=health,
+        user=user,
+        ports=(port,),
+        stop_signal=signal.SIGINT,
+        start_timeout_s=90,
     )
 
 
@@ -171,8 +180,21 @@ async def pg_init_primary(layout: Layout, bindir: Path, user: str | None) -> boo
         shutil.rmtree(data)
     data.mkdir(parents=True, mode=0o700)
     _chown_tree(data.parent, user)
-    await _run([str(bindir / "initdb"), "-D", str(data), "-U", PG_USER, "--auth=trust",
-                "-E", "UTF8", "--locale=C", "--no-sync"], user=user)
+    await _run(
+        [
+            str(bindir / "initdb"),
+            "-D",
+            str(data),
+            "-U",
+            PG_USER,
+            "--auth=trust",
+            "-E",
+            "UTF8",
+            "--locale=C",
+            "--no-sync",
+        ],
+        user=user,
+    )
     return True
 
 
@@ -197,9 +219,29 @@ async def pg_init_replica(layout: Layout, index: int, bindir: Path, user: str | 
         await conn.execute(
             "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = %s", (slot,)
         )
-    await _run([str(bindir / "pg_basebackup"), "-h", "127.0.0.1", "-p", str(layout.port("postgres", 0)),
-                "-U", PG_USER, "-D", str(data), "-R", "-X", "stream", "-c", "fast", "-C", "-S", slot,
-                "--no-sync"], user=user)
+    await _run(
+        [
+            str(bindir / "pg_basebackup"),
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(layout.port("postgres", 0)),
+            "-U",
+            PG_USER,
+            "-D",
+            str(data),
+            "-R",
+            "-X",
+            "stream",
+            "-c",
+            "fast",
+            "-C",
+            "-S",
+            slot,
+            "--no-sync",
+        ],
+        user=user,
+    )
     os.chmod(data, 0o700)
     return True
 
@@ -224,9 +266,24 @@ def redis_spec(layout: Layout, bindir: Path) -> ProcSpec:
     port = layout.port("redis")
     data = layout.state_dir / "redis"
     data.mkdir(parents=True, exist_ok=True)
-    argv = [str(bindir / "redis-server"), "--port", str(port), "--bind", "127.0.0.1",
-            "--save", "", "--appendonly", "no", "--dir", str(data), "--protected-mode", "no",
-            "--daemonize", "no", *_redis_args(REDIS_SETTINGS)]
+    argv = [
+        str(bindir / "redis-server"),
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+        str(data),
+        "--protected-mode",
+        "no",
+        "--daemonize",
+        "no",
+        *_redis_args(REDIS_SETTINGS),
+    ]
     return ProcSpec(name="redis", argv=argv, health=_redis_health(port), ports=(port,))
 
 
@@ -238,18 +295,41 @@ def cluster_node_spec(layout: Layout, index: int, bindir: Path) -> ProcSpec:
     port = layout.port("redis_cluster", index)
     data = cluster_dir(layout, index)
     data.mkdir(parents=True, exist_ok=True)
-    argv = [str(bindir / "redis-server"), "--port", str(port), "--bind", "127.0.0.1",
-            "--save", "", "--appendonly", "no", "--dir", str(data), "--protected-mode", "no",
-            "--daemonize", "no", "--cluster-config-file", "nodes.conf", *_redis_args(CLUSTER_SETTINGS)]
+    argv = [
+        str(bindir / "redis-server"),
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+        str(data),
+        "--protected-mode",
+        "no",
+        "--daemonize",
+        "no",
+        "--cluster-config-file",
+        "nodes.conf",
+        *_redis_args(CLUSTER_SETTINGS),
+    ]
     # A crashed master must stay away until its replica has taken over (node timeout plus
     # election); back sooner, it would rejoin as the master of its slots with no data.
-    return ProcSpec(name=f"redis-cluster-{index + 1}", argv=argv, health=_redis_health(port),
-                    ports=(port, port + 10000), min_restart_delay_s=6.0)
+    return ProcSpec(
+        name=f"redis-cluster-{index + 1}",
+        argv=argv,
+        health=_redis_health(port),
+        ports=(port, port + 10000),
+        min_restart_delay_s=6.0,
+    )
 
 
 async def cluster_info(port: int) -> dict[str, str]:
-    client = aioredis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=1, socket_timeout=2,
-                            decode_responses=True)
+    client = aioredis.Redis(
+        host="127.0.0.1", port=port, socket_connect_timeout=1, socket_timeout=2, decode_responses=True
+    )
     try:
         raw = await client.execute_command("CLUSTER INFO")
     finally:
@@ -264,9 +344,17 @@ async def cluster_ensure(layout: Layout, bindir: Path, timeout_s: float = 60) ->
     ports = layout.ports("redis_cluster")
     infos = [await cluster_info(p) for p in ports]
     if all(i.get("cluster_known_nodes") == "1" and i.get("cluster_slots_assigned") == "0" for i in infos):
-        await _run([str(bindir / "redis-cli"), "--cluster", "create",
-                    *[f"127.0.0.1:{p}" for p in ports], "--cluster-replicas", str(CLUSTER_REPLICAS_PER_MASTER),
-                    "--cluster-yes"])
+        await _run(
+            [
+                str(bindir / "redis-cli"),
+                "--cluster",
+                "create",
+                *[f"127.0.0.1:{p}" for p in ports],
+                "--cluster-replicas",
+                str(CLUSTER_REPLICAS_PER_MASTER),
+                "--cluster-yes",
+            ]
+        )
     elif not all(i.get("cluster_known_nodes") == str(len(ports)) for i in infos):
         # A half-made cluster (a start interrupted during creation): make it again from scratch.
         for p in ports:
@@ -276,9 +364,17 @@ async def cluster_ensure(layout: Layout, bindir: Path, timeout_s: float = 60) ->
                 await client.execute_command("CLUSTER RESET HARD")
             finally:
                 await client.aclose()
-        await _run([str(bindir / "redis-cli"), "--cluster", "create",
-                    *[f"127.0.0.1:{p}" for p in ports], "--cluster-replicas", str(CLUSTER_REPLICAS_PER_MASTER),
-                    "--cluster-yes"])
+        await _run(
+            [
+                str(bindir / "redis-cli"),
+                "--cluster",
+                "create",
+                *[f"127.0.0.1:{p}" for p in ports],
+                "--cluster-replicas",
+                str(CLUSTER_REPLICAS_PER_MASTER),
+                "--cluster-yes",
+            ]
+        )
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
     while loop.time() < deadline:
@@ -295,9 +391,21 @@ def mongo_spec(layout: Layout) -> ProcSpec:
     data = layout.state_dir / "mongo"
     data.mkdir(parents=True, exist_ok=True)
     pid_file = data / "nx-27017.pid"
-    argv = [sys.executable, "-m", "nx_27017.nx_27017", "--data-dir", str(data), "--host", "127.0.0.1",
-            "-p", str(port), "--log-file", str(layout.logs_dir / "mongo-server.log"),
-            "--pid-file", str(pid_file)]
+    argv = [
+        sys.executable,
+        "-m",
+        "nx_27017.nx_27017",
+        "--data-dir",
+        str(data),
+        "--host",
+        "127.0.0.1",
+        "-p",
+        str(port),
+        "--log-file",
+        str(layout.logs_dir / "mongo-server.log"),
+        "--pid-file",
+        str(pid_file),
+    ]
 
     async def health() -> bool:
         client: AsyncMongoClient = AsyncMongoClient(layout.mongo_url, serverSelectionTimeoutMS=1000)
@@ -306,5 +414,6 @@ def mongo_spec(layout: Layout) -> ProcSpec:
         finally:
             await client.close()
 
-    return ProcSpec(name="mongo", argv=argv, health=health, ports=(port,),
-                    before_start=lambda: pid_file.unlink(missing_ok=True))
+    return ProcSpec(
+        name="mongo", argv=argv, health=health, ports=(port,), before_start=lambda: pid_file.unlink(missing_ok=True)
+    )

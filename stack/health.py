@@ -14,31 +14,53 @@ from stack.layout import Layout
 
 
 async def _primary(layout: Layout) -> dict[str, Any]:
-    async with await psycopg.AsyncConnection.connect(layout.pg_dsn("postgres"), connect_timeout=2,
-                                                     autocommit=True) as conn:
-        rows = await (await conn.execute(
-            "SELECT application_name, state, sync_state, "
-            "pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn) AS lag_bytes, "
-            "extract(epoch FROM replay_lag) AS replay_lag_s FROM pg_stat_replication ORDER BY 1"
-        )).fetchall()
-        return {"healthy": True, "replication": [
-            {"replica": r[0], "state": r[1], "sync": r[2], "lag_bytes": int(r[3] or 0),
-             "replay_lag_s": float(r[4] or 0)} for r in rows]}
+    async with await psycopg.AsyncConnection.connect(
+        layout.pg_dsn("postgres"), connect_timeout=2, autocommit=True
+    ) as conn:
+        rows = await (
+            await conn.execute(
+                "SELECT application_name, state, sync_state, "
+                "pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn) AS lag_bytes, "
+                "extract(epoch FROM replay_lag) AS replay_lag_s FROM pg_stat_replication ORDER BY 1"
+            )
+        ).fetchall()
+        return {
+            "healthy": True,
+            "replication": [
+                {
+                    "replica": r[0],
+                    "state": r[1],
+                    "sync": r[2],
+                    "lag_bytes": int(r[3] or 0),
+                    "replay_lag_s": float(r[4] or 0),
+                }
+                for r in rows
+            ],
+        }
 
 
 async def _replica(layout: Layout, index: int) -> dict[str, Any]:
-    async with await psycopg.AsyncConnection.connect(layout.pg_dsn("postgres", index), connect_timeout=2,
-                                                     autocommit=True) as conn:
-        row = await (await conn.execute(
-            "SELECT pg_is_in_recovery(), status, "
-            "pg_wal_lsn_diff(pg_last_wal_receive_lsn(), pg_last_wal_replay_lsn()), "
-            "pg_is_wal_replay_paused() "
-            "FROM pg_stat_wal_receiver"
-        )).fetchone()
+    async with await psycopg.AsyncConnection.connect(
+        layout.pg_dsn("postgres", index), connect_timeout=2, autocommit=True
+    ) as conn:
+        row = await (
+            await conn.execute(
+                "SELECT pg_is_in_recovery(), status, "
+                "pg_wal_lsn_diff(pg_last_wal_receive_lsn(), pg_last_wal_replay_lsn()), "
+                "pg_is_wal_replay_paused() "
+                "FROM pg_stat_wal_receiver"
+            )
+        ).fetchone()
         if row is None:
             return {"healthy": True, "streaming": False}
-        return {"healthy": True, "in_recovery": row[0], "receiver": row[1], "streaming": row[1] == "streaming",
-                "unreplayed_bytes": int(row[2] or 0), "replay_paused": row[3]}
+        return {
+            "healthy": True,
+            "in_recovery": row[0],
+            "receiver": row[1],
+            "streaming": row[1] == "streaming",
+            "unreplayed_bytes": int(row[2] or 0),
+            "replay_paused": row[3],
+        }
 
 
 async def _cluster(layout: Layout) -> dict[str, Any]:
@@ -52,10 +74,19 @@ async def _cluster(layout: Layout) -> dict[str, Any]:
     masters = []
     for shard in shards:
         start, end, master = shard[0], shard[1], shard[2]
-        masters.append({"slots": f"{start}-{end}", "master": f"{master[0]}:{master[1]}",
-                        "replicas": [f"{r[0]}:{r[1]}" for r in shard[3:]]})
-    return {"healthy": info.get("cluster_state") == "ok", "state": info.get("cluster_state"),
-            "slots_ok": info.get("cluster_slots_ok"), "masters": sorted(masters, key=lambda m: m["slots"])}
+        masters.append(
+            {
+                "slots": f"{start}-{end}",
+                "master": f"{master[0]}:{master[1]}",
+                "replicas": [f"{r[0]}:{r[1]}" for r in shard[3:]],
+            }
+        )
+    return {
+        "healthy": info.get("cluster_state") == "ok",
+        "state": info.get("cluster_state"),
+        "slots_ok": info.get("cluster_slots_ok"),
+        "masters": sorted(masters, key=lambda m: m["slots"]),
+    }
 
 
 async def _mongo(layout: Layout) -> dict[str, Any]:
@@ -75,12 +106,19 @@ async def _safe(coro: Any) -> dict[str, Any]:
 
 async def describe(layout: Layout, control_status: dict[str, Any]) -> dict[str, Any]:
     primary, r1, r2, cluster, mongo = await asyncio.gather(
-        _safe(_primary(layout)), _safe(_replica(layout, 1)), _safe(_replica(layout, 2)),
-        _safe(_cluster(layout)), _safe(_mongo(layout)),
+        _safe(_primary(layout)),
+        _safe(_replica(layout, 1)),
+        _safe(_replica(layout, 2)),
+        _safe(_cluster(layout)),
+        _safe(_mongo(layout)),
     )
-    return {"ready": control_status["ready"], "processes": control_status["processes"],
-            "postgres": {"primary": primary, "replica-1": r1, "replica-2": r2},
-            "redis_cluster": cluster, "mongo": mongo}
+    return {
+        "ready": control_status["ready"],
+        "processes": control_status["processes"],
+        "postgres": {"primary": primary, "replica-1": r1, "replica-2": r2},
+        "redis_cluster": cluster,
+        "mongo": mongo,
+    }
 
 
 def render(report: dict[str, Any]) -> str:
@@ -88,16 +126,26 @@ def render(report: dict[str, Any]) -> str:
     for name, p in report["processes"].items():
         lines.append(f"  {name:<20} {p['state']:<9} pid={p['pid']} restarts={p['restarts']} ports={p['ports']}")
     pg = report["postgres"]
-    lines.append(f"postgres primary: {'healthy' if pg['primary'].get('healthy') else 'DOWN ' + pg['primary'].get('error', '')}")
+    lines.append(
+        f"postgres primary: {'healthy' if pg['primary'].get('healthy') else 'DOWN ' + pg['primary'].get('error', '')}"
+    )
     for r in pg["primary"].get("replication", []):
         lines.append(f"  -> {r['replica']}: {r['state']}, lag {r['lag_bytes']} bytes / {r['replay_lag_s']:.3f}s")
     for key in ("replica-1", "replica-2"):
         r = pg[key]
-        lines.append(f"postgres {key}: " + (
-            f"streaming={r.get('streaming')} unreplayed={r.get('unreplayed_bytes')}B paused={r.get('replay_paused')}"
-            if r.get("healthy") else "DOWN " + r.get("error", "")))
+        lines.append(
+            f"postgres {key}: "
+            + (
+                f"streaming={r.get('streaming')} unreplayed={r.get('unreplayed_bytes')}B paused={r.get('replay_paused')}"
+                if r.get("healthy")
+                else "DOWN " + r.get("error", "")
+            )
+        )
     c = report["redis_cluster"]
-    lines.append(f"redis cluster: state={c.get('state')} slots_ok={c.get('slots_ok')}" + ("" if c.get("healthy") else " " + c.get("error", "")))
+    lines.append(
+        f"redis cluster: state={c.get('state')} slots_ok={c.get('slots_ok')}"
+        + ("" if c.get("healthy") else " " + c.get("error", ""))
+    )
     for m in c.get("masters", []):
         lines.append(f"  master {m['master']} slots {m['slots']} replicas {', '.join(m['replicas'])}")
     lines.append(f"mongo: {'ok' if report['mongo'].get('healthy') else 'DOWN ' + report['mongo'].get('error', '')}")

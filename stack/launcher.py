@@ -46,18 +46,33 @@ def service_specs(layout: Layout, spec: ServiceSpec, base_env: dict[str, str]) -
     ports = layout.ports(spec.port_key)
     procs = []
     for name, port in zip(spec.instance_names(len(ports)), ports):
-        env = {**base_env, **(signing_env(layout) if spec.signs_tokens else {}), **spec.env,
-               "PORT": str(port), "ADVERTISE_HOST": "127.0.0.1"}
+        env = {
+            **base_env,
+            **(signing_env(layout) if spec.signs_tokens else {}),
+            **spec.env,
+            "PORT": str(port),
+            "ADVERTISE_HOST": "127.0.0.1",
+        }
 
         def health(port: int = port, path: str = spec.health_path) -> Awaitable[bool]:
             async def check() -> bool:
-                resp = await AsyncHTTPClient().fetch(f"http://127.0.0.1:{port}{path}", request_timeout=2,
-                                                     raise_error=False)
+                resp = await AsyncHTTPClient().fetch(
+                    f"http://127.0.0.1:{port}{path}", request_timeout=2, raise_error=False
+                )
                 return resp.code == 200
+
             return check()
 
-        procs.append(ProcSpec(name=name, argv=[sys.executable, "-m", spec.module], health=health,
-                              env=env, ports=(port,), stop_timeout_s=20))
+        procs.append(
+            ProcSpec(
+                name=name,
+                argv=[sys.executable, "-m", spec.module],
+                health=health,
+                env=env,
+                ports=(port,),
+                stop_timeout_s=20,
+            )
+        )
     return procs
 
 
@@ -117,8 +132,9 @@ class Stack:
         await datatier.pg_create_databases(self.layout)
         for i in range(1, datatier.REPLICA_COUNT + 1):
             await datatier.pg_init_replica(self.layout, i, bindir, user, fresh=fresh)
-        await self._start_group([datatier.pg_spec(self.layout, i, bindir, user)
-                                 for i in range(1, datatier.REPLICA_COUNT + 1)])
+        await self._start_group(
+            [datatier.pg_spec(self.layout, i, bindir, user) for i in range(1, datatier.REPLICA_COUNT + 1)]
+        )
 
     async def _redis_cluster(self, bindir: Path) -> None:
         await self._start_group([datatier.cluster_node_spec(self.layout, i, bindir) for i in range(CLUSTER_NODES)])
@@ -155,8 +171,9 @@ class Stack:
         self.check_ports([p for _, procs in groups for p in procs])
         for spec, procs in groups:
             for step in spec.setup:
-                await datatier._run([sys.executable, "-m", spec.module, *step],
-                                    env={**base_env, **spec.env, **setup_only})
+                await datatier._run(
+                    [sys.executable, "-m", spec.module, *step], env={**base_env, **spec.env, **setup_only}
+                )
             # Known before it starts: a failure or Ctrl-C part-way through must still stop
             # the instances already up, before the data tier.
             self.service_groups.insert(0, [p.name for p in procs])
@@ -172,8 +189,12 @@ class Stack:
         cmd = request.get("cmd")
         name = request.get("name")
         if cmd == "status":
-            return {"ready": self.ready, "pid": os.getpid(), "processes": self.sup.status(),
-                    "port_offset": self.layout.port_offset}
+            return {
+                "ready": self.ready,
+                "pid": os.getpid(),
+                "processes": self.sup.status(),
+                "port_offset": self.layout.port_offset,
+            }
         if cmd in ("stop", "start", "restart"):
             if name not in self.sup.procs:
                 raise KeyError(f"no process named {name!r}")

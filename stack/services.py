@@ -35,8 +35,14 @@ def signs_tokens(module: str) -> bool:
 
 SERVICES: list[ServiceSpec] = [
     ServiceSpec("discovery", "discovery", "discovery", health_path="/status"),
-    ServiceSpec("authen", "authen", "authen", env={"ENABLE_SLEEPY": "1"}, signs_tokens=True,
-                setup=(("migrate",), ("create-admin", "--if-configured"))),
+    ServiceSpec(
+        "authen",
+        "authen",
+        "authen",
+        env={"ENABLE_SLEEPY": "1"},
+        signs_tokens=True,
+        setup=(("migrate",), ("create-admin", "--if-configured")),
+    ),
     ServiceSpec("chat", "chat", "chat"),
     ServiceSpec("etl", "etl", "etl", setup=(("migrate",),)),
     # The local stack routes the test-only sleepy endpoint (as authen serves it).

@@ -227,8 +227,9 @@ class Supervisor:
             attempt += 1
             proc.restarts += 1
             proc.state = "backoff"
-            log.warning("%s exited with code %s; restarting in %.2fs (restart #%d)",
-                        proc.spec.name, rc, delay, proc.restarts)
+            log.warning(
+                "%s exited with code %s; restarting in %.2fs (restart #%d)", proc.spec.name, rc, delay, proc.restarts
+            )
             await asyncio.sleep(delay)
             if self.shutting_down or proc.state != "backoff":
                 return

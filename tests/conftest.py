@@ -42,8 +42,11 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     # `-m unit` promises a run without a stack; a unit test reaching it would start one.
-    wrong = [item.nodeid for item in items
-             if item.get_closest_marker("unit") is not None and "stack" in getattr(item, "fixturenames", ())]
+    wrong = [
+        item.nodeid
+        for item in items
+        if item.get_closest_marker("unit") is not None and "stack" in getattr(item, "fixturenames", ())
+    ]
     if wrong:
         raise pytest.UsageError("marked unit but using the stack: " + ", ".join(wrong))
 
@@ -105,7 +108,8 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
 @pytest.fixture(scope="module")
 async def admin_token(stack: StackProcess) -> str:
     """A token of the admin account the stack creates."""
-    reply = await call("POST", stack.url("gateway") + "/authen/authen/signin",
-                       {"username": ADMIN_USERNAME, "password": ADMIN_PASSWORD})
+    reply = await call(
+        "POST", stack.url("gateway") + "/authen/authen/signin", {"username": ADMIN_USERNAME, "password": ADMIN_PASSWORD}
+    )
     assert reply.code == 200, reply
     return reply.json["token"]

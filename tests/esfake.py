@@ -71,8 +71,10 @@ class State:
 
 
 def _error(status: int, type_: str, reason: str) -> web.Response:
-    body = {"error": {"root_cause": [{"type": type_, "reason": reason}], "type": type_, "reason": reason},
-            "status": status}
+    body = {
+        "error": {"root_cause": [{"type": type_, "reason": reason}], "type": type_, "reason": reason},
+        "status": status,
+    }
     return _json(body, status)
 
 
@@ -174,17 +176,25 @@ class FakeElastic:
     @web.middleware
     async def _record(self, request: web.Request, handler: Any) -> web.StreamResponse:
         body = await request.read()
-        rec = Recorded(request.method, request.path, dict(request.query), dict(request.headers), body,
-                       time.monotonic())
+        rec = Recorded(request.method, request.path, dict(request.query), dict(request.headers), body, time.monotonic())
         with self._lock:
             self.requests.append(rec)
-            fault = next((f for f in self._faults if f.times > 0 and re.fullmatch(f.method, request.method)
-                          and f.path.fullmatch(request.path)), None)
+            fault = next(
+                (
+                    f
+                    for f in self._faults
+                    if f.times > 0 and re.fullmatch(f.method, request.method) and f.path.fullmatch(request.path)
+                ),
+                None,
+            )
             if fault is not None:
                 fault.times -= 1
         if fault is not None and not fault.apply:
-            resp: web.StreamResponse = _error(fault.status, "es_rejected_execution_exception" if fault.status == 429
-                                              else "unavailable_shards_exception", "injected fault")
+            resp: web.StreamResponse = _error(
+                fault.status,
+                "es_rejected_execution_exception" if fault.status == 429 else "unavailable_shards_exception",
+                "injected fault",
+            )
         else:
             resp = await handler(request)
             if fault is not None:
@@ -209,19 +219,41 @@ class FakeElastic:
         return app
 
     async def _info(self, _: web.Request) -> web.Response:
-        return _json({"name": "esfake", "cluster_name": "barber-test", "cluster_uuid": "esfake-0",
-                      "version": {"number": "9.1.0", "build_flavor": "default", "lucene_version": "10.2.2",
-                                  "minimum_wire_compatibility_version": "8.19.0",
-                                  "minimum_index_compatibility_version": "8.0.0"},
-                      "tagline": "You Know, for Search"})
+        return _json(
+            {
+                "name": "esfake",
+                "cluster_name": "barber-test",
+                "cluster_uuid": "esfake-0",
+                "version": {
+                    "number": "9.1.0",
+                    "build_flavor": "default",
+                    "lucene_version": "10.2.2",
+                    "minimum_wire_compatibility_version": "8.19.0",
+                    "minimum_index_compatibility_version": "8.0.0",
+                },
+                "tagline": "You Know, for Search",
+            }
+        )
 
     async def _health(self, _: web.Request) -> web.Response:
-        return _json({"cluster_name": "barber-test", "status": "green", "timed_out": False, "number_of_nodes": 1,
-                      "number_of_data_nodes": 1, "active_primary_shards": 0, "active_shards": 0,
-                      "relocating_shards": 0, "initializing_shards": 0, "unassigned_shards": 0})
+        return _json(
+            {
+                "cluster_name": "barber-test",
+                "status": "green",
+                "timed_out": False,
+                "number_of_nodes": 1,
+                "number_of_data_nodes": 1,
+                "active_primary_shards": 0,
+                "active_shards": 0,
+                "relocating_shards": 0,
+                "initializing_shards": 0,
+                "unassigned_shards": 0,
+            }
+        )
 
-    def _crud(self, store: dict[str, Any], request: web.Request, body: bytes, found: Any, missing: web.Response,
-              put: Any) -> web.Response:
+    def _crud(
+        self, store: dict[str, Any], request: web.Request, body: bytes, found: Any, missing: web.Response, put: Any
+    ) -> web.Response:
         name = request.match_info["name"]
         if request.method == "GET":
             if name not in store:
@@ -247,24 +279,43 @@ class FakeElastic:
             s.ilm_versions[n] = s.ilm_versions.get(n, 0) + 1
 
         return self._crud(
-            s.ilm, request, await request.read(),
-            lambda n, p: {n: {"version": s.ilm_versions[n], "modified_date": "2026-01-01T00:00:00.000Z",
-                              "policy": p, "in_use_by": {"indices": [], "data_streams": [], "composable_templates": []}}},
-            _error(404, "resource_not_found_exception", f"Lifecycle policy not found: {name}"), put)
+            s.ilm,
+            request,
+            await request.read(),
+            lambda n, p: {
+                n: {
+                    "version": s.ilm_versions[n],
+                    "modified_date": "2026-01-01T00:00:00.000Z",
+                    "policy": p,
+                    "in_use_by": {"indices": [], "data_streams": [], "composable_templates": []},
+                }
+            },
+            _error(404, "resource_not_found_exception", f"Lifecycle policy not found: {name}"),
+            put,
+        )
 
     async def _pipeline(self, request: web.Request) -> web.Response:
         s = self.state
-        return self._crud(s.pipelines, request, await request.read(), lambda n, p: {n: p},
-                          _json({}, 404), lambda n, b: s.pipelines.__setitem__(n, b))
+        return self._crud(
+            s.pipelines,
+            request,
+            await request.read(),
+            lambda n, p: {n: p},
+            _json({}, 404),
+            lambda n, b: s.pipelines.__setitem__(n, b),
+        )
 
     async def _component(self, request: web.Request) -> web.Response:
         s = self.state
         name = request.match_info["name"]
         return self._crud(
-            s.component_templates, request, await request.read(),
+            s.component_templates,
+            request,
+            await request.read(),
             lambda n, b: {"component_templates": [{"name": n, "component_template": b}]},
             _error(404, "resource_not_found_exception", f"component template matching [{name}] not found"),
-            lambda n, b: s.component_templates.__setitem__(n, b))
+            lambda n, b: s.component_templates.__setitem__(n, b),
+        )
 
     async def _index_template(self, request: web.Request) -> web.Response:
         s = self.state
@@ -273,15 +324,25 @@ class FakeElastic:
         def put(n: str, b: dict[str, Any]) -> None:
             missing = [c for c in b.get("composed_of", []) if c not in s.component_templates]
             if missing:
-                raise web.HTTPBadRequest(text=json.dumps({"error": {"type": "invalid_index_template_exception",
-                                                                    "reason": f"missing {missing}"}, "status": 400}),
-                                         headers={**ES_HEADERS, "Content-Type": ES_JSON})
+                raise web.HTTPBadRequest(
+                    text=json.dumps(
+                        {
+                            "error": {"type": "invalid_index_template_exception", "reason": f"missing {missing}"},
+                            "status": 400,
+                        }
+                    ),
+                    headers={**ES_HEADERS, "Content-Type": ES_JSON},
+                )
             s.index_templates[n] = b
 
         return self._crud(
-            s.index_templates, request, await request.read(),
+            s.index_templates,
+            request,
+            await request.read(),
             lambda n, b: {"index_templates": [{"name": n, "index_template": b}]},
-            _error(404, "resource_not_found_exception", f"index template matching [{name}] not found"), put)
+            _error(404, "resource_not_found_exception", f"index template matching [{name}] not found"),
+            put,
+        )
 
     async def _bulk(self, request: web.Request) -> web.Response:
         if request.method not in ("POST", "PUT"):
@@ -292,7 +353,7 @@ class FakeElastic:
         i = 0
         with self._lock:
             while i < len(lines):
-                (op, meta), = lines[i].items()
+                ((op, meta),) = lines[i].items()
                 i += 1
                 index = meta.get("_index", default_index)
                 _id = meta.get("_id")
@@ -302,28 +363,67 @@ class FakeElastic:
                     i += 1
                 if self._rejects.get(_id, 0) > 0:
                     self._rejects[_id] -= 1
-                    items.append({op: {"_index": index, "_id": _id, "status": 429, "error": {
-                        "type": "es_rejected_execution_exception", "reason": "rejected execution of coordinating operation"}}})
+                    items.append(
+                        {
+                            op: {
+                                "_index": index,
+                                "_id": _id,
+                                "status": 429,
+                                "error": {
+                                    "type": "es_rejected_execution_exception",
+                                    "reason": "rejected execution of coordinating operation",
+                                },
+                            }
+                        }
+                    )
                     continue
                 docs = self.state.indices.setdefault(index, {})
                 if op == "delete":
                     existed = docs.pop(_id, None) is not None
-                    items.append({op: {"_index": index, "_id": _id, "result": "deleted" if existed else "not_found",
-                                       "status": 200 if existed else 404}})
+                    items.append(
+                        {
+                            op: {
+                                "_index": index,
+                                "_id": _id,
+                                "result": "deleted" if existed else "not_found",
+                                "status": 200 if existed else 404,
+                            }
+                        }
+                    )
                     continue
                 if op == "create" and _id in docs:
-                    items.append({op: {"_index": index, "_id": _id, "status": 409, "error": {
-                        "type": "version_conflict_engine_exception", "reason": "document already exists"}}})
+                    items.append(
+                        {
+                            op: {
+                                "_index": index,
+                                "_id": _id,
+                                "status": 409,
+                                "error": {
+                                    "type": "version_conflict_engine_exception",
+                                    "reason": "document already exists",
+                                },
+                            }
+                        }
+                    )
                     continue
                 if _id is None:
                     _id = f"auto-{sum(len(d) for d in self.state.indices.values())}"
                 version = docs.get(_id, {}).get("_version", 0) + 1
                 docs[_id] = {"_source": source, "_version": version}
-                items.append({op: {"_index": index, "_id": _id, "_version": version,
-                                   "result": "created" if version == 1 else "updated",
-                                   "status": 201 if version == 1 else 200,
-                                   "_shards": {"total": 1, "successful": 1, "failed": 0},
-                                   "_seq_no": version - 1, "_primary_term": 1}})
+                items.append(
+                    {
+                        op: {
+                            "_index": index,
+                            "_id": _id,
+                            "_version": version,
+                            "result": "created" if version == 1 else "updated",
+                            "status": 201 if version == 1 else 200,
+                            "_shards": {"total": 1, "successful": 1, "failed": 0},
+                            "_seq_no": version - 1,
+                            "_primary_term": 1,
+                        }
+                    }
+                )
         errors = any(next(iter(it.values())).get("error") for it in items)
         return _json({"took": 1, "errors": errors, "items": items})
 
@@ -341,14 +441,22 @@ class FakeElastic:
             query = body.get("query", {})
             docs = self.state.indices[index]
             if set(query) == {"terms"} and len(query["terms"]) == 1:
-                (fname, values), = query["terms"].items()
+                ((fname, values),) = query["terms"].items()
                 gone = [i for i, d in docs.items() if get_field(d["_source"], fname) in values]
             elif set(query) == {"range"} and len(query["range"]) == 1:
-                (fname, bounds), = query["range"].items()
-                tests = {"lt": lambda v, b: v < b, "lte": lambda v, b: v <= b,
-                         "gt": lambda v, b: v > b, "gte": lambda v, b: v >= b}
-                gone = [i for i, d in docs.items() if (v := get_field(d["_source"], fname)) is not None
-                        and all(tests[op](v, b) for op, b in bounds.items())]
+                ((fname, bounds),) = query["range"].items()
+                tests = {
+                    "lt": lambda v, b: v < b,
+                    "lte": lambda v, b: v <= b,
+                    "gt": lambda v, b: v > b,
+                    "gte": lambda v, b: v >= b,
+                }
+                gone = [
+                    i
+                    for i, d in docs.items()
+                    if (v := get_field(d["_source"], fname)) is not None
+                    and all(tests[op](v, b) for op, b in bounds.items())
+                ]
             else:
                 return _error(400, "parsing_exception", "esfake answers a single terms or range query only")
             for i in gone:
@@ -357,9 +465,20 @@ class FakeElastic:
 
     @staticmethod
     def _dbq_result(deleted: int) -> dict[str, Any]:
-        return {"took": 1, "timed_out": False, "total": deleted, "deleted": deleted, "batches": 1,
-                "version_conflicts": 0, "noops": 0, "retries": {"bulk": 0, "search": 0}, "throttled_millis": 0,
-                "requests_per_second": -1.0, "throttled_until_millis": 0, "failures": []}
+        return {
+            "took": 1,
+            "timed_out": False,
+            "total": deleted,
+            "deleted": deleted,
+            "batches": 1,
+            "version_conflicts": 0,
+            "noops": 0,
+            "retries": {"bulk": 0, "search": 0},
+            "throttled_millis": 0,
+            "requests_per_second": -1.0,
+            "throttled_until_millis": 0,
+            "failures": [],
+        }
 
     # -- Kibana -------------------------------------------------------------------------
     def _kibana_app(self) -> web.Application:
@@ -373,14 +492,18 @@ class FakeElastic:
     @web.middleware
     async def _xsrf(self, request: web.Request, handler: Any) -> web.StreamResponse:
         if request.method != "GET" and "kbn-xsrf" not in request.headers:
-            return web.json_response({"statusCode": 400, "error": "Bad Request",
-                                      "message": "Request must contain a kbn-xsrf header."}, status=400)
+            return web.json_response(
+                {"statusCode": 400, "error": "Bad Request", "message": "Request must contain a kbn-xsrf header."},
+                status=400,
+            )
         return await handler(request)
 
     async def _kb_status(self, _: web.Request) -> web.Response:
         level = "available" if self.kibana_available else "unavailable"
-        return web.json_response({"name": "kbfake", "version": {"number": "9.1.0"},
-                                  "status": {"overall": {"level": level}}}, status=200 if self.kibana_available else 503)
+        return web.json_response(
+            {"name": "kbfake", "version": {"number": "9.1.0"}, "status": {"overall": {"level": level}}},
+            status=200 if self.kibana_available else 503,
+        )
 
     async def _kb_bulk_get(self, request: web.Request) -> web.Response:
         wanted = await request.json()
@@ -388,21 +511,34 @@ class FakeElastic:
         with self._lock:
             for w in wanted:
                 obj = self.state.saved_objects.get((w["type"], w["id"]))
-                out.append(copy.deepcopy(obj) if obj is not None else {
-                    "id": w["id"], "type": w["type"],
-                    "error": {"statusCode": 404, "error": "Not Found",
-                              "message": f"Saved object [{w['type']}/{w['id']}] not found"}})
+                out.append(
+                    copy.deepcopy(obj)
+                    if obj is not None
+                    else {
+                        "id": w["id"],
+                        "type": w["type"],
+                        "error": {
+                            "statusCode": 404,
+                            "error": "Not Found",
+                            "message": f"Saved object [{w['type']}/{w['id']}] not found",
+                        },
+                    }
+                )
         return web.json_response({"saved_objects": out})
 
     async def _kb_import(self, request: web.Request) -> web.Response:
         # The body was read (and recorded) already: parse the multipart form from it.
         head = f"Content-Type: {request.headers.get('Content-Type', '')}\r\n\r\n".encode()
         form = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + await request.read())
-        files = [p for p in form.iter_parts() if p.get_param("name", header="content-disposition") == "file"] \
-            if form.is_multipart() else []
+        files = (
+            [p for p in form.iter_parts() if p.get_param("name", header="content-disposition") == "file"]
+            if form.is_multipart()
+            else []
+        )
         if not files:
-            return web.json_response({"statusCode": 400, "error": "Bad Request", "message": "file is required"},
-                                     status=400)
+            return web.json_response(
+                {"statusCode": 400, "error": "Bad Request", "message": "file is required"}, status=400
+            )
         text = files[0].get_payload(decode=True).decode()
         objects = [json.loads(line) for line in text.splitlines() if line.strip()]
         overwrite = request.query.get("overwrite") == "true"
@@ -412,21 +548,46 @@ class FakeElastic:
             for o in objects:
                 missing = [r for r in o.get("references", []) if (r["type"], r["id"]) not in known]
                 if missing:
-                    errors.append({"id": o["id"], "type": o["type"], "title": o["attributes"].get("title"),
-                                   "error": {"type": "missing_references", "references":
-                                             [{"type": r["type"], "id": r["id"]} for r in missing]}})
+                    errors.append(
+                        {
+                            "id": o["id"],
+                            "type": o["type"],
+                            "title": o["attributes"].get("title"),
+                            "error": {
+                                "type": "missing_references",
+                                "references": [{"type": r["type"], "id": r["id"]} for r in missing],
+                            },
+                        }
+                    )
                 elif (o["type"], o["id"]) in self.state.saved_objects and not overwrite:
-                    errors.append({"id": o["id"], "type": o["type"], "title": o["attributes"].get("title"),
-                                   "error": {"type": "conflict"}})
+                    errors.append(
+                        {
+                            "id": o["id"],
+                            "type": o["type"],
+                            "title": o["attributes"].get("title"),
+                            "error": {"type": "conflict"},
+                        }
+                    )
             if errors:
                 return web.json_response({"success": False, "successCount": 0, "errors": errors})
             for o in objects:
                 self.state.saved_objects[(o["type"], o["id"])] = {
-                    "id": o["id"], "type": o["type"], "attributes": o["attributes"],
-                    "references": o.get("references", []), "version": "WzEsMV0=",
-                    "namespaces": ["default"]}
-        return web.json_response({"success": True, "successCount": len(objects), "successResults": [
-            {"type": o["type"], "id": o["id"], "meta": {"title": o["attributes"].get("title")}} for o in objects]})
+                    "id": o["id"],
+                    "type": o["type"],
+                    "attributes": o["attributes"],
+                    "references": o.get("references", []),
+                    "version": "WzEsMV0=",
+                    "namespaces": ["default"],
+                }
+        return web.json_response(
+            {
+                "success": True,
+                "successCount": len(objects),
+                "successResults": [
+                    {"type": o["type"], "id": o["id"], "meta": {"title": o["attributes"].get("title")}} for o in objects
+                ],
+            }
+        )
 
 
 @pytest.fixture

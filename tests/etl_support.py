@@ -27,8 +27,17 @@ from tests.http import call
 from tests.stackproc import ROOT, StackProcess
 from tests.util import wait_until
 
-METRICS = ("chats_started", "new_customers", "returning_customers", "customer_messages", "barber_messages",
-           "replies", "reply_time_median_s", "reply_time_p90_s", "unanswered_chats")
+METRICS = (
+    "chats_started",
+    "new_customers",
+    "returning_customers",
+    "customer_messages",
+    "barber_messages",
+    "replies",
+    "reply_time_median_s",
+    "reply_time_p90_s",
+    "unanswered_chats",
+)
 FLOATS = ("reply_time_median_s", "reply_time_p90_s")
 
 
@@ -48,6 +57,7 @@ async def wait_run(stack: StackProcess, token: str, run_id: int, timeout: float 
 
 async def start_run(stack: StackProcess, token: str, full: bool = False, timeout: float = 120) -> int:
     """POST /etl/runs, waiting out a run already in progress (the schedule's, say)."""
+
     async def started() -> int | None:
         reply = await call("POST", f"{gw(stack)}/etl/runs" + ("?full_refresh=1" if full else ""), token=token)
         if reply.code == 409:
@@ -69,8 +79,14 @@ def etl_command(stack: StackProcess, *args: str, env: dict[str, str] | None = No
     """``python -m etl <args>`` with the stack's environment."""
     full_env = {**os.environ, **stack.env, **(env or {})}
     log = open(stack.layout.logs_dir / f"test-etl-cli-{uuid.uuid4().hex[:6]}.log", "ab")
-    return subprocess.Popen([sys.executable, "-m", "etl", *args], cwd=ROOT, env=full_env, stdout=log,
-                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    return subprocess.Popen(
+        [sys.executable, "-m", "etl", *args],
+        cwd=ROOT,
+        env=full_env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 # -- reading the analytics -----------------------------------------------------------------
@@ -81,15 +97,17 @@ async def leaderboard(stack: StackProcess, token: str, start: date, end: date, *
     return reply.json
 
 
-async def rows_of(stack: StackProcess, token: str, barber_ids: Iterable[int], start: date, end: date) -> dict[int, dict]:
+async def rows_of(
+    stack: StackProcess, token: str, barber_ids: Iterable[int], start: date, end: date
+) -> dict[int, dict]:
     wanted = set(barber_ids)
-    return {r["barber_id"]: r for r in (await leaderboard(stack, token, start, end))["barbers"]
-            if r["barber_id"] in wanted}
+    return {
+        r["barber_id"]: r for r in (await leaderboard(stack, token, start, end))["barbers"] if r["barber_id"] in wanted
+    }
 
 
 async def daily(stack: StackProcess, token: str, barber_id: int, start: date, end: date) -> Any:
-    return await call("GET", f"{gw(stack)}/etl/analytics/barbers/{barber_id}/daily?from={start}&to={end}",
-                      token=token)
+    return await call("GET", f"{gw(stack)}/etl/analytics/barbers/{barber_id}/daily?from={start}&to={end}", token=token)
 
 
 async def snapshot(stack: StackProcess, token: str, barber_ids: list[int], start: date, end: date) -> dict:
@@ -144,7 +162,7 @@ class Reference:
             for i, m in enumerate(msgs):
                 if m["sender"]["id"] == chat["employee_id"]:
                     continue
-                reply = next((r["created_at"] for r in msgs[i + 1:] if r["sender"]["id"] == chat["employee_id"]), None)
+                reply = next((r["created_at"] for r in msgs[i + 1 :] if r["sender"]["id"] == chat["employee_id"]), None)
                 out.append((chat_id, chat["employee_id"], m["created_at"], reply))
         return out
 
@@ -159,9 +177,14 @@ class Reference:
         returning = {x[0] for x in in_period if utc_day(chats[x[0]]["created_at"]) < start}
         unanswered = {x[0] for x in in_period if x[3] is None or utc_day(x[3]) > end}
         return {
-            "chats_started": started, "new_customers": started, "returning_customers": len(returning),
-            "customer_messages": len(in_period), "barber_messages": barber_msgs, "replies": len(waits),
-            "reply_time_median_s": percentile(waits, 0.5), "reply_time_p90_s": percentile(waits, 0.9),
+            "chats_started": started,
+            "new_customers": started,
+            "returning_customers": len(returning),
+            "customer_messages": len(in_period),
+            "barber_messages": barber_msgs,
+            "replies": len(waits),
+            "reply_time_median_s": percentile(waits, 0.5),
+            "reply_time_p90_s": percentile(waits, 0.9),
             "unanswered_chats": len(unanswered),
         }
 
@@ -183,8 +206,9 @@ def assert_metrics(actual: dict, expected: dict, where: str) -> None:
             assert a == e, f"{where} {key}: {a} != {e} (row {actual})"
 
 
-async def check_against_reference(stack: StackProcess, token: str, ref: Reference, barbers: list[int],
-                                  start: date, end: date) -> None:
+async def check_against_reference(
+    stack: StackProcess, token: str, ref: Reference, barbers: list[int], start: date, end: date
+) -> None:
     rows = await rows_of(stack, token, barbers, start, end)
     for b in barbers:
         assert b in rows, f"barber {b} missing from the leaderboard"
@@ -227,8 +251,15 @@ class Generated:
     chats: dict[str, dict]
 
 
-def plan_history(barbers: list[int], customers: list[int], chats_n: int, messages_n: int, days: int,
-                 seed: int, end_ts: float | None = None) -> tuple[dict[str, dict], list[dict]]:
+def plan_history(
+    barbers: list[int],
+    customers: list[int],
+    chats_n: int,
+    messages_n: int,
+    days: int,
+    seed: int,
+    end_ts: float | None = None,
+) -> tuple[dict[str, dict], list[dict]]:
     """Chats and messages spread over ``days`` days before ``end_ts``: random but seeded, with
     answered and unanswered customer messages and replies that cross midnight."""
     import random
@@ -244,8 +275,13 @@ def plan_history(barbers: list[int], customers: list[int], chats_n: int, message
             continue
         pairs.add(pair)
         cid = f"gen{seed}-{uuid.uuid4().hex[:20]}"
-        chats[cid] = {"_id": cid, "customer_id": pair[0], "employee_id": pair[1],
-                      "created_at": rnd.uniform(start_ts, end_ts - 3600), "deleting": None}
+        chats[cid] = {
+            "_id": cid,
+            "customer_id": pair[0],
+            "employee_id": pair[1],
+            "created_at": rnd.uniform(start_ts, end_ts - 3600),
+            "deleting": None,
+        }
     ids = list(chats)
     clock = {cid: chats[cid]["created_at"] for cid in ids}
     seq = dict.fromkeys(ids, 0)
@@ -256,9 +292,17 @@ def plan_history(barbers: list[int], customers: list[int], chats_n: int, message
         clock[cid] = min(end_ts, clock[cid] + rnd.expovariate(1 / 5000))
         seq[cid] += 1
         sender = chat["employee_id"] if rnd.random() < 0.4 else chat["customer_id"]
-        messages.append({"_id": f"{cid}-{seq[cid]}", "chat_id": cid, "seq": seq[cid],
-                         "sender": {"id": sender, "first_name": "F", "last_name": "L"}, "message": "hi",
-                         "sent_at": "", "created_at": clock[cid]})
+        messages.append(
+            {
+                "_id": f"{cid}-{seq[cid]}",
+                "chat_id": cid,
+                "seq": seq[cid],
+                "sender": {"id": sender, "first_name": "F", "last_name": "L"},
+                "message": "hi",
+                "sent_at": "",
+                "created_at": clock[cid],
+            }
+        )
     return chats, messages
 
 
@@ -268,6 +312,6 @@ async def insert_mongo(stack: StackProcess, db: str, chats: list[dict], messages
         if chats:
             await client[db].chats.insert_many(chats)
         for i in range(0, len(messages), 5000):
-            await client[db].messages.insert_many(messages[i:i + 5000])
+            await client[db].messages.insert_many(messages[i : i + 5000])
     finally:
         await client.close()

@@ -22,8 +22,17 @@ class Reply:
         return f"<{self.code} {self.raw[:300]!r}>"
 
 
-async def call(method: str, url: str, body: Any = None, *, token: str | None = None, raw: bytes | None = None,
-               headers: dict[str, str] | None = None, timeout: float = 20.0, source_ip: str | None = None) -> Reply:
+async def call(
+    method: str,
+    url: str,
+    body: Any = None,
+    *,
+    token: str | None = None,
+    raw: bytes | None = None,
+    headers: dict[str, str] | None = None,
+    timeout: float = 20.0,
+    source_ip: str | None = None,
+) -> Reply:
     """``body`` is sent as JSON, ``raw`` as it is; ``token`` as a bearer token. ``source_ip``
     (any 127.x works on Linux) makes the connection come from that address, so services
     see another client, as they would for another machine (each call is a connection of
@@ -38,7 +47,13 @@ async def call(method: str, url: str, body: Any = None, *, token: str | None = N
     if data is None and method in ("POST", "PUT"):
         data = b""
     resp = await AsyncHTTPClient().fetch(
-        url, method=method, body=data, headers=hdrs, request_timeout=timeout, raise_error=False,
-        allow_nonstandard_methods=True, network_interface=source_ip,
+        url,
+        method=method,
+        body=data,
+        headers=hdrs,
+        request_timeout=timeout,
+        raise_error=False,
+        allow_nonstandard_methods=True,
+        network_interface=source_ip,
     )
     return Reply(resp.code, resp.body or b"", resp.headers)

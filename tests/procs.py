@@ -19,17 +19,29 @@ from tests.util import free_port, wait_until
 
 
 class ServiceProcess:
-    def __init__(self, stack: StackProcess, module: str, port: int | None = None,
-                 extra_env: dict[str, str] | None = None, name: str | None = None,
-                 health_path: str = "/utilities/status") -> None:
+    def __init__(
+        self,
+        stack: StackProcess,
+        module: str,
+        port: int | None = None,
+        extra_env: dict[str, str] | None = None,
+        name: str | None = None,
+        health_path: str = "/utilities/status",
+    ) -> None:
         self.stack = stack
         self.module = module
         self.port = port or free_port()
         self.name = name or f"{module}-{self.port}"
         self.health_path = health_path
         signing = signing_env(stack.layout) if signs_tokens(module) else {}
-        self.env = {**os.environ, **stack.env, **signing, "PORT": str(self.port), "ADVERTISE_HOST": "127.0.0.1",
-                    **(extra_env or {})}
+        self.env = {
+            **os.environ,
+            **stack.env,
+            **signing,
+            "PORT": str(self.port),
+            "ADVERTISE_HOST": "127.0.0.1",
+            **(extra_env or {}),
+        }
         self.process: subprocess.Popen[bytes] | None = None
         self.log_path = stack.layout.logs_dir / f"test-{self.name}.log"
 
@@ -50,8 +62,13 @@ class ServiceProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as out:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", self.module], cwd=ROOT, env=self.env, stdout=out,
-                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent,
+                [sys.executable, "-m", self.module],
+                cwd=ROOT,
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                preexec_fn=_die_with_parent,
             )
 
         async def ready() -> bool:
@@ -104,7 +121,12 @@ class ServiceProcess:
         await self.stop()
 
 
-async def start_service(stack: StackProcess, module: str, port: int | None = None,
-                        extra_env: dict[str, str] | None = None, name: str | None = None,
-                        health_path: str = "/utilities/status") -> ServiceProcess:
+async def start_service(
+    stack: StackProcess,
+    module: str,
+    port: int | None = None,
+    extra_env: dict[str, str] | None = None,
+    name: str | None = None,
+    health_path: str = "/utilities/status",
+) -> ServiceProcess:
     return await ServiceProcess(stack, module, port, extra_env, name, health_path).start()

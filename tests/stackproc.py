@@ -47,16 +47,27 @@ class StackProcess:
         return f"http://127.0.0.1:{self.layout.port(port_key, index)}"
 
     def command_env(self) -> dict[str, str]:
-        return {**os.environ, "STACK_DIR": str(self.state_dir), "PORT_OFFSET": str(self.layout.port_offset),
-                "BARBER_ADMIN_USERNAME": ADMIN_USERNAME, "BARBER_ADMIN_PASSWORD": ADMIN_PASSWORD}
+        return {
+            **os.environ,
+            "STACK_DIR": str(self.state_dir),
+            "PORT_OFFSET": str(self.layout.port_offset),
+            "BARBER_ADMIN_USERNAME": ADMIN_USERNAME,
+            "BARBER_ADMIN_PASSWORD": ADMIN_PASSWORD,
+        }
 
     def start(self, timeout_s: float = 240.0) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         with open(self.output, "ab") as out:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "stack", "up"], cwd=ROOT, env=self.command_env(),
-                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent,
+                [sys.executable, "-m", "stack", "up"],
+                cwd=ROOT,
+                env=self.command_env(),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                preexec_fn=_die_with_parent,
             )
+
         def settled() -> bool:
             return (self.process is not None and self.process.poll() is not None) or self.ready()
 
@@ -112,12 +123,14 @@ class RunningStack(StackProcess):
         except AssertionError as e:
             raise RuntimeError(
                 f"BARBER_TEST_STACK=running, but no ready stack answers on {self.state_dir}'s control socket: "
-                "start one with `make up` (STACK_DIR and PORT_OFFSET as it was started with)") from e
+                "start one with `make up` (STACK_DIR and PORT_OFFSET as it was started with)"
+            ) from e
         gateway = self.control.status()["processes"].get("gateway", {})
         if self.layout.port("gateway") not in gateway.get("ports", []):
             raise RuntimeError(
                 f"the stack in {self.state_dir} does not serve its gateway on port {self.layout.port('gateway')}: "
-                f"it runs under another PORT_OFFSET than {self.layout.port_offset}")
+                f"it runs under another PORT_OFFSET than {self.layout.port_offset}"
+            )
 
     def stop(self, timeout_s: float = 120.0) -> int | None:
         return None

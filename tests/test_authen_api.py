@@ -96,10 +96,18 @@ async def test_signup_rejects_missing_field(a1: str, missing: str) -> None:
         # json raises RecursionError, not ValueError, on this; it fits under the body limit.
         (b"[" * 60_000, "application/json", "nested"),
         # PostgreSQL text cannot hold U+0000: refused before it reaches the database.
-        (b'{"username": "nul\\u0000name", "password": "long enough", "first_name": "A", "last_name": "B",'
-         b' "type": "customer"}', "application/json", "U+0000"),
-        (b'{"username": "nulname", "password": "long enough", "first_name": "A\\u0000", "last_name": "B",'
-         b' "type": "customer"}', "application/json", "U+0000"),
+        (
+            b'{"username": "nul\\u0000name", "password": "long enough", "first_name": "A", "last_name": "B",'
+            b' "type": "customer"}',
+            "application/json",
+            "U+0000",
+        ),
+        (
+            b'{"username": "nulname", "password": "long enough", "first_name": "A\\u0000", "last_name": "B",'
+            b' "type": "customer"}',
+            "application/json",
+            "U+0000",
+        ),
     ],
 )
 async def test_signup_rejects_malformed_bodies(a1: str, raw: bytes, ctype: str, needle: str) -> None:
@@ -109,14 +117,22 @@ async def test_signup_rejects_malformed_bodies(a1: str, raw: bytes, ctype: str, 
 
 
 async def test_signin_refuses_nul_in_the_username(a1: str) -> None:
-    reply = await call("POST", a1 + "/authen/signin", raw=b'{"username": "a\\u0000b", "password": "whatever1"}',
-                       headers={"Content-Type": "application/json"})
+    reply = await call(
+        "POST",
+        a1 + "/authen/signin",
+        raw=b'{"username": "a\\u0000b", "password": "whatever1"}',
+        headers={"Content-Type": "application/json"},
+    )
     assert reply.code == 400 and "U+0000" in reply.json["detail"], reply
 
 
 async def test_oversize_body_is_413(a1: str) -> None:
-    reply = await call("POST", a1 + "/authen/signup", raw=b'{"username": "' + b"a" * 200_000 + b'"}',
-                       headers={"Content-Type": "application/json"})
+    reply = await call(
+        "POST",
+        a1 + "/authen/signup",
+        raw=b'{"username": "' + b"a" * 200_000 + b'"}',
+        headers={"Content-Type": "application/json"},
+    )
     assert reply.code == 413, reply
     assert "detail" in reply.json
 
@@ -124,8 +140,13 @@ async def test_oversize_body_is_413(a1: str) -> None:
 @pytest.mark.parametrize("size", [200_000, 20_000_000])
 async def test_declared_oversize_body_is_413_json_without_being_read(a1: str, size: int) -> None:
     """Also past Tornado's own 16 MiB cap, which alone would answer a bare 400."""
-    reply = await call("POST", a1 + "/authen/signup", raw=b"x" * size,
-                       headers={"Content-Type": "application/json", "X-Request-ID": "oversize-1"}, timeout=60)
+    reply = await call(
+        "POST",
+        a1 + "/authen/signup",
+        raw=b"x" * size,
+        headers={"Content-Type": "application/json", "X-Request-ID": "oversize-1"},
+        timeout=60,
+    )
     assert reply.code == 413, reply
     assert "larger than" in reply.json["detail"]
     assert reply.headers["X-Request-ID"] == "oversize-1"
@@ -138,8 +159,13 @@ async def test_chunked_oversize_body_is_413(a1: str) -> None:
             await write(b"y" * 50_000)
 
     client = AsyncHTTPClient()
-    reply = await client.fetch(a1 + "/authen/signup", method="POST", body_producer=produce, raise_error=False,
-                               headers={"Content-Type": "application/json"})
+    reply = await client.fetch(
+        a1 + "/authen/signup",
+        method="POST",
+        body_producer=produce,
+        raise_error=False,
+        headers={"Content-Type": "application/json"},
+    )
     assert reply.code == 413 and "larger than" in json.loads(reply.body)["detail"], reply
 
 
@@ -155,8 +181,9 @@ async def test_concurrent_signups_of_one_name_give_one_201_and_one_409(a1: str, 
 async def test_signin_returns_a_verifiable_token(a1: str, a2: str, verifier: TokenVerifier) -> None:
     body, created = await signup(a1, type_="employee")
     assert created.code == 201
-    reply = await call("POST", a2 + "/authen/signin",
-                       {"username": body["username"].upper(), "password": body["password"]})
+    reply = await call(
+        "POST", a2 + "/authen/signin", {"username": body["username"].upper(), "password": body["password"]}
+    )
     assert reply.code == 200, reply
     assert reply.json["user_id"] == created.json["user_id"]
     assert reply.json["token_type"] == "Bearer"
@@ -179,8 +206,13 @@ async def test_signin_failures_look_the_same_for_unknown_users(a1: str) -> None:
 
 @pytest.mark.parametrize(
     "body",
-    [{"username": "abc"}, {"password": "abcdefgh"}, {"username": "abc", "password": "abcdefgh", "x": 1},
-     {"username": 1, "password": "abcdefgh"}, {"username": "abc", "password": ""}],
+    [
+        {"username": "abc"},
+        {"password": "abcdefgh"},
+        {"username": "abc", "password": "abcdefgh", "x": 1},
+        {"username": 1, "password": "abcdefgh"},
+        {"username": "abc", "password": ""},
+    ],
 )
 async def test_signin_rejects_bad_bodies(a1: str, body: dict) -> None:
     reply = await call("POST", a1 + "/authen/signin", body)
@@ -241,14 +273,14 @@ async def test_without_redis_signin_fails_open_and_reads_use_the_primary(stack: 
     body, created = await signup(a1)
     assert created.code == 201
     dead_redis = f"redis://127.0.0.1:{free_port()}/0"
-    async with await start_service(stack, "authen", extra_env={"REDIS_URL": dead_redis},
-                                   name="authen-noredis") as svc:
+    async with await start_service(stack, "authen", extra_env={"REDIS_URL": dead_redis}, name="authen-noredis") as svc:
         bad = {"username": body["username"], "password": "not the password"}
         # The guard cannot count: no lockout (fail open), and still 401s, never 500s.
         codes = [(await call("POST", svc.url + "/authen/signin", bad)).code for _ in range(7)]
         assert codes == [401] * 7
-        good = await call("POST", svc.url + "/authen/signin", {"username": body["username"],
-                                                               "password": body["password"]})
+        good = await call(
+            "POST", svc.url + "/authen/signin", {"username": body["username"], "password": body["password"]}
+        )
         assert good.code == 200, good
         made, reply = await signup(svc.url)
         assert reply.code == 201, reply
@@ -308,8 +340,10 @@ async def test_check_unknown_user_is_404(a1: str) -> None:
 
 
 # An id no user can have (outside 1..2**63-1) is bad input, like any unbounded number.
-@pytest.mark.parametrize("query", ["user_id=abc", "user_id=1.5", "user_id=", "", "user_id=0", "user_id=-4",
-                                   f"user_id={2**63}", f"user_id={2**70}"])
+@pytest.mark.parametrize(
+    "query",
+    ["user_id=abc", "user_id=1.5", "user_id=", "", "user_id=0", "user_id=-4", f"user_id={2**63}", f"user_id={2**70}"],
+)
 async def test_check_needs_an_integer(a1: str, query: str) -> None:
     reply = await call("GET", f"{a1}/utilities/check?{query}")
     assert reply.code == 400, reply
@@ -343,6 +377,7 @@ async def test_sleepy_get_and_post_sleep_and_are_counted(a1: str) -> None:
 async def test_sleepy_holds_the_request_while_others_are_served(a1: str) -> None:
     sleeper = asyncio.ensure_future(call("GET", f"{a1}/utilities/sleepy?seconds=1.5"))
     try:
+
         async def active() -> bool:
             return (await status(a1))["sleepy"]["active"] >= 1
 
@@ -383,8 +418,13 @@ async def test_unknown_route_and_method_answer_json(a1: str) -> None:
 # -- create-admin (used by the deletion issue) -----------------------------------------------
 async def run_authen(stack: StackProcess, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return await asyncio.to_thread(
-        subprocess.run, [sys.executable, "-m", "authen", *args], cwd=ROOT, env={**stack.env, **(env or {})},
-        capture_output=True, text=True, timeout=60,
+        subprocess.run,
+        [sys.executable, "-m", "authen", *args],
+        cwd=ROOT,
+        env={**stack.env, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
 
 

@@ -24,13 +24,13 @@ def prepared_gids(stack: StackProcess) -> list[str]:
 
 async def tx(stack: StackProcess, action: str, gid: str, index: int = 0, user_id: int | None = None):
     body = {"user_id": user_id} if user_id is not None else None
-    return await call("POST", f"{stack.url('authen', index)}/internal/tx/{gid}/{action}", body,
-                      headers=headers(stack))
+    return await call("POST", f"{stack.url('authen', index)}/internal/tx/{gid}/{action}", body, headers=headers(stack))
 
 
 async def signin_code(stack: StackProcess, username: str, index: int = 0) -> int:
-    reply = await call("POST", stack.url("authen", index) + "/authen/signin",
-                       {"username": username, "password": PASSWORD})
+    reply = await call(
+        "POST", stack.url("authen", index) + "/authen/signin", {"username": username, "password": PASSWORD}
+    )
     return reply.code
 
 
@@ -93,11 +93,15 @@ async def test_votes_no_and_refuses_bad_calls(stack: StackProcess) -> None:
     assert (await tx(stack, "commit", f"test-tx-{uuid.uuid4()}", 0)).code == 409
     base = stack.url("authen")
     assert (await call("POST", f"{base}/internal/tx/{gid}/prepare", {"user_id": user.id})).code == 403
-    assert (await call("POST", f"{base}/internal/tx/{gid}/prepare", {"user_id": user.id},
-                       headers={"X-Service-Token": "wrong"})).code == 403
+    assert (
+        await call(
+            "POST", f"{base}/internal/tx/{gid}/prepare", {"user_id": user.id}, headers={"X-Service-Token": "wrong"}
+        )
+    ).code == 403
     assert (await call("POST", f"{base}/internal/tx/bad'gid/abort", headers=headers(stack))).code == 400
-    assert (await call("POST", f"{base}/internal/tx/{gid}/prepare", {"user_id": "x"},
-                       headers=headers(stack))).code == 400
+    assert (
+        await call("POST", f"{base}/internal/tx/{gid}/prepare", {"user_id": "x"}, headers=headers(stack))
+    ).code == 400
     assert (await call("GET", f"{base}/internal/tx?state=committed", headers=headers(stack))).code == 400
     assert await signin_code(stack, user.username) == 200
 

@@ -46,8 +46,9 @@ async def replay_paused(stack: Any, indexes: tuple[int, ...] = (1, 2)) -> AsyncI
     conns = []
     try:
         for i in indexes:
-            conn = await psycopg.AsyncConnection.connect(stack.layout.pg_dsn("authen", i), autocommit=True,
-                                                         connect_timeout=5)
+            conn = await psycopg.AsyncConnection.connect(
+                stack.layout.pg_dsn("authen", i), autocommit=True, connect_timeout=5
+            )
             conns.append(conn)
             await conn.execute("SELECT pg_wal_replay_pause()")
         yield
@@ -60,6 +61,7 @@ async def replay_paused(stack: Any, indexes: tuple[int, ...] = (1, 2)) -> AsyncI
 
 
 async def on_replica(stack: Any, index: int, sql: str, params: tuple = ()) -> Any:
-    async with await psycopg.AsyncConnection.connect(stack.layout.pg_dsn("authen", index), autocommit=True,
-                                                     connect_timeout=5) as conn:
+    async with await psycopg.AsyncConnection.connect(
+        stack.layout.pg_dsn("authen", index), autocommit=True, connect_timeout=5
+    ) as conn:
         return await (await conn.execute(sql, params)).fetchone()

@@ -37,8 +37,9 @@ def verifier(stack: StackProcess) -> TokenVerifier:
 async def issued(stack: StackProcess) -> tuple[str, int]:
     body, created = await signup(stack.url("authen", 0), type_="customer")
     assert created.code == 201
-    reply = await call("POST", stack.url("authen", 1) + "/authen/signin",
-                       {"username": body["username"], "password": body["password"]})
+    reply = await call(
+        "POST", stack.url("authen", 1) + "/authen/signin", {"username": body["username"], "password": body["password"]}
+    )
     assert reply.code == 200, reply
     return reply.json["token"], reply.json["user_id"]
 
@@ -75,8 +76,9 @@ async def test_token_signed_by_another_key_is_rejected(issued: tuple[str, int], 
         verifier.verify(forged)
 
 
-async def test_unsigned_and_hmac_tokens_are_rejected(issued: tuple[str, int], verifier: TokenVerifier,
-                                                     stack: StackProcess) -> None:
+async def test_unsigned_and_hmac_tokens_are_rejected(
+    issued: tuple[str, int], verifier: TokenVerifier, stack: StackProcess
+) -> None:
     token, _user_id = issued
     claims = json.loads(_unb64(token.split(".")[1]))
     unsigned = ".".join([_b64(b'{"alg":"none","typ":"JWT"}'), _b64(json.dumps(claims).encode()), ""])

@@ -24,8 +24,9 @@ async def employee(stack: StackProcess) -> ChatUser:
 
 
 # -- POST /chats/start -------------------------------------------------------------------
-async def test_start_creates_then_returns_the_same_chat(stack: StackProcess, c1: str, c2: str,
-                                                        customer: ChatUser) -> None:
+async def test_start_creates_then_returns_the_same_chat(
+    stack: StackProcess, c1: str, c2: str, customer: ChatUser
+) -> None:
     barber = await make_user(stack, "employee")
     first = await call("POST", f"{c1}/chats/start?employee_id={barber.id}", token=customer.token)
     assert first.code == 201, first
@@ -37,13 +38,13 @@ async def test_start_creates_then_returns_the_same_chat(stack: StackProcess, c1:
     assert again.json == first.json
 
 
-async def test_concurrent_starts_of_one_pair_make_one_chat(stack: StackProcess, c1: str, c2: str,
-                                                           customer: ChatUser) -> None:
+async def test_concurrent_starts_of_one_pair_make_one_chat(
+    stack: StackProcess, c1: str, c2: str, customer: ChatUser
+) -> None:
     barber = await make_user(stack, "employee")
-    replies = await asyncio.gather(*(
-        call("POST", f"{base}/chats/start?employee_id={barber.id}", token=customer.token)
-        for base in [c1, c2] * 5
-    ))
+    replies = await asyncio.gather(
+        *(call("POST", f"{base}/chats/start?employee_id={barber.id}", token=customer.token) for base in [c1, c2] * 5)
+    )
     assert {r.code for r in replies} <= {200, 201}, replies
     assert sorted(r.code for r in replies).count(201) == 1, replies
     assert len({r.json["chat_id"] for r in replies}) == 1
@@ -58,8 +59,7 @@ async def test_concurrent_starts_of_one_pair_make_one_chat(stack: StackProcess, 
         ("?employee_id=999999999", 404, "no user"),
     ],
 )
-async def test_start_rejects_bad_employee_ids(c1: str, customer: ChatUser, query: str, code: int,
-                                              words: str) -> None:
+async def test_start_rejects_bad_employee_ids(c1: str, customer: ChatUser, query: str, code: int, words: str) -> None:
     reply = await call("POST", f"{c1}/chats/start{query}", token=customer.token)
     assert reply.code == code, reply
     assert words in reply.json["detail"]
@@ -79,18 +79,20 @@ async def test_start_by_an_employee_is_403(c1: str, employee: ChatUser) -> None:
 
 
 @pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer not.a.token"}, {"Authorization": "Basic abc"}])
-async def test_start_without_a_valid_token_is_401_and_x_user_is_ignored(c1: str, customer: ChatUser,
-                                                                        employee: ChatUser,
-                                                                        headers: dict) -> None:
-    reply = await call("POST", f"{c1}/chats/start?employee_id={employee.id}",
-                       headers={**headers, "X-User": str(customer.id)})
+async def test_start_without_a_valid_token_is_401_and_x_user_is_ignored(
+    c1: str, customer: ChatUser, employee: ChatUser, headers: dict
+) -> None:
+    reply = await call(
+        "POST", f"{c1}/chats/start?employee_id={employee.id}", headers={**headers, "X-User": str(customer.id)}
+    )
     assert reply.code == 401, reply
     assert reply.json["detail"]
 
 
 # -- GET /chats/connect ------------------------------------------------------------------
-async def test_connect_gives_participants_the_socket_url(stack: StackProcess, c1: str, c2: str,
-                                                         customer: ChatUser, employee: ChatUser) -> None:
+async def test_connect_gives_participants_the_socket_url(
+    stack: StackProcess, c1: str, c2: str, customer: ChatUser, employee: ChatUser
+) -> None:
     chat_id = await start_chat(c1, customer, employee)
     for user in (customer, employee):
         reply = await call("GET", f"{c2}/chats/connect?id={chat_id}", token=user.token)
@@ -143,16 +145,18 @@ async def test_history_pages_newest_first(stack: StackProcess, c1: str, c2: str)
     ("query", "code"),
     [("&limit=101", 400), ("&limit=0", 400), ("&limit=x", 400), ("&before=0", 400), ("&before=y", 400)],
 )
-async def test_history_rejects_bad_paging(c1: str, customer: ChatUser, employee: ChatUser, query: str,
-                                          code: int) -> None:
+async def test_history_rejects_bad_paging(
+    c1: str, customer: ChatUser, employee: ChatUser, query: str, code: int
+) -> None:
     chat_id = await start_chat(c1, customer, employee)
     reply = await call("GET", f"{c1}/chats/history?id={chat_id}{query}", token=customer.token)
     assert reply.code == code, reply
     assert reply.json["detail"]
 
 
-async def test_history_refuses_outsiders_and_unknown_chats(stack: StackProcess, c1: str, customer: ChatUser,
-                                                           employee: ChatUser) -> None:
+async def test_history_refuses_outsiders_and_unknown_chats(
+    stack: StackProcess, c1: str, customer: ChatUser, employee: ChatUser
+) -> None:
     chat_id = await start_chat(c1, customer, employee)
     outsider = await make_user(stack, "employee")
     assert (await call("GET", f"{c1}/chats/history?id={chat_id}", token=outsider.token)).code == 403

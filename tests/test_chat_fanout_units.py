@@ -36,9 +36,15 @@ ALICE = User(id=1, username="alice", first_name="Alice", last_name="A", type="cu
 
 
 def doc(chat_id: str, seq: int, _id: str | None = None, text: str | None = None) -> dict[str, Any]:
-    return {"_id": _id or f"{chat_id}-{seq}", "chat_id": chat_id, "seq": seq, "message": text or f"m{seq}",
-            "sender": {"id": 1, "first_name": "Alice", "last_name": "A"}, "sent_at": "2026-01-01T00:00:00.000Z",
-            "created_at": 1.0}
+    return {
+        "_id": _id or f"{chat_id}-{seq}",
+        "chat_id": chat_id,
+        "seq": seq,
+        "message": text or f"m{seq}",
+        "sender": {"id": 1, "first_name": "Alice", "last_name": "A"},
+        "sent_at": "2026-01-01T00:00:00.000Z",
+        "created_at": 1.0,
+    }
 
 
 def msg(seq: int, chat_id: str = CHAT) -> ChatMessage:
@@ -71,13 +77,20 @@ class FakeStore:
 
     def _taken(self, d: dict[str, Any]) -> bool:
         return d["_id"] in self.docs or any(
-            o["chat_id"] == d["chat_id"] and o["seq"] == d["seq"] for o in self.docs.values())
+            o["chat_id"] == d["chat_id"] and o["seq"] == d["seq"] for o in self.docs.values()
+        )
 
     async def messages_after(self, chat_id: str, after: int, limit: int, upto: int | None = None) -> list[ChatMessage]:
         self.reads += 1
         self._maybe_fail()
-        found = sorted((d for d in self.docs.values() if d["chat_id"] == chat_id and d["seq"] > after
-                        and (upto is None or d["seq"] <= upto)), key=lambda d: d["seq"])
+        found = sorted(
+            (
+                d
+                for d in self.docs.values()
+                if d["chat_id"] == chat_id and d["seq"] > after and (upto is None or d["seq"] <= upto)
+            ),
+            key=lambda d: d["seq"],
+        )
         return [ChatMessage.from_doc(d) for d in found[:limit]]
 
     async def max_seq(self, chat_id: str) -> int:
@@ -141,7 +154,9 @@ class Recorder:
         self.closed_with = (code, reason)
 
 
-async def open_room(store: FakeStore, gap_skip_s: float = 5.0, chat_id: str = CHAT) -> tuple[Room, Recorder, FanoutStats]:
+async def open_room(
+    store: FakeStore, gap_skip_s: float = 5.0, chat_id: str = CHAT
+) -> tuple[Room, Recorder, FanoutStats]:
     stats = FanoutStats()
     room = Room(Chat(chat_id, 1, 2, 0.0), store, stats, gap_skip_s)
     member = Recorder()
@@ -408,14 +423,24 @@ class WriterRig:
         self.stats = FanoutStats()
         self.published: list[list[int]] = []
         self.closed: list[tuple[str, int, str]] = []
-        self.writer = Writer(store, self.stats, lambda ms: self.published.append([m.seq for m in ms]),
-                             lambda chat_id, code, reason: self.closed.append((chat_id, code, reason)),
-                             batch_max, write_timeout_s)
+        self.writer = Writer(
+            store,
+            self.stats,
+            lambda ms: self.published.append([m.seq for m in ms]),
+            lambda chat_id, code, reason: self.closed.append((chat_id, code, reason)),
+            batch_max,
+            write_timeout_s,
+        )
 
     def submit(self, target: FakeTarget, text: str, _id: str) -> asyncio.Task[ChatMessage]:
-        d = {"_id": _id, "chat_id": target.chat_id, "message": text,
-             "sender": {"id": 1, "first_name": "Alice", "last_name": "A"},
-             "sent_at": "2026-01-01T00:00:00.000Z", "created_at": 1.0}
+        d = {
+            "_id": _id,
+            "chat_id": target.chat_id,
+            "message": text,
+            "sender": {"id": 1, "first_name": "Alice", "last_name": "A"},
+            "sent_at": "2026-01-01T00:00:00.000Z",
+            "created_at": 1.0,
+        }
         return asyncio.ensure_future(self.writer.submit(target, d))
 
 
@@ -436,8 +461,7 @@ async def test_writer_batches_across_chats_one_message_per_chat(rig_store: tuple
     await wait_until(lambda: len(store.inserts) == 1, timeout=5, message="the first batch in flight")
     # While it is in flight the next batch gathers: the second message of chat a waits
     # for its first to be stored; b and c ride along.
-    rest = [rig.submit(a, "a2", "a2"), rig.submit(b, "b1", "b1"), rig.submit(c, "c1", "c1"),
-            rig.submit(a, "a3", "a3")]
+    rest = [rig.submit(a, "a2", "a2"), rig.submit(b, "b1", "b1"), rig.submit(c, "c1", "c1"), rig.submit(a, "a3", "a3")]
     await asyncio.sleep(0)
     assert rig.writer.queued == 5
     store.gate.set()
@@ -514,7 +538,8 @@ async def test_writer_retries_while_storage_is_away_then_gives_up() -> None:
 
 
 async def test_writer_refuses_an_unstorable_message_without_taking_its_seq(
-        rig_store: tuple[WriterRig, FakeStore]) -> None:
+    rig_store: tuple[WriterRig, FakeStore],
+) -> None:
     rig, store = rig_store
     a = FakeTarget("a")
     with pytest.raises(BadRequest):
@@ -589,8 +614,14 @@ async def test_bus_hands_on_other_instances_messages_and_skips_its_own() -> None
     bus = Bus("redis://127.0.0.1:1/0", listener, FanoutStats())
     bus.handle({"type": "subscribe", "data": 1})
     assert bus.connected and listener.resubscribed == 0
-    other = b"someoneelse\n" + b"\n".join([msg(1).frame.encode(), b"{not json", msg(2).frame.encode(),
-                                           json.dumps({"control": True, "action": "close_chat"}).encode()])
+    other = b"someoneelse\n" + b"\n".join(
+        [
+            msg(1).frame.encode(),
+            b"{not json",
+            msg(2).frame.encode(),
+            json.dumps({"control": True, "action": "close_chat"}).encode(),
+        ]
+    )
     bus.handle({"type": "message", "data": other})
     bus.handle({"type": "message", "data": bus.instance_id.encode() + b"\n" + msg(3).frame.encode()})
     assert listener.published == [1, 2]

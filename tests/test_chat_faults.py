@@ -94,8 +94,7 @@ class Participant:
                 await wait_until(lambda: cid in self.seen_ids(), timeout=10, message=f"echo of {cid}")
 
 
-async def test_kill_9_of_a_chat_instance_loses_and_duplicates_nothing(stack: StackProcess, c1: str,
-                                                                       c2: str) -> None:
+async def test_kill_9_of_a_chat_instance_loses_and_duplicates_nothing(stack: StackProcess, c1: str, c2: str) -> None:
     if not _has_process(stack, "gateway"):
         pytest.skip("needs the gateway in the stack (clients reconnect through it)")
     gateway = stack.url("gateway")
@@ -123,8 +122,9 @@ async def test_kill_9_of_a_chat_instance_loses_and_duplicates_nothing(stack: Sta
 
     total = len(cust.sent) + len(empl.sent)
     for p in (cust, empl):
-        await wait_until(lambda p=p: len(p.received) >= total, timeout=30,
-                         message=f"{p.prefix} has all {total} messages")
+        await wait_until(
+            lambda p=p: len(p.received) >= total, timeout=30, message=f"{p.prefix} has all {total} messages"
+        )
         seqs = [m["seq"] for m in p.received]
         assert seqs == list(range(1, total + 1)), seqs  # nothing lost, nothing twice, in order
         assert sorted(m["client_id"] for m in p.received) == sorted(cust.sent + empl.sent)
@@ -137,8 +137,7 @@ async def test_kill_9_of_a_chat_instance_loses_and_duplicates_nothing(stack: Sta
         for c in p.connections:
             await c.close()
     # The supervisor brings chat-1 back.
-    await wait_until(lambda: stack.control.pid("chat-1") not in (None, old_pid), timeout=60,
-                     message="chat-1 restarted")
+    await wait_until(lambda: stack.control.pid("chat-1") not in (None, old_pid), timeout=60, message="chat-1 restarted")
     await wait_until(lambda: _healthy(c1), timeout=60, message="chat-1 healthy")
 
 
@@ -204,10 +203,8 @@ async def test_cache_master_killed_lookups_still_succeed(stack: StackProcess, c1
             await lookups_work()
     finally:
         # The supervisor restarts the node; it rejoins as a replica of the promoted one.
-        await wait_until(lambda: stack.control.pid(name) not in (None, pid), timeout=60,
-                         message=f"{name} restarted")
-        await wait_until(lambda: _cluster_recovered(stack), timeout=90, interval=0.5,
-                         message="the cluster healed")
+        await wait_until(lambda: stack.control.pid(name) not in (None, pid), timeout=60, message=f"{name} restarted")
+        await wait_until(lambda: _cluster_recovered(stack), timeout=90, interval=0.5, message="the cluster healed")
     # And the cache serves hits again once the cluster is whole.
     hits = (await status(c1))["cache"]["hits"]
 
@@ -301,8 +298,7 @@ async def test_whole_cache_cluster_down_lookups_still_succeed(stack: StackProces
     finally:
         for name in names:
             stack.control.start(name)
-        await wait_until(lambda: _cluster_recovered(stack), timeout=90, interval=0.5,
-                         message="the cluster healed")
+        await wait_until(lambda: _cluster_recovered(stack), timeout=90, interval=0.5, message="the cluster healed")
     for base in (c1, c2):
         hits = (await status(base))["cache"]["hits"]
 

@@ -45,9 +45,15 @@ async def insert_direct(store: Store, chat_id: str, seqs: range, sender: ChatUse
     """Messages written straight to MongoDB, as by a chat instance that died before publishing."""
     now = time.time()
     docs = [
-        {"_id": uuid.uuid4().hex, "chat_id": chat_id, "seq": seq,
-         "sender": {"id": sender.id, "first_name": sender.first_name, "last_name": sender.last_name},
-         "message": f"{text} {seq}", "sent_at": iso_now(now), "created_at": now}
+        {
+            "_id": uuid.uuid4().hex,
+            "chat_id": chat_id,
+            "seq": seq,
+            "sender": {"id": sender.id, "first_name": sender.first_name, "last_name": sender.last_name},
+            "message": f"{text} {seq}",
+            "sent_at": iso_now(now),
+            "created_at": now,
+        }
         for seq in seqs
     ]
     outcomes = await store.insert_messages(docs)
@@ -222,7 +228,14 @@ async def test_bad_frames_get_error_frames_and_store_nothing(stack: StackProcess
         await client.send("ok", client_id=["not", "a", "string"])
         errors = await client.wait_errors(9)
         assert [e["code"] for e in errors] == [
-            "malformed", "malformed", "unknown_type", "unknown_type", "empty", "empty", "empty", "too_long",
+            "malformed",
+            "malformed",
+            "unknown_type",
+            "unknown_type",
+            "empty",
+            "empty",
+            "empty",
+            "too_long",
             "invalid",
         ]
         assert errors[7]["client_id"] == "big"
@@ -259,8 +272,12 @@ async def test_resend_with_the_same_client_id_is_stored_once(stack: StackProcess
 @pytest.fixture(scope="module")
 async def tuned(stack: StackProcess) -> AsyncIterator[ServiceProcess]:
     """One more chat instance with a tight flood guard and a fast keepalive."""
-    env = {"CHAT_FLOOD_RATE_PER_S": "2", "CHAT_FLOOD_BURST": "10",
-           "CHAT_WS_PING_INTERVAL_S": "0.5", "CHAT_WS_PING_TIMEOUT_S": "0.5"}
+    env = {
+        "CHAT_FLOOD_RATE_PER_S": "2",
+        "CHAT_FLOOD_BURST": "10",
+        "CHAT_WS_PING_INTERVAL_S": "0.5",
+        "CHAT_WS_PING_TIMEOUT_S": "0.5",
+    }
     async with await start_service(stack, "chat", extra_env=env, name="chat-tuned") as inst:
         yield inst
 
@@ -274,8 +291,9 @@ async def test_flood_guard_refuses_bursts(stack: StackProcess, tuned: ServicePro
         sent = 60
         for i in range(sent):
             await client.send(f"spam {i}")
-        await wait_until(lambda: len(client.messages) + len(client.errors) >= sent, timeout=20,
-                         message="an answer for every frame")
+        await wait_until(
+            lambda: len(client.messages) + len(client.errors) >= sent, timeout=20, message="an answer for every frame"
+        )
         limited = [e for e in client.errors if e["code"] == "rate_limited"]
         stored = len(client.messages)
         # The burst of 10 passes (plus 2/s refilled while storing), the flood does not.
@@ -292,8 +310,13 @@ async def test_flood_guard_refuses_bursts(stack: StackProcess, tuned: ServicePro
 async def test_a_client_that_stops_reading_is_disconnected(stack: StackProcess) -> None:
     # One more chat instance with a small send buffer and no flood guard to speak of, so
     # one sender can outpace a reader quickly.
-    env = {"CHAT_WS_MAX_BUFFER_BYTES": "65536", "CHAT_WS_SNDBUF_BYTES": "16384", "CHAT_WS_SEND_TIMEOUT_S": "2",
-           "CHAT_FLOOD_RATE_PER_S": "100000", "CHAT_FLOOD_BURST": "100000"}
+    env = {
+        "CHAT_WS_MAX_BUFFER_BYTES": "65536",
+        "CHAT_WS_SNDBUF_BYTES": "16384",
+        "CHAT_WS_SEND_TIMEOUT_S": "2",
+        "CHAT_FLOOD_RATE_PER_S": "100000",
+        "CHAT_FLOOD_BURST": "100000",
+    }
     async with await start_service(stack, "chat", extra_env=env, name="chat-slowtest") as inst:
         customer, employee, chat_id = await pair(stack, inst.url)
         fast = await ChatClient.connect(socket_url(inst.url, chat_id, employee.token))
@@ -351,8 +374,9 @@ async def _slow_dropped(base: str) -> bool:
 
 
 # -- the database is the source of truth -------------------------------------------------------
-async def test_a_gap_is_filled_from_the_database_before_later_messages(stack: StackProcess, c1: str,
-                                                                       store: Store) -> None:
+async def test_a_gap_is_filled_from_the_database_before_later_messages(
+    stack: StackProcess, c1: str, store: Store
+) -> None:
     # The receiving instance's idle-room tail check is off, so seq 2 can only reach it by
     # the gap fill (a tail check in between would find it first).
     receiver = await start_service(stack, "chat", extra_env={"CHAT_TAIL_CHECK_S": "3600"}, name="chat-no-tail")
@@ -379,8 +403,9 @@ async def test_a_gap_is_filled_from_the_database_before_later_messages(stack: St
         await receiver.stop()
 
 
-async def test_a_write_to_a_chat_deleted_unbeknown_to_the_instance_leaves_nothing(stack: StackProcess, c1: str,
-                                                                                   store: Store) -> None:
+async def test_a_write_to_a_chat_deleted_unbeknown_to_the_instance_leaves_nothing(
+    stack: StackProcess, c1: str, store: Store
+) -> None:
     """The deletion's broadcast can be lost (it rides on pub/sub): here the chat is
     removed straight from MongoDB, so chat-1 still has it open. A message sent then must
     not be left behind with no chat: the writer re-checks the chat after writing."""
@@ -399,8 +424,7 @@ async def test_a_write_to_a_chat_deleted_unbeknown_to_the_instance_leaves_nothin
         await a.close()
 
 
-async def test_an_unpublished_last_message_still_arrives(stack: StackProcess, c1: str, c2: str,
-                                                         store: Store) -> None:
+async def test_an_unpublished_last_message_still_arrives(stack: StackProcess, c1: str, c2: str, store: Store) -> None:
     customer, employee, chat_id = await pair(stack, c1)
     b = await ChatClient.connect(socket_url(c2, chat_id, employee.token))
     try:

@@ -29,13 +29,19 @@ class ChatUser:
     last_name: str
 
 
-async def make_user(stack: StackProcess, type_: str = "customer", first_name: str = "Ada",
-                    last_name: str = "Lovelace") -> ChatUser:
+async def make_user(
+    stack: StackProcess, type_: str = "customer", first_name: str = "Ada", last_name: str = "Lovelace"
+) -> ChatUser:
     """A real user: signed up and signed in through authen."""
     authen = stack.url("authen", 0)
     username = f"{type_[:4]}_{uuid.uuid4().hex[:12]}"
-    body = {"username": username, "password": "correct horse", "first_name": first_name,
-            "last_name": last_name, "type": type_}
+    body = {
+        "username": username,
+        "password": "correct horse",
+        "first_name": first_name,
+        "last_name": last_name,
+        "type": type_,
+    }
     reply = await call("POST", authen + "/authen/signup", body)
     assert reply.code == 201, reply
     reply = await call("POST", authen + "/authen/signin", {"username": username, "password": "correct horse"})
@@ -56,11 +62,12 @@ async def status(base: str) -> dict:
 
 
 def ws_of(http_base: str) -> str:
-    return "ws" + http_base[len("http"):]
+    return "ws" + http_base[len("http") :]
 
 
-def socket_url(http_base: str, chat_id: str, token: str | None = None, since: int | None = None,
-               via_gateway: bool = False) -> str:
+def socket_url(
+    http_base: str, chat_id: str, token: str | None = None, since: int | None = None, via_gateway: bool = False
+) -> str:
     path = f"/chat/chat/{chat_id}" if via_gateway else f"/chat/{chat_id}"
     query = []
     if token is not None:
@@ -82,8 +89,9 @@ class ChatClient:
     _reader: asyncio.Task | None = None
 
     @classmethod
-    async def connect(cls, url: str, subprotocols: list[str] | None = None,
-                      headers: dict[str, str] | None = None) -> ChatClient:
+    async def connect(
+        cls, url: str, subprotocols: list[str] | None = None, headers: dict[str, str] | None = None
+    ) -> ChatClient:
         req = HTTPRequest(url, headers=headers or {}, request_timeout=10)
         conn = await websocket_connect(req, subprotocols=subprotocols)
         client = cls(conn)
@@ -126,8 +134,11 @@ class ChatClient:
         await self.conn.write_message(data)
 
     async def wait_messages(self, n: int, timeout: float = 15.0) -> list[dict]:
-        await wait_until(lambda: len(self.messages) >= n, timeout=timeout,
-                         message=f"{n} messages (have {len(self.messages)}: {self.seqs[-5:]})")
+        await wait_until(
+            lambda: len(self.messages) >= n,
+            timeout=timeout,
+            message=f"{n} messages (have {len(self.messages)}: {self.seqs[-5:]})",
+        )
         return self.messages
 
     async def wait_errors(self, n: int, timeout: float = 10.0) -> list[dict]:
@@ -148,8 +159,9 @@ class ChatClient:
             self._reader.cancel()
 
 
-async def refused_with(url: str, subprotocols: list[str] | None = None,
-                       headers: dict[str, str] | None = None) -> int | None:
+async def refused_with(
+    url: str, subprotocols: list[str] | None = None, headers: dict[str, str] | None = None
+) -> int | None:
     """Connect and return the close code the server closes with (None if it stays open)."""
     client = await ChatClient.connect(url, subprotocols, headers)
     try:
@@ -171,8 +183,10 @@ class RawSocket:
         self.sock.connect((host, port))
         key = base64.b64encode(os.urandom(16)).decode()
         self.sock.sendall(
-            (f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-             f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode()
+            (
+                f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            ).encode()
         )
         head = b""
         while b"\r\n\r\n" not in head:

@@ -58,12 +58,26 @@ def test_chat_participants() -> None:
 
 
 def test_message_frame_is_the_public_json() -> None:
-    doc = {"_id": "x", "chat_id": "c", "seq": 3, "message": "héllo", "sent_at": "2026-01-01T00:00:00.000Z",
-           "sender": {"id": 1, "first_name": "A", "last_name": "B"}, "created_at": 1.0, "client_id": "k"}
+    doc = {
+        "_id": "x",
+        "chat_id": "c",
+        "seq": 3,
+        "message": "héllo",
+        "sent_at": "2026-01-01T00:00:00.000Z",
+        "sender": {"id": 1, "first_name": "A", "last_name": "B"},
+        "created_at": 1.0,
+        "client_id": "k",
+    }
     msg = ChatMessage.from_doc(doc)
-    assert json.loads(msg.frame) == {"type": "chat_message", "chat_id": "c", "seq": 3, "message": "héllo",
-                                     "sender": {"id": 1, "first_name": "A", "last_name": "B"},
-                                     "sent_at": "2026-01-01T00:00:00.000Z", "client_id": "k"}
+    assert json.loads(msg.frame) == {
+        "type": "chat_message",
+        "chat_id": "c",
+        "seq": 3,
+        "message": "héllo",
+        "sender": {"id": 1, "first_name": "A", "last_name": "B"},
+        "sent_at": "2026-01-01T00:00:00.000Z",
+        "client_id": "k",
+    }
     assert msg.frame_bytes == len(msg.frame.encode())
     again = ChatMessage.from_public(json.loads(msg.frame), frame=msg.frame)
     assert (again.chat_id, again.seq, again.frame) == ("c", 3, msg.frame)

@@ -80,8 +80,14 @@ SETTINGS: dict[str, tuple[type[BaseSettings], ...]] = {
 }
 # Settings classes a service reads only a few fields of (etl: the indexer's credentials).
 PARTLY: dict[str, dict[type[BaseSettings], set[str]]] = {
-    "etl": {ElkSettings: {"elasticsearch_api_key", "elasticsearch_username", "elasticsearch_password",
-                          "elasticsearch_ca_certs"}},
+    "etl": {
+        ElkSettings: {
+            "elasticsearch_api_key",
+            "elasticsearch_username",
+            "elasticsearch_password",
+            "elasticsearch_ca_certs",
+        }
+    },
 }
 # The image sets HOST (0.0.0.0) and deploy/entrypoint.sh derives ADVERTISE_HOST.
 SET_BY_IMAGE = {"host", "advertise_host"}
@@ -95,9 +101,11 @@ JOB_NEEDS: dict[str, set[str]] = {
 
 def interpolate(value: str) -> str:
     """A value as Compose would interpolate it from an .env of example secrets."""
+
     def one(m: re.Match[str]) -> str:
         op, arg = m.group(2) or "", m.group(3) or ""
         return arg if op in (":-", "-") else f"example-{m.group(1).lower()}"
+
     return re.sub(r"\$\{(\w+)(:?[-?])?([^}]*)\}", one, value)
 
 
@@ -186,7 +194,9 @@ def test_every_variable_is_read_by_the_services_settings_and_every_needed_one_is
             if service in JOB_NEEDS:
                 local_only = name in JOB_NEEDS[service]
             if field.is_required() or local_only:
-                assert name in env, f"{service}: {name.upper()} must be set (default {default!r} fits the local stack only)"
+                assert name in env, (
+                    f"{service}: {name.upper()} must be set (default {default!r} fits the local stack only)"
+                )
 
 
 @pytest.mark.unit
@@ -194,9 +204,15 @@ def test_script_services_set_only_variables_their_scripts_or_images_read() -> No
     image_vars = {
         "postgres-primary": {"POSTGRES_USER", "POSTGRES_PASSWORD", "POSTGRES_DB"},
         "mongo": {"MONGO_INITDB_ROOT_USERNAME", "MONGO_INITDB_ROOT_PASSWORD"},
-        "elasticsearch": {"discovery.type", "ELASTIC_PASSWORD", "xpack.security.enabled",
-                          "xpack.security.http.ssl.enabled", "xpack.security.transport.ssl.enabled",
-                          "ingest.geoip.downloader.enabled", "ES_JAVA_OPTS"},
+        "elasticsearch": {
+            "discovery.type",
+            "ELASTIC_PASSWORD",
+            "xpack.security.enabled",
+            "xpack.security.http.ssl.enabled",
+            "xpack.security.transport.ssl.enabled",
+            "ingest.geoip.downloader.enabled",
+            "ES_JAVA_OPTS",
+        },
         "kibana": {"ELASTICSEARCH_HOSTS", "ELASTICSEARCH_USERNAME", "ELASTICSEARCH_PASSWORD"},
     }
     scripts = {
@@ -242,8 +258,9 @@ def test_postgres_topology_matches_the_local_stack() -> None:
         assert SVC[name]["depends_on"]["postgres-primary"]["condition"] == "service_healthy"
 
     # The same major version as the servers the local stack runs.
-    out = subprocess.run([str(datatier.postgres_bindir() / "postgres"), "--version"], capture_output=True,
-                         text=True, check=True).stdout
+    out = subprocess.run(
+        [str(datatier.postgres_bindir() / "postgres"), "--version"], capture_output=True, text=True, check=True
+    ).stdout
     local_major = re.search(r"\(PostgreSQL\) (\d+)", out).group(1)  # type: ignore[union-attr]
     for name in ["postgres-primary", *replicas]:
         assert SVC[name]["image"].split(":")[1].split(".")[0] == local_major, f"{name}: not PostgreSQL {local_major}"
@@ -366,7 +383,9 @@ def test_start_order_is_health_based_and_data_lives_in_named_volumes() -> None:
     assert env_of("elasticsearch")["xpack.security.enabled"] == "true"
     assert SVC["kibana"]["depends_on"]["kibana-password"]["condition"] == "service_completed_successfully"
     text = (ROOT / "compose.yml").read_text()
-    assert not re.search(r"^\s*\w*PASSWORD\w*:\s*(?!\$\{)\S", text, re.MULTILINE), "a password is written in compose.yml"
+    assert not re.search(r"^\s*\w*PASSWORD\w*:\s*(?!\$\{)\S", text, re.MULTILINE), (
+        "a password is written in compose.yml"
+    )
     assert not re.search(r"://[^:/\s]+:(?!\$\{)[^@\s]+@", text), "a URL holds a literal password"
 
 
@@ -395,7 +414,7 @@ def test_dockerfile_structure() -> None:
     assert re.fullmatch(r"ARG PYTHON_IMAGE=python:\d+\.\d+\.\d+-slim-\w+", base), "a pinned slim Python base"
     froms = [ln for ln in instr if ln.startswith("FROM ")]
     assert len(froms) == 2 and froms[0].endswith(" AS build"), "two stages: build, run"
-    final = instr[instr.index(froms[1]):]
+    final = instr[instr.index(froms[1]) :]
     assert not any(re.search(r"apt-get|gcc|build-essential", ln) for ln in final), "no build tools in the final stage"
     user = next(ln for ln in final if ln.startswith("USER "))
     assert user.split()[1].split(":")[0] not in ("0", "root")
@@ -403,7 +422,7 @@ def test_dockerfile_structure() -> None:
     assert any(ln.startswith('CMD ["python", "-m", "deploy.healthcheck"]') for ln in lines)
     for kind in ("ENTRYPOINT", "CMD"):
         line = [ln for ln in final if ln.startswith(kind + " ")][-1]
-        assert json.loads(line[len(kind) + 1:]), f"{kind} in exec form"
+        assert json.loads(line[len(kind) + 1 :]), f"{kind} in exec form"
     assert "-c constraints.txt" in (ROOT / "Dockerfile").read_text()
 
 
@@ -428,21 +447,34 @@ def test_constraints_pin_every_dependency_of_the_project() -> None:
 def test_entrypoint_advertises_the_container_address_and_execs() -> None:
     env = {k: v for k, v in os.environ.items() if k != "ADVERTISE_HOST"}
     probe = "import os; print(os.environ['ADVERTISE_HOST'], os.getpid(), os.getppid())"
-    proc = subprocess.Popen(["/bin/sh", str(DEPLOY / "entrypoint.sh"), sys.executable, "-c", probe],
-                            env=env, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        ["/bin/sh", str(DEPLOY / "entrypoint.sh"), sys.executable, "-c", probe],
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     out, _ = proc.communicate(timeout=30)
     host, pid, _ = out.split()
     assert host == socket.gethostbyname(socket.gethostname())
     assert int(pid) == proc.pid, "the command replaces the shell (it gets SIGTERM itself)"
-    out = subprocess.run(["/bin/sh", str(DEPLOY / "entrypoint.sh"), sys.executable, "-c", probe],
-                         env={**env, "ADVERTISE_HOST": "10.9.8.7"}, capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        ["/bin/sh", str(DEPLOY / "entrypoint.sh"), sys.executable, "-c", probe],
+        env={**env, "ADVERTISE_HOST": "10.9.8.7"},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert out.split()[0] == "10.9.8.7"
 
 
 def test_healthcheck_against_the_stacks_services(stack: StackProcess) -> None:
     def check(port: int, *paths: str) -> int:
-        return subprocess.run([sys.executable, "-m", "deploy.healthcheck", *paths], cwd=ROOT,
-                              env={**os.environ, "PORT": str(port)}, timeout=30).returncode
+        return subprocess.run(
+            [sys.executable, "-m", "deploy.healthcheck", *paths],
+            cwd=ROOT,
+            env={**os.environ, "PORT": str(port)},
+            timeout=30,
+        ).returncode
 
     authen, discovery = stack.layout.port("authen"), stack.layout.port("discovery")
     assert check(authen, "/utilities/status") == 0
@@ -454,10 +486,13 @@ def test_healthcheck_against_the_stacks_services(stack: StackProcess) -> None:
 
 def test_migrate_job_runs_against_the_stacks_primary(stack: StackProcess) -> None:
     """The one-shot job's very command, with the test stack's URLs for the ones it is given."""
-    env = {**os.environ, **{k: stack.env[k] for k in env_of("migrate") if k in stack.env},
-           "BARBER_ADMIN_PASSWORD": "",
-           # As in the image, whose virtualenv comes first on PATH.
-           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env = {
+        **os.environ,
+        **{k: stack.env[k] for k in env_of("migrate") if k in stack.env},
+        "BARBER_ADMIN_PASSWORD": "",
+        # As in the image, whose virtualenv comes first on PATH.
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+    }
     assert {"AUTHEN_DATABASE_URL", "COORDINATOR_DATABASE_URL", "WAREHOUSE_DATABASE_URL"} <= set(env_of("migrate"))
     result = subprocess.run(command_of("migrate"), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -467,11 +502,19 @@ def test_migrate_job_runs_against_the_stacks_primary(stack: StackProcess) -> Non
 
 
 def _keygen(folder: Path) -> tuple[KeySettings, str]:
-    env = {"JWT_PRIVATE_KEY_FILE": str(folder / "signing" / "jwt.pem"),
-           "JWT_PUBLIC_KEY_FILE": str(folder / "keys" / "jwt.pub"),
-           "SERVICE_SECRET_FILE": str(folder / "keys" / "service_secret")}
-    out = subprocess.run([sys.executable, "-m", "deploy.keygen"], cwd=ROOT, env={**os.environ, **env},
-                         capture_output=True, text=True, check=True).stdout
+    env = {
+        "JWT_PRIVATE_KEY_FILE": str(folder / "signing" / "jwt.pem"),
+        "JWT_PUBLIC_KEY_FILE": str(folder / "keys" / "jwt.pub"),
+        "SERVICE_SECRET_FILE": str(folder / "keys" / "service_secret"),
+    }
+    out = subprocess.run(
+        [sys.executable, "-m", "deploy.keygen"],
+        cwd=ROOT,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     return KeySettings(**{k.lower(): v for k, v in env.items()}), out
 
 
@@ -489,7 +532,9 @@ def test_keygen_makes_keys_with_the_right_modes_and_never_overwrites(tmp_path: P
     token = tokens.TokenSigner.from_file(keys.jwt_private_key_file, 60).issue(7, "customer")
     assert tokens.TokenVerifier.from_file(keys.jwt_public_key_file).verify(token).user_id == 7
 
-    before = {p: p.read_bytes() for p in (keys.jwt_private_key_file, keys.jwt_public_key_file, keys.service_secret_file)}
+    before = {
+        p: p.read_bytes() for p in (keys.jwt_private_key_file, keys.jwt_public_key_file, keys.service_secret_file)
+    }
     _, out = _keygen(tmp_path)
     assert "nothing to do" in out
     assert {p: p.read_bytes() for p in before} == before
@@ -505,11 +550,22 @@ def test_keygen_makes_keys_with_the_right_modes_and_never_overwrites(tmp_path: P
 def test_init_env_generates_secrets_once(tmp_path: Path) -> None:
     target = tmp_path / ".env"
     subprocess.run(["/bin/sh", str(DEPLOY / "init-env.sh"), str(target)], check=True, capture_output=True)
-    values = dict(line.split("=", 1) for line in target.read_text().splitlines() if "=" in line and not line.startswith("#"))
-    example = dict(line.split("=", 1) for line in (ROOT / ".env.example").read_text().splitlines()
-                   if "=" in line and not line.startswith("#"))
+    values = dict(
+        line.split("=", 1) for line in target.read_text().splitlines() if "=" in line and not line.startswith("#")
+    )
+    example = dict(
+        line.split("=", 1)
+        for line in (ROOT / ".env.example").read_text().splitlines()
+        if "=" in line and not line.startswith("#")
+    )
     generated = [k for k, v in example.items() if v == "generate"]
-    assert {"POSTGRES_PASSWORD", "REPLICATION_PASSWORD", "MONGO_PASSWORD", "ELASTIC_PASSWORD", "KIBANA_PASSWORD"} <= set(generated)
+    assert {
+        "POSTGRES_PASSWORD",
+        "REPLICATION_PASSWORD",
+        "MONGO_PASSWORD",
+        "ELASTIC_PASSWORD",
+        "KIBANA_PASSWORD",
+    } <= set(generated)
     assert all(re.fullmatch(r"[0-9a-f]{48}", values[k]) for k in generated)
     assert len({values[k] for k in generated}) == len(generated)
     assert stat.S_IMODE(target.stat().st_mode) == 0o600
@@ -538,8 +594,18 @@ def _pg_env(**extra: str) -> dict[str, str]:
 
 
 def _server_args(port: int) -> list[str]:
-    args = ["-c", f"port={port}", "-c", "listen_addresses=127.0.0.1", "-c", "unix_socket_directories=",
-            "-c", "shared_buffers=16MB", "-c", "logging_collector=off"]
+    args = [
+        "-c",
+        f"port={port}",
+        "-c",
+        "listen_addresses=127.0.0.1",
+        "-c",
+        "unix_socket_directories=",
+        "-c",
+        "shared_buffers=16MB",
+        "-c",
+        "logging_collector=off",
+    ]
     for key, value in topology.PG_SETTINGS.items():
         args += ["-c", f"{key}={value}"]
     return args
@@ -550,8 +616,13 @@ def test_replica_script_makes_a_streaming_replica_of_the_stacks_primary(stack: S
     slot = f"compose_test_{uuid.uuid4().hex[:8]}"
     port = free_port()
     data = pg_scratch / "data"
-    env = _pg_env(PGDATA=str(data), PRIMARY_HOST="127.0.0.1", PRIMARY_PORT=str(primary_port),
-                  REPLICATION_USER=topology.PG_USER, REPLICATION_SLOT=slot)
+    env = _pg_env(
+        PGDATA=str(data),
+        PRIMARY_HOST="127.0.0.1",
+        PRIMARY_PORT=str(primary_port),
+        REPLICATION_USER=topology.PG_USER,
+        REPLICATION_SLOT=slot,
+    )
     log = pg_scratch / "replica.log"
     probe = f"compose_probe_{uuid.uuid4().hex[:8]}"
     primary_dsn = stack.layout.pg_dsn("postgres")
@@ -559,9 +630,14 @@ def test_replica_script_makes_a_streaming_replica_of_the_stacks_primary(stack: S
 
     def start() -> subprocess.Popen[bytes]:
         with open(log, "ab") as out:
-            return subprocess.Popen(["/bin/sh", str(DEPLOY / "postgres" / "replica.sh"), *_server_args(port)],
-                                    env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    **run_as_pg_user())
+            return subprocess.Popen(
+                ["/bin/sh", str(DEPLOY / "postgres" / "replica.sh"), *_server_args(port)],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                **run_as_pg_user(),
+            )
 
     def in_recovery() -> bool:
         with psycopg.connect(replica_dsn, connect_timeout=2) as conn:
@@ -569,8 +645,12 @@ def test_replica_script_makes_a_streaming_replica_of_the_stacks_primary(stack: S
 
     proc = start()
     try:
-        wait_until_sync(lambda: proc.poll() is not None or in_recovery(), timeout=180, poll_interval=0.2,
-                        message="the replica to accept connections as a standby")
+        wait_until_sync(
+            lambda: proc.poll() is not None or in_recovery(),
+            timeout=180,
+            poll_interval=0.2,
+            message="the replica to accept connections as a standby",
+        )
         assert proc.poll() is None, log.read_text()
         assert (data / "standby.signal").exists()
         with psycopg.connect(primary_dsn, autocommit=True) as conn:
@@ -585,10 +665,12 @@ def test_replica_script_makes_a_streaming_replica_of_the_stacks_primary(stack: S
 
         wait_until_sync(replicated, timeout=60, message="the write to stream to the replica")
         with psycopg.connect(primary_dsn) as conn:
-            assert conn.execute("SELECT active FROM pg_replication_slots WHERE slot_name = %s",
-                                (slot,)).fetchone() == (True,)
-            assert conn.execute("SELECT state FROM pg_stat_replication WHERE application_name = %s",
-                                (slot,)).fetchone() == ("streaming",)
+            assert conn.execute("SELECT active FROM pg_replication_slots WHERE slot_name = %s", (slot,)).fetchone() == (
+                True,
+            )
+            assert conn.execute(
+                "SELECT state FROM pg_stat_replication WHERE application_name = %s", (slot,)
+            ).fetchone() == ("streaming",)
 
         # A restart keeps the data folder (no second base backup).
         stop_process(proc)
@@ -596,8 +678,12 @@ def test_replica_script_makes_a_streaming_replica_of_the_stacks_primary(stack: S
         marker.write_text("kept")
         chown_to_pg_user(marker)
         proc = start()
-        wait_until_sync(lambda: proc.poll() is not None or in_recovery(), timeout=120, poll_interval=0.2,
-                        message="the replica to come back")
+        wait_until_sync(
+            lambda: proc.poll() is not None or in_recovery(),
+            timeout=120,
+            poll_interval=0.2,
+            message="the replica to come back",
+        )
         assert proc.poll() is None, log.read_text()
         assert marker.exists() and "standby data present" in log.read_text()
         wait_until_sync(replicated, timeout=30, message="the restarted replica to serve the data")
@@ -607,10 +693,14 @@ def test_replica_script_makes_a_streaming_replica_of_the_stacks_primary(stack: S
             conn.execute(f"DROP TABLE IF EXISTS {probe}")
 
             def slot_dropped() -> bool:
-                conn.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
-                             "WHERE slot_name = %s AND NOT active", (slot,))
-                return conn.execute("SELECT 1 FROM pg_replication_slots WHERE slot_name = %s",
-                                    (slot,)).fetchone() is None
+                conn.execute(
+                    "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+                    "WHERE slot_name = %s AND NOT active",
+                    (slot,),
+                )
+                return (
+                    conn.execute("SELECT 1 FROM pg_replication_slots WHERE slot_name = %s", (slot,)).fetchone() is None
+                )
 
             wait_until_sync(slot_dropped, timeout=30, message="the test's slot to be dropped")
 
@@ -620,28 +710,70 @@ def test_init_primary_script_creates_databases_and_the_replication_role(pg_scrat
     sockets.mkdir()
     chown_to_pg_user(sockets)
     bindir = datatier.postgres_bindir()
-    subprocess.run([str(bindir / "initdb"), "-D", str(data), "-U", topology.PG_USER, "--auth=trust",
-                    "--no-sync", "-E", "UTF8", "--locale=C"], check=True, capture_output=True, **run_as_pg_user())
+    subprocess.run(
+        [
+            str(bindir / "initdb"),
+            "-D",
+            str(data),
+            "-U",
+            topology.PG_USER,
+            "--auth=trust",
+            "--no-sync",
+            "-E",
+            "UTF8",
+            "--locale=C",
+        ],
+        check=True,
+        capture_output=True,
+        **run_as_pg_user(),
+    )
     port = free_port()
-    server = subprocess.Popen([str(bindir / "postgres"), "-D", str(data), "-c", f"port={port}",
-                               "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={sockets}"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **run_as_pg_user())
+    server = subprocess.Popen(
+        [
+            str(bindir / "postgres"),
+            "-D",
+            str(data),
+            "-c",
+            f"port={port}",
+            "-c",
+            "listen_addresses=127.0.0.1",
+            "-c",
+            f"unix_socket_directories={sockets}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        **run_as_pg_user(),
+    )
     dsn = f"postgresql://{topology.PG_USER}@127.0.0.1:{port}/postgres"
     try:
-        wait_until_sync(lambda: psycopg.connect(dsn, connect_timeout=1).close() is None, timeout=60,
-                        message="the scratch primary")
-        env = _pg_env(PGDATA=str(data), POSTGRES_USER=topology.PG_USER, PGHOST=str(sockets), PGPORT=str(port),
-                      BARBER_DATABASES=",".join(topology.DATABASES), REPLICATION_USER="replicator",
-                      REPLICATION_PASSWORD="it's a secret")
+        wait_until_sync(
+            lambda: psycopg.connect(dsn, connect_timeout=1).close() is None, timeout=60, message="the scratch primary"
+        )
+        env = _pg_env(
+            PGDATA=str(data),
+            POSTGRES_USER=topology.PG_USER,
+            PGHOST=str(sockets),
+            PGPORT=str(port),
+            BARBER_DATABASES=",".join(topology.DATABASES),
+            REPLICATION_USER="replicator",
+            REPLICATION_PASSWORD="it's a secret",
+        )
         for _ in range(2):  # a second run changes nothing and does not fail
-            result = subprocess.run(["/bin/sh", str(DEPLOY / "postgres" / "init-primary.sh")], env=env,
-                                    capture_output=True, text=True, **run_as_pg_user())
+            result = subprocess.run(
+                ["/bin/sh", str(DEPLOY / "postgres" / "init-primary.sh")],
+                env=env,
+                capture_output=True,
+                text=True,
+                **run_as_pg_user(),
+            )
             assert result.returncode == 0, result.stdout + result.stderr
         with psycopg.connect(dsn) as conn:
             dbs = {r[0] for r in conn.execute("SELECT datname FROM pg_database").fetchall()}
             assert set(topology.DATABASES) <= dbs
-            role = conn.execute("SELECT rolreplication, rolcanlogin, rolpassword LIKE 'SCRAM-SHA-256$%' "
-                                "FROM pg_authid WHERE rolname = 'replicator'").fetchone()
+            role = conn.execute(
+                "SELECT rolreplication, rolcanlogin, rolpassword LIKE 'SCRAM-SHA-256$%' "
+                "FROM pg_authid WHERE rolname = 'replicator'"
+            ).fetchone()
             assert role == (True, True, True)
         hba = (data / "pg_hba.conf").read_text().splitlines()
         assert hba.count("host replication replicator all scram-sha-256") == 1
@@ -666,8 +798,23 @@ def redis_nodes(tmp_path: Path) -> Iterator[list[int]]:
     procs = []
     for p in ports:
         (tmp_path / str(p)).mkdir()
-        args = [str(binary), "--port", str(p), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                "--dir", str(tmp_path / str(p)), "--cluster-config-file", "nodes.conf", "--protected-mode", "no"]
+        args = [
+            str(binary),
+            "--port",
+            str(p),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(tmp_path / str(p)),
+            "--cluster-config-file",
+            "nodes.conf",
+            "--protected-mode",
+            "no",
+        ]
         for key, value in topology.CLUSTER_SETTINGS.items():
             args += [f"--{key}", value]
         procs.append(subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
@@ -681,11 +828,16 @@ def redis_nodes(tmp_path: Path) -> Iterator[list[int]]:
 
 
 def _run_cluster_script(ports: list[int]) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PATH": f"{datatier.redis_bindir()}:{os.environ['PATH']}",
-           "CLUSTER_NODES": ",".join(f"127.0.0.1:{p}" for p in ports),
-           "CLUSTER_REPLICAS": str(topology.CLUSTER_REPLICAS_PER_MASTER), "CLUSTER_WAIT_S": "60"}
-    return subprocess.run(["/bin/sh", str(DEPLOY / "redis" / "cluster-create.sh")], env=env, capture_output=True,
-                          text=True, timeout=180)
+    env = {
+        **os.environ,
+        "PATH": f"{datatier.redis_bindir()}:{os.environ['PATH']}",
+        "CLUSTER_NODES": ",".join(f"127.0.0.1:{p}" for p in ports),
+        "CLUSTER_REPLICAS": str(topology.CLUSTER_REPLICAS_PER_MASTER),
+        "CLUSTER_WAIT_S": "60",
+    }
+    return subprocess.run(
+        ["/bin/sh", str(DEPLOY / "redis" / "cluster-create.sh")], env=env, capture_output=True, text=True, timeout=180
+    )
 
 
 def _cluster_shape(port: int) -> dict[str, tuple[str, str]]:
@@ -758,8 +910,12 @@ def test_kibana_password_script_sets_the_kibana_system_password() -> None:
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     _Recorder.requests = []
-    env = {**os.environ, "ELASTICSEARCH_HOST": f"http://127.0.0.1:{server.server_address[1]}",
-           "ELASTIC_PASSWORD": "el-pass_1", "KIBANA_PASSWORD": "kb-pass_2"}
+    env = {
+        **os.environ,
+        "ELASTICSEARCH_HOST": f"http://127.0.0.1:{server.server_address[1]}",
+        "ELASTIC_PASSWORD": "el-pass_1",
+        "KIBANA_PASSWORD": "kb-pass_2",
+    }
     try:
         script = ["/bin/sh", str(DEPLOY / "elastic" / "kibana-password.sh")]
         assert subprocess.run(script, env=env, capture_output=True, timeout=30).returncode == 0

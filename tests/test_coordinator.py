@@ -61,8 +61,9 @@ async def make_party(stack: StackProcess, chats: int = 2, messages: int = 3) -> 
 
 
 async def delete(stack: StackProcess, token: str, user_id: int, mode: str = "2pc", base: str | None = None):
-    return await call("DELETE", f"{base or stack.url('gateway')}/admin/users/{user_id}?mode={mode}", token=token,
-                      timeout=60)
+    return await call(
+        "DELETE", f"{base or stack.url('gateway')}/admin/users/{user_id}?mode={mode}", token=token, timeout=60
+    )
 
 
 async def transactions_of(stack: StackProcess, token: str, user_id: int, base: str | None = None) -> list[dict]:
@@ -170,12 +171,18 @@ async def test_admin_api_errors(stack: StackProcess, admin_token: str) -> None:
     assert direct.code == 403
 
 
-async def test_delete_is_503_and_changes_nothing_when_authen_cannot_be_reached(stack: StackProcess,
-                                                                               admin_token: str) -> None:
+async def test_delete_is_503_and_changes_nothing_when_authen_cannot_be_reached(
+    stack: StackProcess, admin_token: str
+) -> None:
     customer = await make_user(stack, "customer")
     # A gateway that cannot reach discovery knows no participant instance.
-    lost = ServiceProcess(stack, "gateway", name="gateway-no-discovery", health_path="/status",
-                          extra_env={"DISCOVERY_URL": f"http://127.0.0.1:{free_port()}"})
+    lost = ServiceProcess(
+        stack,
+        "gateway",
+        name="gateway-no-discovery",
+        health_path="/status",
+        extra_env={"DISCOVERY_URL": f"http://127.0.0.1:{free_port()}"},
+    )
     async with lost:
         reply = await delete(stack, admin_token, customer.id, base=lost.url)
         assert reply.code == 503 and "authen" in reply.json["detail"], reply
@@ -210,8 +217,11 @@ async def test_2pc_deletes_user_and_chats(stack: StackProcess, admin_token: str)
     reply = await delete(stack, admin_token, party.user.id)
     assert reply.code == 200, reply
     assert reply.json["state"] == "committed", reply
-    tx = (await call("GET", f"{stack.url('gateway')}/admin/transactions/{reply.json['transaction_id']}",
-                     token=admin_token)).json
+    tx = (
+        await call(
+            "GET", f"{stack.url('gateway')}/admin/transactions/{reply.json['transaction_id']}", token=admin_token
+        )
+    ).json
     assert tx["mode"] == "2pc" and tx["decision"] == "commit" and tx["completed"]
     assert {p["state"] for p in tx["participants"].values()} == {"committed"}
     await assert_gone(stack, party)
@@ -252,8 +262,9 @@ async def test_chat_unreachable_during_prepare_aborts(stack: StackProcess, admin
 
 async def test_same_user_deleted_twice_concurrently(stack: StackProcess, admin_token: str) -> None:
     party = await make_party(stack, chats=1)
-    first, second = await asyncio.gather(delete(stack, admin_token, party.user.id),
-                                         delete(stack, admin_token, party.user.id))
+    first, second = await asyncio.gather(
+        delete(stack, admin_token, party.user.id), delete(stack, admin_token, party.user.id)
+    )
     codes = sorted([first.code, second.code])
     assert codes[0] == 200 and codes[1] in (404, 409), (first, second)
     committed = [r for r in (first, second) if r.code == 200]
@@ -293,8 +304,9 @@ async def test_participant_abort_then_late_prepare_is_refused(stack: StackProces
         assert reply.code == 409, reply
         reply = await call("GET", f"{base}/internal/tx/{gid}", headers=headers)
         assert reply.json["state"] == "aborted"
-    assert (await call("POST", stack.url("authen") + "/authen/signin",
-                       {"username": user.username, "password": PASSWORD})).code == 200
+    assert (
+        await call("POST", stack.url("authen") + "/authen/signin", {"username": user.username, "password": PASSWORD})
+    ).code == 200
 
 
 async def test_chat_mark_closes_sockets_everywhere_and_abort_releases(stack: StackProcess) -> None:
@@ -306,8 +318,9 @@ async def test_chat_mark_closes_sockets_everywhere_and_abort_releases(stack: Sta
     await listener.wait_messages(1)
     # Not a coordinator id: its recovery must not resolve this one under the test.
     gid = f"test-tx-{uuid.uuid4()}"
-    reply = await call("POST", f"{stack.url('chat', 0)}/internal/tx/{gid}/prepare", {"user_id": party.user.id},
-                       headers=headers)
+    reply = await call(
+        "POST", f"{stack.url('chat', 0)}/internal/tx/{gid}/prepare", {"user_id": party.user.id}, headers=headers
+    )
     assert reply.code == 200 and reply.json["state"] == "prepared", reply
     assert await listener.wait_closed(10) == 4409
     assert len(await chat_marks(stack, [chat_id])) == 1
@@ -327,13 +340,18 @@ async def test_orphan_prepared_transaction_is_resolved(stack: StackProcess) -> N
     gid = f"barber-tx-{uuid.uuid4()}"
     headers = {"X-Service-Token": service_secret(stack)}
     for name in ("authen", "chat"):
-        reply = await call("POST", f"{stack.url(name)}/internal/tx/{gid}/prepare", {"user_id": party.user.id},
-                           headers=headers)
+        reply = await call(
+            "POST", f"{stack.url(name)}/internal/tx/{gid}/prepare", {"user_id": party.user.id}, headers=headers
+        )
         assert reply.code == 200, reply
     assert gid in prepared_xacts(stack)
     assert [m["deleting"] for m in await chat_marks(stack, party.chat_ids)] == [gid]
-    await wait_until(lambda: gid not in prepared_xacts(stack), timeout=30, interval=0.3,
-                     message="orphan prepared transaction rolled back")
+    await wait_until(
+        lambda: gid not in prepared_xacts(stack),
+        timeout=30,
+        interval=0.3,
+        message="orphan prepared transaction rolled back",
+    )
 
     async def unmarked() -> bool:
         return await chat_marks(stack, party.chat_ids) == []
@@ -354,13 +372,17 @@ CRASHES = [
 
 
 @pytest.mark.parametrize("mode,point,outcome", CRASHES, ids=[c[1] for c in CRASHES])
-async def test_coordinator_crash(stack: StackProcess, admin_token: str, mode: str, point: str,
-                                 outcome: str) -> None:
+async def test_coordinator_crash(stack: StackProcess, admin_token: str, mode: str, point: str, outcome: str) -> None:
     party = await make_party(stack, chats=2, messages=3)
     port = free_port()
-    crashing = ServiceProcess(stack, "gateway", port, name=f"gateway-crash-{point}", health_path="/status",
-                              extra_env={"COORDINATOR_CRASH_AT": point, "BARBER_TEST_HOOKS": "1",
-                                         "COORDINATOR_SAGA_BATCH": "2"})
+    crashing = ServiceProcess(
+        stack,
+        "gateway",
+        port,
+        name=f"gateway-crash-{point}",
+        health_path="/status",
+        extra_env={"COORDINATOR_CRASH_AT": point, "BARBER_TEST_HOOKS": "1", "COORDINATOR_SAGA_BATCH": "2"},
+    )
     await crashing.start()
     try:
         reply = await delete(stack, admin_token, party.user.id, mode=mode, base=crashing.url)
@@ -398,15 +420,25 @@ async def test_participant_killed_after_preparing(stack: StackProcess, admin_tok
     deletion commits; nothing is left prepared."""
     party = await make_party(stack, chats=1)
     names = [f"{service}-1", f"{service}-2"]
-    hooked = [ServiceProcess(stack, service, name=f"{service}-hooked-{i}",
-                             extra_env={"PARTICIPANT_CRASH_AT": "after_prepare", "BARBER_TEST_HOOKS": "1",
-                                        **({"ENABLE_SLEEPY": "1"} if service == "authen" else {})})
-              for i in range(2)]
+    hooked = [
+        ServiceProcess(
+            stack,
+            service,
+            name=f"{service}-hooked-{i}",
+            extra_env={
+                "PARTICIPANT_CRASH_AT": "after_prepare",
+                "BARBER_TEST_HOOKS": "1",
+                **({"ENABLE_SLEEPY": "1"} if service == "authen" else {}),
+            },
+        )
+        for i in range(2)
+    ]
     for proc in hooked:
         await proc.start()
     for name in names:
         stack.control.stop(name)
     try:
+
         async def only_hooked() -> bool:
             reply = await call("GET", stack.url("gateway") + "/status", headers=stack.service_headers())
             ports = {i["address"].rsplit(":", 1)[1] for i in reply.json["services"][service]["instances"]}
@@ -439,11 +471,24 @@ async def test_participant_left_prepared_asks_the_coordinator(stack: StackProces
     party = await make_party(stack, chats=1)
     watcher = ServiceProcess(stack, "authen", name="authen-watcher", extra_env={"PARTICIPANT_OUTCOME_AFTER_S": "1"})
     chat_watcher = ServiceProcess(stack, "chat", name="chat-watcher", extra_env={"PARTICIPANT_OUTCOME_AFTER_S": "1"})
-    answering = ServiceProcess(stack, "gateway", name="gateway-answering", health_path="/status",
-                               extra_env={"COORDINATOR_RECOVERY_INTERVAL_S": "3600"})
-    crashing = ServiceProcess(stack, "gateway", name="gateway-crash-decision", health_path="/status",
-                              extra_env={"COORDINATOR_CRASH_AT": "after_decision", "BARBER_TEST_HOOKS": "1",
-                                         "COORDINATOR_RECOVERY_INTERVAL_S": "3600"})
+    answering = ServiceProcess(
+        stack,
+        "gateway",
+        name="gateway-answering",
+        health_path="/status",
+        extra_env={"COORDINATOR_RECOVERY_INTERVAL_S": "3600"},
+    )
+    crashing = ServiceProcess(
+        stack,
+        "gateway",
+        name="gateway-crash-decision",
+        health_path="/status",
+        extra_env={
+            "COORDINATOR_CRASH_AT": "after_decision",
+            "BARBER_TEST_HOOKS": "1",
+            "COORDINATOR_RECOVERY_INTERVAL_S": "3600",
+        },
+    )
     stack.control.stop("gateway")
     try:
         await watcher.start()
@@ -458,14 +503,26 @@ async def test_participant_left_prepared_asks_the_coordinator(stack: StackProces
         tx = (await transactions_of(stack, admin_token, party.user.id, base=answering.url))[0]
         gid = f"barber-tx-{tx['transaction_id']}"
         assert tx["decision"] == "commit" and not tx["completed"]
-        await wait_until(lambda: f"coordinator says commit for {gid}" in watcher.tail(200), timeout=30,
-                         interval=0.2, message="the authen instance asked the coordinator")
+        await wait_until(
+            lambda: f"coordinator says commit for {gid}" in watcher.tail(200),
+            timeout=30,
+            interval=0.2,
+            message="the authen instance asked the coordinator",
+        )
         # It logs the answer, then commits: wait for the commit, not for the log line.
-        await wait_until(lambda: gid not in prepared_xacts(stack), timeout=10, interval=0.1,
-                         message=f"{gid} committed by the authen instance")
+        await wait_until(
+            lambda: gid not in prepared_xacts(stack),
+            timeout=10,
+            interval=0.1,
+            message=f"{gid} committed by the authen instance",
+        )
         # chat's instances do the same with their marks (any of them: the marks are shared).
-        await wait_until(lambda: f"coordinator says commit for {gid}" in chat_watcher.tail(200), timeout=30,
-                         interval=0.2, message="the chat instance asked the coordinator")
+        await wait_until(
+            lambda: f"coordinator says commit for {gid}" in chat_watcher.tail(200),
+            timeout=30,
+            interval=0.2,
+            message="the chat instance asked the coordinator",
+        )
 
         async def chat_committed() -> bool:
             return await stored_messages(stack, party.chat_ids) == 0 and await chat_marks(stack, party.chat_ids) == []

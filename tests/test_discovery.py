@@ -109,10 +109,13 @@ async def test_long_poll_answers_at_once_on_change(stack, secret) -> None:
 
 async def test_instance_without_heartbeat_disappears_and_watchers_learn(stack, secret) -> None:
     """A discovery with a 1 s TTL (same Redis): a registration not renewed is gone soon after."""
-    async with await start_service(stack, "discovery", extra_env={"INSTANCE_TTL_S": "1", "SWEEP_INTERVAL_S": "0.2"},
-                                   health_path="/status") as disc:
+    async with await start_service(
+        stack, "discovery", extra_env={"INSTANCE_TTL_S": "1", "SWEEP_INTERVAL_S": "0.2"}, health_path="/status"
+    ) as disc:
         t = svc_type()
-        status, reg = await registry("POST", disc.url + "/register", secret, {"type": t, "host": "127.0.0.1", "port": 4003})
+        status, reg = await registry(
+            "POST", disc.url + "/register", secret, {"type": t, "host": "127.0.0.1", "port": 4003}
+        )
         assert status == 201 and reg["ttl"] == 1.0
         listing = (await registry("GET", disc.url + f"/services/{t}"))[1]
         assert len(listing["instances"]) == 1

@@ -34,11 +34,25 @@ def rows(barbers: tuple[int, ...] = (7, 9), days: int = 3, run_id: int = 1) -> l
     out = []
     for b in barbers:
         for d in range(days):
-            out.append({"barber_id": b, "username": f"barber{b}", "first_name": "Ann", "last_name": f"B{b}",
-                        "day": start + dt.timedelta(days=d), "chats_started": d, "new_customers": 1,
-                        "returning_customers": 0, "customer_messages": 10 + d, "barber_messages": 8,
-                        "replies": 5, "reply_time_median_s": 30.5 if d else float("nan"),
-                        "reply_time_p90_s": 90.0 if d else None, "unanswered_chats": 0, "run_id": run_id})
+            out.append(
+                {
+                    "barber_id": b,
+                    "username": f"barber{b}",
+                    "first_name": "Ann",
+                    "last_name": f"B{b}",
+                    "day": start + dt.timedelta(days=d),
+                    "chats_started": d,
+                    "new_customers": 1,
+                    "returning_customers": 0,
+                    "customer_messages": 10 + d,
+                    "barber_messages": 8,
+                    "replies": 5,
+                    "reply_time_median_s": 30.5 if d else float("nan"),
+                    "reply_time_p90_s": 90.0 if d else None,
+                    "unanswered_chats": 0,
+                    "run_id": run_id,
+                }
+            )
     return out
 
 
@@ -113,8 +127,9 @@ async def test_whole_request_429_is_retried_after_a_backoff(fake: FakeElastic, i
     assert set(fake.docs(ANALYTICS_INDEX)) == expected_ids(rs)
 
 
-async def test_503_after_applying_is_retried_and_indexes_nothing_twice(fake: FakeElastic,
-                                                                       indexer: AnalyticsIndexer) -> None:
+async def test_503_after_applying_is_retried_and_indexes_nothing_twice(
+    fake: FakeElastic, indexer: AnalyticsIndexer
+) -> None:
     # Elasticsearch applied the bulk but the answer was an error (say, a proxy's 503): the
     # retry sends the same ids again, so the documents are overwritten, not added.
     fake.fail("POST|PUT", r"(/[^/]+)?/_bulk", 503, times=1, apply=True)
@@ -184,8 +199,9 @@ async def test_credentials_come_from_the_environment(fake: FakeElastic, monkeypa
     assert req.headers["Authorization"] == "ApiKey " + base64.b64encode(b"kid:secret").decode()
 
 
-async def test_delete_before_run_removes_what_a_full_refresh_did_not_rewrite(fake: FakeElastic,
-                                                                            indexer: AnalyticsIndexer) -> None:
+async def test_delete_before_run_removes_what_a_full_refresh_did_not_rewrite(
+    fake: FakeElastic, indexer: AnalyticsIndexer
+) -> None:
     await indexer.index_days(rows(barbers=(7, 9), run_id=3))
     refreshed = rows(barbers=(9,), run_id=5)  # a full refresh: barber 7's days are gone from the source
     await indexer.index_days(refreshed)

@@ -138,8 +138,9 @@ KQL_FIELD = re.compile(r"([A-Za-z_@][\w.@]*)\s*:")
 
 
 def test_committed_saved_objects_are_what_the_generator_writes() -> None:
-    assert (ELK / "kibana" / "barber.ndjson").read_text() == kibana_objects.render(), \
+    assert (ELK / "kibana" / "barber.ndjson").read_text() == kibana_objects.render(), (
         "run: python -m elk.kibana_objects"
+    )
 
 
 def test_saved_object_references_resolve() -> None:

@@ -30,8 +30,16 @@ async def etl_run(stack: StackProcess, es_url: str, *args: str, timeout: float =
     deadline = loop.time() + timeout
     while True:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "etl", "run", *args, cwd=ROOT, env=env,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            sys.executable,
+            "-m",
+            "etl",
+            "run",
+            *args,
+            cwd=ROOT,
+            env=env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
         out, err = await asyncio.wait_for(proc.communicate(), timeout)
         if proc.returncode != BUSY or loop.time() > deadline:
             assert proc.returncode == 0, err.decode()[-2000:]
@@ -70,8 +78,12 @@ async def test_runs_index_barber_days_once_each(stack: StackProcess, fake: FakeE
     (indexed,) = [e for e in events if get_field(e, "event.action") == "etl-index"]
     assert get_field(indexed, "barber.etl.indexed") == len(docs)
     mine = docs[f"{barber.id}:{today}"]["_source"]
-    assert mine["barber"] == {"id": barber.id, "username": barber.username, "first_name": barber.first_name,
-                              "last_name": barber.last_name}
+    assert mine["barber"] == {
+        "id": barber.id,
+        "username": barber.username,
+        "first_name": barber.first_name,
+        "last_name": barber.last_name,
+    }
     assert mine["customer_messages"] == 3 and mine["chats_started"] == 1 and mine["day"] == today
     # Every action of every bulk request had a barber:day id, and each one came once.
     for req in fake.matching("POST|PUT", r"(/[^/]+)?/_bulk"):
@@ -87,8 +99,9 @@ async def test_runs_index_barber_days_once_each(stack: StackProcess, fake: FakeE
     assert again[f"{barber.id}:{today}"]["_source"]["customer_messages"] == 3
 
 
-async def test_an_outage_fails_nothing_and_the_next_run_catches_up(stack: StackProcess, fake: FakeElastic,
-                                                                   admin_token: str) -> None:
+async def test_an_outage_fails_nothing_and_the_next_run_catches_up(
+    stack: StackProcess, fake: FakeElastic, admin_token: str
+) -> None:
     party = await make_party(stack, chats=1, messages=2)
     key = f"{party.others[0].id}:{datetime.now(UTC).date().isoformat()}"
     fake.fail("POST|PUT", r"(/[^/]+)?/_bulk", 503, times=1000)
@@ -107,7 +120,9 @@ async def test_an_outage_fails_nothing_and_the_next_run_catches_up(stack: StackP
     assert_in_step(stack, fake.docs(ANALYTICS_INDEX), complete=False)
 
 
-async def test_a_deleted_barbers_documents_are_removed(stack: StackProcess, fake: FakeElastic, admin_token: str) -> None:
+async def test_a_deleted_barbers_documents_are_removed(
+    stack: StackProcess, fake: FakeElastic, admin_token: str
+) -> None:
     party = await make_party(stack, chats=1, messages=1)
     barber = party.others[0]
     await etl_run(stack, fake.es_url, "--full-refresh")

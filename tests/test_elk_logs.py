@@ -90,23 +90,39 @@ async def test_real_log_lines_fit_the_template(stack: StackProcess, http: Any, a
     assert (await call("GET", gw + "/chat/chats/list/my")).code == 401
     assert (await call("POST", gw + "/authen/authen/signup", {"username": 3})).code == 400
 
-    async with echo_upstream(stack), await start_gateway(
-            stack, gateway_services=f"authen,chat,{ECHO_TYPE}", load_threshold_per_s_per_service=3,
-            breaker_failures=2, breaker_min_requests=2, breaker_open_ms=100, breaker_open_max_ms=200,
-            breaker_half_open_trials=1, breaker_min_clients=1) as g:
+    async with (
+        echo_upstream(stack),
+        await start_gateway(
+            stack,
+            gateway_services=f"authen,chat,{ECHO_TYPE}",
+            load_threshold_per_s_per_service=3,
+            breaker_failures=2,
+            breaker_min_requests=2,
+            breaker_open_ms=100,
+            breaker_open_max_ms=200,
+            breaker_half_open_trials=1,
+            breaker_min_clients=1,
+        ) as g,
+    ):
         own = await breaker_and_load_traffic(stack, g, http)
 
     logs = stack.layout.logs_dir
 
     def gateway_finished() -> list[dict[str, Any]]:
-        return [e for e in actions(read_lines(logs / "gateway.log"), "deletion-finish")
-                if get_field(e, "user.id") in (saga.user.id, str(saga.user.id))
-                or get_field(e, "barber.transaction.mode") == "2pc"]
+        return [
+            e
+            for e in actions(read_lines(logs / "gateway.log"), "deletion-finish")
+            if get_field(e, "user.id") in (saga.user.id, str(saga.user.id))
+            or get_field(e, "barber.transaction.mode") == "2pc"
+        ]
 
     await wait_until(lambda: len(gateway_finished()) >= 2, timeout=60, message="both deletions logged as finished")
 
-    by_file = {p.name: read_lines(p) for spec in SERVICES for p in
-               [logs / f"{name}.log" for name in spec.instance_names(len(stack.layout.ports(spec.port_key)))]}
+    by_file = {
+        p.name: read_lines(p)
+        for spec in SERVICES
+        for p in [logs / f"{name}.log" for name in spec.instance_names(len(stack.layout.ports(spec.port_key)))]
+    }
     by_file["extra-gateway"] = own
     found = [p for name, events in by_file.items() for p in problems_in(events, name)]
     # And the services other tests started before this one (crash tests' coordinators with
@@ -124,20 +140,34 @@ async def test_real_log_lines_fit_the_template(stack: StackProcess, http: Any, a
     assert {get_field(e, "service.name") for e in everything} == {s.name for s in SERVICES}
     # The fields the dashboards use really occur, with values.
     seen = {path for e in everything for path, v in t._leaves(e) if v is not None}
-    for name in ("http.response.status_code", "event.duration", "client.ip", "url.path", "http.request.id",
-                 "barber.route", "barber.upstream.service", "barber.upstream.instance", "barber.breaker.state",
-                 "barber.load.threshold_per_s", "barber.transaction.id", "barber.transaction.state",
-                 "barber.transaction.mode", "barber.chat.id", "user.id"):
+    for name in (
+        "http.response.status_code",
+        "event.duration",
+        "client.ip",
+        "url.path",
+        "http.request.id",
+        "barber.route",
+        "barber.upstream.service",
+        "barber.upstream.instance",
+        "barber.breaker.state",
+        "barber.load.threshold_per_s",
+        "barber.transaction.id",
+        "barber.transaction.state",
+        "barber.transaction.mode",
+        "barber.chat.id",
+        "user.id",
+    ):
         assert name in seen, name
 
     # Alerts and transitions: selectable by event.kind/event.action, at the right level.
-    (opened, *_), (closed, *_), (load, *_) = (actions(own, a) for a in ("breaker-open", "breaker-closed",
-                                                                       "load-alert"))
+    (opened, *_), (closed, *_), (load, *_) = (actions(own, a) for a in ("breaker-open", "breaker-closed", "load-alert"))
     assert (get_field(opened, "event.kind"), opened["log.level"]) == ("alert", "warning")
     assert get_field(opened, "barber.breaker.state") == "open"
     assert (get_field(closed, "event.kind"), closed["log.level"]) == ("event", "info")
     assert (get_field(load, "event.kind"), load["log.level"]) == ("alert", "warning")
-    assert get_field(load, "barber.upstream.service") == "authen" and get_field(load, "barber.load.threshold_per_s") == 3
+    assert (
+        get_field(load, "barber.upstream.service") == "authen" and get_field(load, "barber.load.threshold_per_s") == 3
+    )
     assert actions(own, "breaker-half-open")
     routed = [e for e in read_lines(logs / "gateway.log") if get_field(e, "barber.route") == "/authen/authen"]
     assert routed and all(get_field(e, "barber.upstream.service") == "authen" for e in routed)
@@ -150,8 +180,11 @@ async def test_real_log_lines_fit_the_template(stack: StackProcess, http: Any, a
 def test_recovery_fields_fit_the_template(action: str, kind: str) -> None:
     """Recovery lines appear only after a crash (tests/test_coordinator.py causes those);
     the fields they carry are checked here against the template."""
-    fields = {**tx_fields(uuid.uuid4(), "2pc", "aborting", action, decision="abort", participant="authen"),
-              "event.kind": kind, "user.id": 12}
+    fields = {
+        **tx_fields(uuid.uuid4(), "2pc", "aborting", action, decision="abort", participant="authen"),
+        "event.kind": kind,
+        "user.id": 12,
+    }
     event = {"@timestamp": "2026-01-01T00:00:00.000Z", "log.level": "warning", "message": "m", **fields}
     assert t.mapping_problems(event) == []
     assert t.mapping_problems({**event, "barber.transaction.user": 1}) == ["barber.transaction.user: not mapped"]

@@ -50,8 +50,10 @@ async def test_first_setup_installs_everything(fake: FakeElastic) -> None:
     assert body["composed_of"] == ["barber-logs@settings", "barber-logs@ecs", "barber-logs@barber"]
     # Component templates were written before the index template that names them.
     paths = [r.path for r in fake.writes()]
-    assert all(paths.index(f"/_component_template/{c}") < paths.index("/_index_template/barber-logs")
-               for c in body["composed_of"])
+    assert all(
+        paths.index(f"/_component_template/{c}") < paths.index("/_index_template/barber-logs")
+        for c in body["composed_of"]
+    )
 
     settings = fake.state.component_templates["barber-logs@settings"]["template"]["settings"]["index"]
     assert settings["lifecycle"]["name"] == "barber-logs" and settings["default_pipeline"] == "barber-logs"
@@ -65,8 +67,15 @@ async def test_first_setup_installs_everything(fake: FakeElastic) -> None:
     assert props["message"]["type"] == "match_only_text"
     barber = fake.state.component_templates["barber-logs@barber"]["template"]["mappings"]["properties"]["barber"]
     flat = t.flatten_properties(barber["properties"], "barber.")
-    for name in ("barber.route", "barber.upstream.instance", "barber.breaker.state", "barber.transaction.id",
-                 "barber.transaction.state", "barber.etl.run_id", "barber.etl.rows.loaded"):
+    for name in (
+        "barber.route",
+        "barber.upstream.instance",
+        "barber.breaker.state",
+        "barber.transaction.id",
+        "barber.transaction.state",
+        "barber.etl.run_id",
+        "barber.etl.rows.loaded",
+    ):
         assert name in flat
     assert flat["barber.etl.run_id"] == "long" and flat["barber.upstream.instance"] == "keyword"
 
@@ -135,8 +144,14 @@ async def test_setup_waits_for_the_cluster(fake: FakeElastic) -> None:
 
 
 def run_cli(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "elk", "setup"], cwd=ROOT, env={**os.environ, **env},
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "elk", "setup"],
+        cwd=ROOT,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 async def test_cli_reports_created_then_unchanged(fake: FakeElastic) -> None:

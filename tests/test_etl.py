@@ -66,8 +66,11 @@ async def test_numbers_second_run_and_new_messages(stack: StackProcess, admin_to
     }
     # Two customer messages answered by one barber message; one left unanswered; a
     # barber who writes first; a chat with no answer at all.
-    await converse(stack, chats["c0b1"], [(cs[0], "hi"), (cs[0], "there?"), (b1, "yes"), (cs[0], "3pm?"),
-                                          (b1, "ok"), (cs[0], "thanks")])
+    await converse(
+        stack,
+        chats["c0b1"],
+        [(cs[0], "hi"), (cs[0], "there?"), (b1, "yes"), (cs[0], "3pm?"), (b1, "ok"), (cs[0], "thanks")],
+    )
     await converse(stack, chats["c1b1"], [(b1, "welcome"), (cs[1], "hello"), (b1, "hi!")])
     await converse(stack, chats["c2b2"], [(cs[2], "anyone?"), (cs[2], "hello?")])
     await run_etl(stack, admin_token)
@@ -77,8 +80,13 @@ async def test_numbers_second_run_and_new_messages(stack: StackProcess, admin_to
     await check_against_reference(stack, admin_token, ref, barbers, start, end)
     row = (await rows_of(stack, admin_token, [b1.id], start, end))[b1.id]
     # The known pattern, as plain numbers too: 6 customer messages to b1, 4 answered.
-    assert (row["customer_messages"], row["barber_messages"], row["replies"], row["unanswered_chats"],
-            row["chats_started"]) == (5, 4, 4, 1, 2)
+    assert (
+        row["customer_messages"],
+        row["barber_messages"],
+        row["replies"],
+        row["unanswered_chats"],
+        row["chats_started"],
+    ) == (5, 4, 4, 1, 2)
     assert (row["username"], row["first_name"], row["last_name"]) == (b1.username, "Bea", "Barber")
 
     # A second run changes nothing.
@@ -111,11 +119,17 @@ async def test_late_message_is_counted(stack: StackProcess, admin_token: str) ->
         first = await client.chat.messages.find_one({"chat_id": {"$eq": chat_id}, "seq": {"$eq": 1}})
         assert first["created_at"] < mark
         # A chat instance's batch lands after the run, stamped before the run's watermark.
-        await client.chat.messages.insert_one({
-            "_id": f"late-{chat_id}", "chat_id": chat_id, "seq": 2, "message": "late reply", "sent_at": "",
-            "sender": {"id": barber.id, "first_name": "Late", "last_name": "Barber"},
-            "created_at": (first["created_at"] + mark) / 2,
-        })
+        await client.chat.messages.insert_one(
+            {
+                "_id": f"late-{chat_id}",
+                "chat_id": chat_id,
+                "seq": 2,
+                "message": "late reply",
+                "sent_at": "",
+                "sender": {"id": barber.id, "first_name": "Late", "last_name": "Barber"},
+                "created_at": (first["created_at"] + mark) / 2,
+            }
+        )
     finally:
         await client.close()
     await run_etl(stack, admin_token)
@@ -135,10 +149,22 @@ async def test_bad_rows_are_skipped_counted_and_logged(stack: StackProcess, admi
     now = time.time()
     bad = [
         {"_id": f"bad-nosender-{chat_id}", "chat_id": chat_id, "seq": 2, "message": "x", "created_at": now},
-        {"_id": f"bad-seq-{chat_id}", "chat_id": chat_id, "seq": "three", "message": "x", "created_at": now,
-         "sender": {"id": customer.id}},
-        {"_id": f"bad-gone-{chat_id}", "chat_id": f"gone-{chat_id}", "seq": 1, "message": "x", "created_at": now,
-         "sender": {"id": customer.id}},
+        {
+            "_id": f"bad-seq-{chat_id}",
+            "chat_id": chat_id,
+            "seq": "three",
+            "message": "x",
+            "created_at": now,
+            "sender": {"id": customer.id},
+        },
+        {
+            "_id": f"bad-gone-{chat_id}",
+            "chat_id": f"gone-{chat_id}",
+            "seq": 1,
+            "message": "x",
+            "created_at": now,
+            "sender": {"id": customer.id},
+        },
     ]
     client: AsyncMongoClient = AsyncMongoClient(stack.env["MONGO_URL"])
     try:
@@ -182,10 +208,18 @@ async def test_deleted_customer_and_barber(stack: StackProcess, admin_token: str
     await wait_finished(stack, admin_token, customer.id)
     await run_etl(stack, admin_token)
     with warehouse(stack) as conn:
-        assert conn.execute("SELECT count(*) FROM fact_chat WHERE customer_id = %s OR chat_id IN (%s, %s)",
-                            (customer.id, c1, c2)).fetchone()[0] == 0
-        assert conn.execute("SELECT count(*) FROM dim_user WHERE user_id = %s OR username = %s",
-                            (customer.id, customer.username)).fetchone()[0] == 0
+        assert (
+            conn.execute(
+                "SELECT count(*) FROM fact_chat WHERE customer_id = %s OR chat_id IN (%s, %s)", (customer.id, c1, c2)
+            ).fetchone()[0]
+            == 0
+        )
+        assert (
+            conn.execute(
+                "SELECT count(*) FROM dim_user WHERE user_id = %s OR username = %s", (customer.id, customer.username)
+            ).fetchone()[0]
+            == 0
+        )
     # The barber's figures still count the deleted customer's messages.
     after = (await rows_of(stack, admin_token, [kept.id], start, end))[kept.id]
     assert after == before
@@ -208,12 +242,21 @@ async def test_api_errors_and_access(stack: StackProcess, admin_token: str) -> N
     customer = await make_user(stack, "customer", "Nosy", "Customer")
     await run_etl(stack, admin_token)
     await run_etl(stack, admin_token)
-    for query in ("from=2026-13-01", "to=yesterday", "from=2026-02-10&to=2026-02-01",
-                  "from=2024-01-01&to=2025-06-01", "sort=nope", "order=sideways", "limit=0", "offset=-1"):
+    for query in (
+        "from=2026-13-01",
+        "to=yesterday",
+        "from=2026-02-10&to=2026-02-01",
+        "from=2024-01-01&to=2025-06-01",
+        "sort=nope",
+        "order=sideways",
+        "limit=0",
+        "offset=-1",
+    ):
         reply = await call("GET", f"{base}/analytics/barbers?{query}", token=admin_token)
         assert reply.code == 400 and reply.json["detail"], (query, reply)
-    reply = await call("GET", f"{base}/analytics/barbers/{barber.id}/daily?from=2026-02-10&to=2026-02-01",
-                       token=barber.token)
+    reply = await call(
+        "GET", f"{base}/analytics/barbers/{barber.id}/daily?from=2026-02-10&to=2026-02-01", token=barber.token
+    )
     assert reply.code == 400, reply
     # Authentication and roles.
     assert (await call("GET", f"{base}/analytics/barbers")).code == 401
@@ -242,8 +285,17 @@ async def test_api_errors_and_access(stack: StackProcess, admin_token: str) -> N
     assert runs.code == 200 and len(runs.json["runs"]) == 2
     assert runs.json["runs"][0]["run_id"] > runs.json["runs"][1]["run_id"]
     record = runs.json["runs"][0]
-    assert set(record) >= {"run_id", "mode", "state", "started_at", "finished_at", "rows", "watermarks", "error",
-                           "elasticsearch"}
+    assert set(record) >= {
+        "run_id",
+        "mode",
+        "state",
+        "started_at",
+        "finished_at",
+        "rows",
+        "watermarks",
+        "error",
+        "elasticsearch",
+    }
     assert record["elasticsearch"] == {"indexed": 0, "error": None}
     # The dashboard page is public and served with its static files.
     page = await call("GET", f"{base}/dashboard")

@@ -29,8 +29,15 @@ PASSWORD = "correct horse"  # make_user's
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (apt-get install chromium)")
 
 # Expected figures for the barber, counted from the script in `scene` below.
-EXPECTED = {"chats_started": 2, "new_customers": 2, "returning_customers": 0, "customer_messages": 4,
-            "barber_messages": 2, "replies": 3, "unanswered_chats": 1}
+EXPECTED = {
+    "chats_started": 2,
+    "new_customers": 2,
+    "returning_customers": 0,
+    "customer_messages": 4,
+    "barber_messages": 2,
+    "replies": 3,
+    "unanswered_chats": 1,
+}
 
 
 @dataclass
@@ -76,8 +83,10 @@ async def converse(gateway: str, customer: ChatUser, barber: ChatUser, script: l
     """Play ``script`` ('c' customer, 'b' barber) in a new chat through the gateway, each message
     delivered to both sockets before the next is sent, so the stored order is the script's."""
     chat_id = await start_chat(gateway + "/chat", customer, barber)
-    sockets = {who: await ChatClient.connect(socket_url(gateway, chat_id, user.token, via_gateway=True))
-               for who, user in (("c", customer), ("b", barber))}
+    sockets = {
+        who: await ChatClient.connect(socket_url(gateway, chat_id, user.token, via_gateway=True))
+        for who, user in (("c", customer), ("b", barber))
+    }
     try:
         for n, who in enumerate(script, start=1):
             await sockets[who].send(f"message {n} from {who}")
@@ -146,8 +155,9 @@ async def open_dashboard(stack: StackProcess, context: BrowserContext, fragment:
     try:
         await page.wait_for_selector("#signin-form", state="visible")
     except PlaywrightError as e:
-        raise AssertionError(f"no sign-in form; the page logged {watch.problems}; alert: "
-                             f"{await page.text_content('#alert')!r}") from e
+        raise AssertionError(
+            f"no sign-in form; the page logged {watch.problems}; alert: {await page.text_content('#alert')!r}"
+        ) from e
     return page, watch
 
 
@@ -231,13 +241,17 @@ async def cells(row: Any) -> dict[str, tuple[str, str]]:
     """metric -> (shown text, exact value) of a leaderboard row."""
     out = {}
     for td in await row.query_selector_all("td[data-metric]"):
-        out[await td.get_attribute("data-metric")] = ((await td.inner_text()).strip(), await td.get_attribute("data-value"))
+        out[await td.get_attribute("data-metric")] = (
+            (await td.inner_text()).strip(),
+            await td.get_attribute("data-value"),
+        )
     return out
 
 
 # -- admin --------------------------------------------------------------------------------
-async def test_admin_sees_the_leaderboard_and_a_barbers_daily_charts(stack: StackProcess, scene: Scene,
-                                                                      context: BrowserContext) -> None:
+async def test_admin_sees_the_leaderboard_and_a_barbers_daily_charts(
+    stack: StackProcess, scene: Scene, context: BrowserContext
+) -> None:
     page, watch = await open_dashboard(stack, context, "#limit=100")
     await sign_in(page, ADMIN_USERNAME, ADMIN_PASSWORD)
     await page.wait_for_selector("#leaderboard-view", state="visible")
@@ -328,8 +342,12 @@ async def test_admin_sorts_and_pages_like_the_api(stack: StackProcess, scene: Sc
         aria = "descending" if order == "desc" else "ascending"
         await page.wait_for_selector(f'th[aria-sort="{aria}"] button[data-sort="{key}"]')
         await page.wait_for_function("() => !document.getElementById('leaderboard').hasAttribute('aria-busy')")
-        values = [int(v) for v in await page.eval_on_selector_all(
-            f'#lb-body td[data-metric="{key}"]', "tds => tds.map(td => td.dataset.value)")]
+        values = [
+            int(v)
+            for v in await page.eval_on_selector_all(
+                f'#lb-body td[data-metric="{key}"]', "tds => tds.map(td => td.dataset.value)"
+            )
+        ]
         assert values == sorted(values, reverse=order == "desc")
         assert values, "no rows"
     assert "Barber msgs" not in await page.text_content("#lb-chart-title")  # titles use the full label
@@ -337,13 +355,14 @@ async def test_admin_sorts_and_pages_like_the_api(stack: StackProcess, scene: Sc
     assert watch.problems == []
 
 
-async def test_a_pasted_token_works_and_a_bad_one_sends_back_to_sign_in(stack: StackProcess, scene: Scene,
-                                                                          context: BrowserContext) -> None:
+async def test_a_pasted_token_works_and_a_bad_one_sends_back_to_sign_in(
+    stack: StackProcess, scene: Scene, context: BrowserContext
+) -> None:
     page, watch = await open_dashboard(stack, context)
     await page.click(".token-entry summary")
     await page.fill("#token-input", f"Bearer {scene.admin_token}")
     await page.click("#token-submit")
-    await page.wait_for_selector('#lb-body tr[data-barber-id]')
+    await page.wait_for_selector("#lb-body tr[data-barber-id]")
     assert watch.problems == []
 
     # A token whose signature is wrong: the API refuses it and the page says so.
@@ -380,8 +399,12 @@ async def test_a_barber_sees_only_their_own_series(stack: StackProcess, scene: S
     assert await wait_until(lambda: painted(page, "chart-messages", INDIGO), message="the messages chart painted")
     analytics = [u for u in watch.urls if "/etl/analytics/" in u]
     assert analytics and all(f"/etl/analytics/barbers/{scene.barber.id}/daily?" in u for u in analytics), analytics
-    kpis = dict(await page.eval_on_selector_all(
-        "#kpis .kpi", "ks => ks.map(k => [k.querySelector('.kpi-label').textContent, k.querySelector('.kpi-value').textContent])"))
+    kpis = dict(
+        await page.eval_on_selector_all(
+            "#kpis .kpi",
+            "ks => ks.map(k => [k.querySelector('.kpi-label').textContent, k.querySelector('.kpi-value').textContent])",
+        )
+    )
     assert kpis["Customer messages"] == str(EXPECTED["customer_messages"])
     assert kpis["Barber messages"] == str(EXPECTED["barber_messages"])
     assert kpis["Chats started"] == str(EXPECTED["chats_started"])
@@ -402,8 +425,9 @@ async def test_a_barber_sees_only_their_own_series(stack: StackProcess, scene: S
     assert await page.evaluate("sessionStorage.length") == 0
 
 
-async def test_a_customer_is_told_there_is_nothing_to_see(stack: StackProcess, scene: Scene,
-                                                           context: BrowserContext) -> None:
+async def test_a_customer_is_told_there_is_nothing_to_see(
+    stack: StackProcess, scene: Scene, context: BrowserContext
+) -> None:
     page, watch = await open_dashboard(stack, context)
     await sign_in(page, scene.customer.username, PASSWORD)
     await page.wait_for_selector("#nothing-view", state="visible")

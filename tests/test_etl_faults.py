@@ -46,12 +46,12 @@ pytestmark = pytest.mark.timeout(900)
 DIGEST_SQL = {
     "dim_user": "SELECT user_id, type, username, first_name, last_name FROM dim_user ORDER BY 1",
     "fact_chat": "SELECT chat_id, barber_id, customer_id, started_at, first_customer_message_at, "
-                 "first_barber_reply_at, message_count, last_message_at FROM fact_chat ORDER BY chat_id",
+    "first_barber_reply_at, message_count, last_message_at FROM fact_chat ORDER BY chat_id",
     "fact_message": "SELECT c.chat_id, m.seq, m.barber_id, m.sender_role, m.sent_at, m.reply_seq, m.reply_at, "
-                    "round(m.reply_s::numeric, 3) FROM fact_message m JOIN fact_chat c USING (chat_key) ORDER BY 1, 2",
+    "round(m.reply_s::numeric, 3) FROM fact_message m JOIN fact_chat c USING (chat_key) ORDER BY 1, 2",
     "fact_barber_day": "SELECT barber_id, day, chats_started, new_customers, returning_customers, customer_messages, "
-                       "barber_messages, replies, round(reply_time_median_s::numeric, 3), "
-                       "round(reply_time_p90_s::numeric, 3), unanswered_chats FROM fact_barber_day ORDER BY 1, 2",
+    "barber_messages, replies, round(reply_time_median_s::numeric, 3), "
+    "round(reply_time_p90_s::numeric, 3), unanswered_chats FROM fact_barber_day ORDER BY 1, 2",
     "etl_state": "SELECT name, value::text FROM etl_state ORDER BY 1",
 }
 
@@ -102,8 +102,9 @@ class Pipeline:
             return conn.execute("SELECT run_id, mode, state, error FROM etl_runs ORDER BY run_id").fetchall()
 
 
-async def generated(stack: StackProcess, *, barbers: int, customers: int, chats: int, messages: int, days: int,
-                    seed: int) -> tuple[list[int], dict[str, dict], list[dict]]:
+async def generated(
+    stack: StackProcess, *, barbers: int, customers: int, chats: int, messages: int, days: int, seed: int
+) -> tuple[list[int], dict[str, dict], list[dict]]:
     prefix = f"g{uuid.uuid4().hex[:8]}"
     barber_ids = insert_users(stack.layout, "employee", barbers, prefix)
     customer_ids = insert_users(stack.layout, "customer", customers, prefix)
@@ -117,8 +118,12 @@ def slices(chats: dict[str, dict], messages: list[dict], n: int) -> list[tuple[l
     cuts = [times[len(times) * (i + 1) // n - 1] for i in range(n)]
     out, lo = [], float("-inf")
     for hi in cuts:
-        out.append(([c for c in chats.values() if lo < c["created_at"] <= hi],
-                    [m for m in messages if lo < m["created_at"] <= hi]))
+        out.append(
+            (
+                [c for c in chats.values() if lo < c["created_at"] <= hi],
+                [m for m in messages if lo < m["created_at"] <= hi],
+            )
+        )
         lo = hi
     return out
 
@@ -129,13 +134,39 @@ async def check_pipeline(pipe: Pipeline, ref: Reference, barbers: list[int], sta
         rows = conn.execute(
             "SELECT barber_id, day, chats_started, new_customers, returning_customers, customer_messages, "
             "barber_messages, replies, reply_time_median_s, reply_time_p90_s, unanswered_chats "
-            "FROM fact_barber_day WHERE barber_id = ANY(%s)", (barbers,)).fetchall()
-    stored = {(r[0], r[1]): dict(zip(("chats_started", "new_customers", "returning_customers", "customer_messages",
-                                      "barber_messages", "replies", "reply_time_median_s", "reply_time_p90_s",
-                                      "unanswered_chats"), r[2:])) for r in rows}
-    empty = {"chats_started": 0, "new_customers": 0, "returning_customers": 0, "customer_messages": 0,
-             "barber_messages": 0, "replies": 0, "reply_time_median_s": None, "reply_time_p90_s": None,
-             "unanswered_chats": 0}
+            "FROM fact_barber_day WHERE barber_id = ANY(%s)",
+            (barbers,),
+        ).fetchall()
+    stored = {
+        (r[0], r[1]): dict(
+            zip(
+                (
+                    "chats_started",
+                    "new_customers",
+                    "returning_customers",
+                    "customer_messages",
+                    "barber_messages",
+                    "replies",
+                    "reply_time_median_s",
+                    "reply_time_p90_s",
+                    "unanswered_chats",
+                ),
+                r[2:],
+            )
+        )
+        for r in rows
+    }
+    empty = {
+        "chats_started": 0,
+        "new_customers": 0,
+        "returning_customers": 0,
+        "customer_messages": 0,
+        "barber_messages": 0,
+        "replies": 0,
+        "reply_time_median_s": None,
+        "reply_time_p90_s": None,
+        "unanswered_chats": 0,
+    }
     for b in barbers:
         for want in ref.days(b, start, end):
             got = stored.get((b, date.fromisoformat(want["day"])), empty)
@@ -152,8 +183,9 @@ async def check_pipeline(pipe: Pipeline, ref: Reference, barbers: list[int], sta
 
 async def test_full_refresh_equals_incremental_runs(stack: StackProcess) -> None:
     mongo_db = f"chat_{uuid.uuid4().hex[:8]}"
-    barbers, chats, messages = await generated(stack, barbers=6, customers=60, chats=120, messages=3000, days=8,
-                                               seed=11)
+    barbers, chats, messages = await generated(
+        stack, barbers=6, customers=60, chats=120, messages=3000, days=8, seed=11
+    )
     pipe = await Pipeline(stack, mongo_db).create()
     try:
         for chat_slice, message_slice in slices(chats, messages, 4):
@@ -177,8 +209,7 @@ async def test_full_refresh_equals_incremental_runs(stack: StackProcess) -> None
 
 async def test_kill_mid_load_then_rerun_equals_uninterrupted(stack: StackProcess) -> None:
     mongo_db = f"chat_{uuid.uuid4().hex[:8]}"
-    _barbers, chats, messages = await generated(stack, barbers=3, customers=20, chats=30, messages=800, days=4,
-                                               seed=5)
+    _barbers, chats, messages = await generated(stack, barbers=3, customers=20, chats=30, messages=800, days=4, seed=5)
     (c1, m1), (c2, m2) = slices(chats, messages, 2)
     killed = await Pipeline(stack, mongo_db).create()
     clean = await Pipeline(stack, mongo_db).create()
@@ -188,8 +219,9 @@ async def test_kill_mid_load_then_rerun_equals_uninterrupted(stack: StackProcess
         before = digest(killed.dsn)
         await insert_mongo(stack, mongo_db, c2, m2)
         # Several chunks, killed (SIGKILL) once the first is loaded.
-        code = await killed.cli("run", env={"BARBER_TEST_HOOKS": "1", "ETL_CRASH_AT": "mid_load",
-                                            "ETL_CHUNK_ROWS": "100"})
+        code = await killed.cli(
+            "run", env={"BARBER_TEST_HOOKS": "1", "ETL_CRASH_AT": "mid_load", "ETL_CHUNK_ROWS": "100"}
+        )
         assert code == -9
         assert digest(killed.dsn) == before
         assert killed.runs()[-1][2] == "running"
@@ -198,21 +230,30 @@ async def test_kill_mid_load_then_rerun_equals_uninterrupted(stack: StackProcess
         # Killed just before the commit: the same.
         after = digest(killed.dsn)
         last = max(m["created_at"] for m in m2)
-        await insert_mongo(stack, mongo_db, [], [dict(m, _id=m["_id"] + "x", seq=m["seq"] + 10_000,
-                                                      created_at=last + 1 + i) for i, m in enumerate(m2[-20:])])
+        await insert_mongo(
+            stack,
+            mongo_db,
+            [],
+            [
+                dict(m, _id=m["_id"] + "x", seq=m["seq"] + 10_000, created_at=last + 1 + i)
+                for i, m in enumerate(m2[-20:])
+            ],
+        )
         assert await killed.cli("run", env={"BARBER_TEST_HOOKS": "1", "ETL_CRASH_AT": "before_commit"}) == -9
         assert digest(killed.dsn) == after
         await killed.run()
         await clean.run()
-        assert digest(killed.dsn, ("fact_chat", "fact_message", "fact_barber_day")) == \
-            digest(clean.dsn, ("fact_chat", "fact_message", "fact_barber_day"))
+        assert digest(killed.dsn, ("fact_chat", "fact_message", "fact_barber_day")) == digest(
+            clean.dsn, ("fact_chat", "fact_message", "fact_barber_day")
+        )
     finally:
         killed.drop()
         clean.drop()
 
 
 async def test_source_down_leaves_warehouse_unchanged_and_the_schedule_retries(
-        stack: StackProcess, admin_token: str) -> None:
+    stack: StackProcess, admin_token: str
+) -> None:
     await run_etl(stack, admin_token)
     customer = await make_user(stack, "customer", "While", "Down")
     before = digest(stack.layout.pg_dsn("warehouse"))
@@ -279,8 +320,12 @@ async def test_authen_replicas_down_reads_elsewhere(stack: StackProcess, admin_t
     finally:
         await asyncio.to_thread(stack.control.start, "postgres-replica-1")
     with warehouse(stack) as conn:
-        found = {r[0] for r in conn.execute("SELECT user_id FROM dim_user WHERE user_id IN (%s, %s)",
-                                            (one.id, none.id)).fetchall()}
+        found = {
+            r[0]
+            for r in conn.execute(
+                "SELECT user_id FROM dim_user WHERE user_id IN (%s, %s)", (one.id, none.id)
+            ).fetchall()
+        }
     assert found == {one.id, none.id}
 
 
@@ -290,6 +335,7 @@ async def test_one_run_at_a_time(stack: StackProcess, admin_token: str, tmp_path
     pause.write_text("")
     holder = etl_command(stack, "run", env={"BARBER_TEST_HOOKS": "1", "ETL_PAUSE_FILE": str(pause)})
     try:
+
         async def held() -> dict | None:
             reply = await call("GET", f"{gw(stack)}/etl/runs?limit=1", token=admin_token)
             top = reply.json["runs"][0]

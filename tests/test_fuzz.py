@@ -100,19 +100,39 @@ async def test_fuzz_the_public_api(stack: StackProcess) -> None:
         "FUZZ_STATIC_FILE": "dashboard.html",
     }
     proc = await asyncio.create_subprocess_exec(
-        st_command(), "run", gateway + "/openapi.json",
-        "--checks", "all", "--exclude-checks", EXCLUDED_CHECKS,
-        "--exclude-path-regex", EXCLUDED_PATHS,
-        "--phases", "examples,coverage,fuzzing",
-        "--max-examples", str(MAX_EXAMPLES), "--seed", SEED,
-        "--workers", "2", "--request-timeout", "30", "--generation-database", "none",
-        "--no-color", "--output-truncate", "false",
-        cwd=workdir, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        st_command(),
+        "run",
+        gateway + "/openapi.json",
+        "--checks",
+        "all",
+        "--exclude-checks",
+        EXCLUDED_CHECKS,
+        "--exclude-path-regex",
+        EXCLUDED_PATHS,
+        "--phases",
+        "examples,coverage,fuzzing",
+        "--max-examples",
+        str(MAX_EXAMPLES),
+        "--seed",
+        SEED,
+        "--workers",
+        "2",
+        "--request-timeout",
+        "30",
+        "--generation-database",
+        "none",
+        "--no-color",
+        "--output-truncate",
+        "false",
+        cwd=workdir,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
     )
     out, _ = await proc.communicate()
     report = out.decode(errors="replace")
     (workdir / "st-run.txt").write_text(report)
-    summary = report[report.find("SUMMARY"):] if "SUMMARY" in report else report[-3000:]
+    summary = report[report.find("SUMMARY") :] if "SUMMARY" in report else report[-3000:]
     print(summary)
     assert proc.returncode == 0, report[-20000:]
     assert re.search(r"Tested: (\d+)", report), report[-3000:]

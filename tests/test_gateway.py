@@ -48,11 +48,18 @@ async def test_round_robin_splits_evenly(stack, http, gw) -> None:
 
 async def test_signup_signin_and_protected_paths(stack, http, gw) -> None:
     username = f"gw_{uuid.uuid4().hex[:10]}"
-    body = {"username": username, "password": "correct horse", "first_name": "Ann", "last_name": "Lee",
-            "type": "customer"}
+    body = {
+        "username": username,
+        "password": "correct horse",
+        "first_name": "Ann",
+        "last_name": "Lee",
+        "type": "customer",
+    }
     r = await fetch(http, "POST", gw + "/authen/authen/signup", body=body)
     assert r.status == 201, r
-    r = await fetch(http, "POST", gw + "/authen/authen/signin", body={"username": username, "password": "correct horse"})
+    r = await fetch(
+        http, "POST", gw + "/authen/authen/signin", body={"username": username, "password": "correct horse"}
+    )
     assert r.status == 200, r
     token, user_id = r.json["token"], r.json["user_id"]
     assert (await fetch(http, "GET", gw + "/authen/list/employee")).status == 200
@@ -89,8 +96,9 @@ async def test_request_id_generated_propagated_returned(stack, http, gw) -> None
     def gateway_logged() -> bool:
         # The gateway writes access lines in batches (gateway.accesslog): wait for this one.
         gw_lines = (stack.layout.logs_dir / "gateway.log").read_text(errors="replace").splitlines()
-        return any(json.loads(line).get("http", {}).get("request", {}).get("id") == rid
-                   for line in gw_lines if rid in line)
+        return any(
+            json.loads(line).get("http", {}).get("request", {}).get("id") == rid for line in gw_lines if rid in line
+        )
 
     assert await wait_until(gateway_logged, timeout=10, message="the request id in the gateway's access line")
 
@@ -108,26 +116,36 @@ async def test_internal_paths_never_forwarded(stack, http, gw) -> None:
 async def test_oversize_body_refused_at_the_gateway_with_json(stack, http, gw) -> None:
     # Past Tornado's own 16 MiB cap too (a bare 400 without the delegate in front of it).
     for size in (100_000, 20_000_000):
-        r = await fetch(http, "POST", gw + "/authen/authen/signup", data=b"z" * size,
-                        headers={"Content-Type": "application/json"})
+        r = await fetch(
+            http, "POST", gw + "/authen/authen/signup", data=b"z" * size, headers={"Content-Type": "application/json"}
+        )
         assert r.status == 413 and "larger than" in r.json["detail"], (size, r)
         assert r.headers.get("X-Request-ID")
     assert (await fetch(http, "GET", gw + "/authen/utilities/status")).status == 200
 
 
 async def test_proxy_fidelity_and_header_hygiene(stack, http) -> None:
-    async with echo_upstream(stack) as address, await start_gateway(
-        stack, gateway_services=f"authen,chat,{ECHO_TYPE}"
-    ) as g:
+    async with (
+        echo_upstream(stack) as address,
+        await start_gateway(stack, gateway_services=f"authen,chat,{ECHO_TYPE}") as g,
+    ):
         await wait_routed(http, g.url, ECHO_TYPE, 1)
         token = token_for(stack, user_id=42, user_type="employee")
         headers = [
-            ("Authorization", f"Bearer {token}"), ("X-User", "1"), ("X-User-Type", "admin"),
-            ("Connection", "keep-alive, X-Hop"), ("X-Hop", "secret"), ("Proxy-Authorization", "Basic eA=="),
-            ("X-Service-Token", "guess"), ("X-Custom", "a"), ("X-Custom", "b"), ("Content-Type", "text/plain"),
+            ("Authorization", f"Bearer {token}"),
+            ("X-User", "1"),
+            ("X-User-Type", "admin"),
+            ("Connection", "keep-alive, X-Hop"),
+            ("X-Hop", "secret"),
+            ("Proxy-Authorization", "Basic eA=="),
+            ("X-Service-Token", "guess"),
+            ("X-Custom", "a"),
+            ("X-Custom", "b"),
+            ("Content-Type", "text/plain"),
         ]
-        r = await fetch(http, "PATCH", g.url + f"/{ECHO_TYPE}/some/path?q=1&q=2&x=%20y", headers=headers,
-                        data=b"raw body \x00\xff")
+        r = await fetch(
+            http, "PATCH", g.url + f"/{ECHO_TYPE}/some/path?q=1&q=2&x=%20y", headers=headers, data=b"raw body \x00\xff"
+        )
         assert r.status == 200, r
         seen = r.json
         assert seen["method"] == "PATCH" and seen["path"] == "/some/path" and seen["query"] == "q=1&q=2&x=%20y"
@@ -143,8 +161,9 @@ async def test_proxy_fidelity_and_header_hygiene(stack, http) -> None:
         assert dict(up)["x-forwarded-for"] == "127.0.0.1"
         # Status and headers come back as the upstream sent them.
         assert r.headers.getall("Set-Cookie") == ["a=1", "b=2"] and r.headers["X-Upstream"] == "echo"
-        r = await fetch(http, "DELETE", g.url + f"/{ECHO_TYPE}/x?status=418",
-                        headers={"Authorization": f"Bearer {token}"})
+        r = await fetch(
+            http, "DELETE", g.url + f"/{ECHO_TYPE}/x?status=418", headers={"Authorization": f"Bearer {token}"}
+        )
         assert r.status == 418 and r.json["method"] == "DELETE"
         # A spoofed X-User without a token is not even forwarded: 401.
         r = await fetch(http, "GET", g.url + f"/{ECHO_TYPE}/x", headers={"X-User": "1"})
@@ -181,28 +200,44 @@ async def test_websocket_proxied_both_ways(stack, http) -> None:
             async with http.ws_connect(url) as ws:
                 msg = await ws.receive(timeout=10)
                 assert msg.type == aiohttp.WSMsgType.CLOSE and msg.data == 4401
-        r = await fetch(http, "GET", g.url + f"/{ECHO_TYPE}/internal/ws",
-                        headers={"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13",
-                                 "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="})
+        r = await fetch(
+            http,
+            "GET",
+            g.url + f"/{ECHO_TYPE}/internal/ws",
+            headers={
+                "Upgrade": "websocket",
+                "Connection": "Upgrade",
+                "Sec-WebSocket-Version": "13",
+                "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+            },
+        )
         assert r.status == 404
 
 
 async def test_chat_socket_through_the_gateway(stack, http, gw) -> None:
     """The real chat socket, both ways, through the stack's gateway."""
+
     async def user(type_: str) -> tuple[int, str]:
         name = f"gwc_{uuid.uuid4().hex[:10]}"
         body = {"username": name, "password": "correct horse", "first_name": "F", "last_name": type_, "type": type_}
         assert (await fetch(http, "POST", gw + "/authen/authen/signup", body=body)).status == 201
-        r = await fetch(http, "POST", gw + "/authen/authen/signin", body={"username": name, "password": "correct horse"})
+        r = await fetch(
+            http, "POST", gw + "/authen/authen/signin", body={"username": name, "password": "correct horse"}
+        )
         return r.json["user_id"], r.json["token"]
 
     await wait_routed(http, gw, "chat", 2)
     (cust, ctok), (emp, etok) = await user("customer"), await user("employee")
-    r = await fetch(http, "POST", gw + f"/chat/chats/start?employee_id={emp}", headers={"Authorization": f"Bearer {ctok}"})
+    r = await fetch(
+        http, "POST", gw + f"/chat/chats/start?employee_id={emp}", headers={"Authorization": f"Bearer {ctok}"}
+    )
     assert r.status in (200, 201), r
     chat_id = r.json["chat_id"]
     ws_url = gw.replace("http://", "ws://") + f"/chat/chat/{chat_id}"
-    async with http.ws_connect(ws_url + f"?token={ctok}") as c, http.ws_connect(ws_url, protocols=("bearer", etok)) as e:
+    async with (
+        http.ws_connect(ws_url + f"?token={ctok}") as c,
+        http.ws_connect(ws_url, protocols=("bearer", etok)) as e,
+    ):
         await c.send_str(json.dumps({"type": "chat_message", "message": "hi barber"}))
 
         async def next_chat(ws: aiohttp.ClientWebSocketResponse) -> dict:
@@ -240,8 +275,9 @@ async def test_task_limit_503_seed_demo(stack, http, scope: str) -> None:
     """Limit 1, TIMEOUT_MS 9000: a sleepy on each instance makes the third request 503."""
     async with await start_gateway(stack, task_limit_per_service=1, timeout_ms=9000, task_limit_scope=scope) as g:
         await wait_routed(http, g.url, "authen", 2)
-        sleepers = [asyncio.create_task(fetch(http, "GET", g.url + "/authen/utilities/sleepy?seconds=5"))
-                    for _ in range(2)]
+        sleepers = [
+            asyncio.create_task(fetch(http, "GET", g.url + "/authen/utilities/sleepy?seconds=5")) for _ in range(2)
+        ]
 
         async def both_busy() -> bool:
             return all(i["in_flight"] == 1 for i in (await gateway_instances(http, g.url)).values())
@@ -261,8 +297,9 @@ async def test_task_limit_exact_under_concurrency(stack, http) -> None:
     async with await start_gateway(stack, task_limit_per_service=2, timeout_ms=9000) as g:
         await wait_routed(http, g.url, "authen", 2)
         # Long enough that all twelve reach the gateway while the first four still run.
-        replies = await asyncio.gather(*(fetch(http, "GET", g.url + "/authen/utilities/sleepy?seconds=5")
-                                         for _ in range(12)))
+        replies = await asyncio.gather(
+            *(fetch(http, "GET", g.url + "/authen/utilities/sleepy?seconds=5") for _ in range(12))
+        )
         statuses = sorted(r.status for r in replies)
         assert statuses == [200] * 4 + [503] * 8, statuses
         per_instance = [r.json["instance"] for r in replies if r.status == 200]
@@ -280,8 +317,9 @@ async def test_timeout_504_names_the_instance(stack, http) -> None:
 
 async def test_post_never_replayed_get_retried(stack, http) -> None:
     """A POST that reached an instance is not sent again; an idempotent GET is retried."""
-    async with await start_gateway(stack, timeout_ms=3000, attempt_timeout_ms=500, max_retries=3,
-                                   breaker_failures=100) as g:
+    async with await start_gateway(
+        stack, timeout_ms=3000, attempt_timeout_ms=500, max_retries=3, breaker_failures=100
+    ) as g:
         await wait_routed(http, g.url, "authen", 2)
         before = await sleepy_received(http, stack)
         r = await fetch(http, "POST", g.url + "/authen/utilities/sleepy?seconds=1")
@@ -316,8 +354,12 @@ async def test_least_outstanding_avoids_the_busy_instance(stack, http) -> None:
 
 
 async def test_rate_limit_429_with_retry_after(stack, http) -> None:
-    rules = json.dumps([{"path": "/authen/utilities/status", "rate_per_s": 0.2, "burst": 3},
-                        {"path": "/authen/authen/signin", "methods": ["POST"], "rate_per_s": 0.2, "burst": 2}])
+    rules = json.dumps(
+        [
+            {"path": "/authen/utilities/status", "rate_per_s": 0.2, "burst": 3},
+            {"path": "/authen/authen/signin", "methods": ["POST"], "rate_per_s": 0.2, "burst": 2},
+        ]
+    )
     async with await start_gateway(stack, rate_limits=rules) as g:
         await wait_routed(http, g.url, "authen", 2)
         statuses = [(await fetch(http, "GET", g.url + "/authen/utilities/status")).status for _ in range(4)]

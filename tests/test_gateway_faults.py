@@ -34,20 +34,26 @@ async def test_killed_instance_breaker_opens_no_client_error_and_it_returns(stac
         await wait_routed(http, g.url, "authen", 2)
         stream = Stream(http, g.url + "/authen/utilities/status").start()
         await wait_until(lambda: stream.served_by(victim) >= 5, timeout=10, message="traffic on both instances")
-        pid = (await asyncio.to_thread(stack.control.pid, "authen-1"))
+        pid = await asyncio.to_thread(stack.control.pid, "authen-1")
         killed_at = time.monotonic()
         os.kill(pid, signal.SIGKILL)
         try:
+
             async def opened() -> bool:
                 metrics = (await fetch(http, "GET", g.url + "/metrics")).body.decode()
-                return f'gateway_breaker_transitions_total{{from_state="closed",instance="{victim}",to_state="open"}}' \
+                return (
+                    f'gateway_breaker_transitions_total{{from_state="closed",instance="{victim}",to_state="open"}}'
                     in metrics
+                )
 
             await wait_until(opened, timeout=15, message="the breaker of the killed instance opening")
             opened_at = time.monotonic()
             # The supervisor restarts it; the breaker lets it back in by itself.
-            await wait_until(lambda: stream.served_by(victim, since=opened_at) >= 3, timeout=60,
-                             message="the restarted instance serving again")
+            await wait_until(
+                lambda: stream.served_by(victim, since=opened_at) >= 3,
+                timeout=60,
+                message="the restarted instance serving again",
+            )
         finally:
             await stream.stop()
         assert stream.errors(since=opened_at) == []
@@ -67,14 +73,18 @@ async def test_discovery_restarted_routing_continues(stack, http) -> None:
     try:
         await asyncio.to_thread(stack.control.stop, "discovery")
         try:
+
             async def unreachable() -> bool:
                 return not (await gateway_status(http, gw))["services"]["authen"]["discovery"]["reachable"]
 
             await wait_until(unreachable, timeout=15, message="the gateway noticing discovery is down")
             down_at = time.monotonic()
             # Routing goes on with the last view, to both instances.
-            await wait_until(lambda: all(stream.served_by(a, since=down_at) >= 3 for a in authen_addresses(stack)),
-                             timeout=15, message="both instances served while discovery is down")
+            await wait_until(
+                lambda: all(stream.served_by(a, since=down_at) >= 3 for a in authen_addresses(stack)),
+                timeout=15,
+                message="both instances served while discovery is down",
+            )
         finally:
             await asyncio.to_thread(stack.control.start, "discovery")
 
@@ -85,8 +95,11 @@ async def test_discovery_restarted_routing_continues(stack, http) -> None:
 
         await wait_until(back, timeout=30, message="instances re-registered and the gateway's view live again")
         restarted_at = time.monotonic()
-        await wait_until(lambda: all(stream.served_by(a, since=restarted_at) >= 3 for a in authen_addresses(stack)),
-                         timeout=15, message="both instances served after the restart")
+        await wait_until(
+            lambda: all(stream.served_by(a, since=restarted_at) >= 3 for a in authen_addresses(stack)),
+            timeout=15,
+            message="both instances served after the restart",
+        )
     finally:
         await stream.stop()
     assert stream.errors() == [], stream.errors()[:5]
@@ -128,8 +141,11 @@ async def test_redis_stopped_and_restarted(stack, http) -> None:
             statuses = [(await fetch(http, "GET", g.url + "/authen/utilities/status")).status for _ in range(5)]
             assert statuses == [200] * 4 + [429]
             restarted_at = time.monotonic()
-            await wait_until(lambda: all(stream.served_by(a, since=restarted_at) >= 3 for a in authen_addresses(stack)),
-                             timeout=15, message="both instances served after the restart")
+            await wait_until(
+                lambda: all(stream.served_by(a, since=restarted_at) >= 3 for a in authen_addresses(stack)),
+                timeout=15,
+                message="both instances served after the restart",
+            )
         finally:
             await stream.stop()
         # The stack's gateway never failed a request across the outage.
@@ -153,8 +169,9 @@ async def test_gateway_killed_mid_request_leaks_no_count(stack, http) -> None:
             await wait_routed(http, a.url, "authen", 2)
             await wait_routed(http, b.url, "authen", 2)
             a_id = (await gateway_status(http, a.url))["gateway_id"]
-            sleepers = [asyncio.create_task(fetch(http, "GET", a.url + "/authen/utilities/sleepy?seconds=30"))
-                        for _ in range(2)]
+            sleepers = [
+                asyncio.create_task(fetch(http, "GET", a.url + "/authen/utilities/sleepy?seconds=30")) for _ in range(2)
+            ]
 
             async def both_held() -> bool:
                 return all(i["in_flight"] == 1 for i in (await gateway_instances(http, a.url)).values())
@@ -198,8 +215,7 @@ async def test_a_dependency_outage_opens_no_breaker(stack, http) -> None:
         await wait_routed(http, g.url, "authen", 2)
         await asyncio.to_thread(stack.control.stop, "postgres-primary")
         try:
-            body = {"username": "", "password": "long enough", "first_name": "A", "last_name": "B",
-                    "type": "customer"}
+            body = {"username": "", "password": "long enough", "first_name": "A", "last_name": "B", "type": "customer"}
             for i in range(6):
                 body["username"] = f"dep_{os.getpid()}_{i}_{time.monotonic_ns()}"
                 r = await fetch(http, "POST", g.url + "/authen/authen/signup", body=body)

@@ -84,11 +84,19 @@ def request(method: str, target: str, *headers: str, body: bytes = b"") -> bytes
 
 
 # -- 1. paths: encoded control characters, '?', '#', spellings of a rate-limited path -------
-@pytest.mark.parametrize("target", [
-    "/authen/%09internal/tx", "/authen/%0Ainternal/tx", "/authen/%0dinternal/tx", "/authen/%00internal/tx",
-    "/authen/utilities/status%0A", "/authen/utilities%3Fx/status", "/authen/utilities%23/status",
-    "/authen/%7Finternal/tx",
-])
+@pytest.mark.parametrize(
+    "target",
+    [
+        "/authen/%09internal/tx",
+        "/authen/%0Ainternal/tx",
+        "/authen/%0dinternal/tx",
+        "/authen/%00internal/tx",
+        "/authen/utilities/status%0A",
+        "/authen/utilities%3Fx/status",
+        "/authen/utilities%23/status",
+        "/authen/%7Finternal/tx",
+    ],
+)
 async def test_encoded_control_characters_and_delimiters_are_a_400(gw, target: str) -> None:
     """Seen: ``OPTIONS /authen/%09internal/tx`` reached authen's /internal/tx (the URL
     library dropped the tab after the check had passed)."""
@@ -114,15 +122,18 @@ async def test_the_checked_path_is_the_forwarded_path(stack, http) -> None:
     async with echo_upstream(stack), await start_gateway(stack, gateway_services=WITH_ECHO) as g:
         await wait_routed(http, g.url, ECHO_TYPE, 1)
         auth = (f"Authorization: Bearer {token_for(stack)}",)
-        for sent, arrived in [("/a%20b/%c3%a9", "/a%20b/%C3%A9"), ("/%61bc/x%2Dy", "/abc/x-y"),
-                              ("/a/b;c=d/@e", "/a/b;c=d/@e")]:
+        for sent, arrived in [
+            ("/a%20b/%c3%a9", "/a%20b/%C3%A9"),
+            ("/%61bc/x%2Dy", "/abc/x-y"),
+            ("/a/b;c=d/@e", "/a/b;c=d/@e"),
+        ]:
             status, _, body = await _raw_fetch(g.url, "GET", f"/{ECHO_TYPE}{sent}?q=%0A", *auth)
             assert status == 200, (sent, body)
             seen = json.loads(body)
             assert seen["path"] == arrived and seen["query"] == "q=%0A", (sent, seen)
         # Raw bytes a client must have percent-encoded, and broken escapes, are refused
         # (raw control characters already by the HTTP parser, with its bare 400).
-        for target in ("/a%zzb", "/a%4", "/a\"b", "/caf\xe9", "/a{b}", "/a\tb", "/a\x7fb"):
+        for target in ("/a%zzb", "/a%4", '/a"b', "/caf\xe9", "/a{b}", "/a\tb", "/a\x7fb"):
             status, _, body = await _raw_fetch(g.url, "GET", f"/{ECHO_TYPE}{target}", *auth)
             assert status == 400, (target, status, body)
             assert target in ("/a\tb", "/a\x7fb") or "detail" in json.loads(body), (target, body)
@@ -137,9 +148,15 @@ async def test_signin_spellings_all_count_against_the_signin_rule(stack, http) -
         ctype = "Content-Type: application/json"
         status, _, _ = await _raw_fetch(g.url, "POST", "/authen/authen/signin%0A", ctype, body=bad)
         assert status == 400
-        statuses = [(await _raw_fetch(g.url, "POST", target, ctype, body=bad))[0]
-                    for target in ("/authen/authen/signin", "/authen/authen/signi%6E", "/authen/authen/%73ignin",
-                                   "/authen/authen/signin")]
+        statuses = [
+            (await _raw_fetch(g.url, "POST", target, ctype, body=bad))[0]
+            for target in (
+                "/authen/authen/signin",
+                "/authen/authen/signi%6E",
+                "/authen/authen/%73ignin",
+                "/authen/authen/signin",
+            )
+        ]
         assert statuses == [401, 401, 401, 429], statuses
 
 
@@ -147,10 +164,20 @@ async def test_signin_spellings_all_count_against_the_signin_rule(stack, http) -
 async def test_identity_header_variants_are_all_stripped(stack, http) -> None:
     async with echo_upstream(stack), await start_gateway(stack, gateway_services=WITH_ECHO) as g:
         await wait_routed(http, g.url, ECHO_TYPE, 1)
-        spoofed = ("X_User: 1", "x-user: 2", "X-USER: 3", "X_USER_TYPE: admin", "x_user-type: admin",
-                   "X-User_Type: admin", "X_Service_Token: guess", "X_Request_ID: spoof", "X_Forwarded_For: 6.6.6.6")
-        status, _, body = await _raw_fetch(g.url, "GET", f"/{ECHO_TYPE}/x",
-                                           f"Authorization: Bearer {token_for(stack, user_id=42)}", *spoofed)
+        spoofed = (
+            "X_User: 1",
+            "x-user: 2",
+            "X-USER: 3",
+            "X_USER_TYPE: admin",
+            "x_user-type: admin",
+            "X-User_Type: admin",
+            "X_Service_Token: guess",
+            "X_Request_ID: spoof",
+            "X_Forwarded_For: 6.6.6.6",
+        )
+        status, _, body = await _raw_fetch(
+            g.url, "GET", f"/{ECHO_TYPE}/x", f"Authorization: Bearer {token_for(stack, user_id=42)}", *spoofed
+        )
         assert status == 200, body
         names = [(k.lower().replace("_", "-"), v) for k, v in json.loads(body)["headers"]]
         assert [v for k, v in names if k == "x-user"] == ["42"], names
@@ -182,10 +209,17 @@ async def test_content_length_that_only_looks_numeric_is_a_clean_400(stack, http
 
 # -- 2. breakers: one client's failing or slow requests open nothing -----------------------
 async def test_one_client_cannot_open_a_breaker_but_many_failing_clients_do(stack, http) -> None:
-    async with echo_upstream(stack) as address, await start_gateway(
-        stack, gateway_services=WITH_ECHO, breaker_failures=3, breaker_min_requests=5, timeout_ms=400,
-        max_retries=0,
-    ) as g:
+    async with (
+        echo_upstream(stack) as address,
+        await start_gateway(
+            stack,
+            gateway_services=WITH_ECHO,
+            breaker_failures=3,
+            breaker_min_requests=5,
+            timeout_ms=400,
+            max_retries=0,
+        ) as g,
+    ):
         await wait_routed(http, g.url, ECHO_TYPE, 1)
         one = {"Authorization": f"Bearer {token_for(stack, user_id=501)}"}
         for _ in range(12):
@@ -203,7 +237,10 @@ async def test_one_client_cannot_open_a_breaker_but_many_failing_clients_do(stac
         for user in (601, 602, 603):
             headers = {"Authorization": f"Bearer {token_for(stack, user_id=user)}"}
             # 503 once it is open (the window's failure rate may trip it before the third).
-            assert (await fetch(http, "GET", g.url + f"/{ECHO_TYPE}/x?status=500", headers=headers)).status in (500, 503)
+            assert (await fetch(http, "GET", g.url + f"/{ECHO_TYPE}/x?status=500", headers=headers)).status in (
+                500,
+                503,
+            )
         breaker = (await gateway_instances(http, g.url, ECHO_TYPE))[address]["breaker"]
         assert breaker["state"] == "open", breaker
 
@@ -249,8 +286,15 @@ async def test_a_stalled_body_is_cut_off(stack, http) -> None:
     async with await start_gateway(stack, body_timeout_s=1) as g:
         conn = await Raw.open(g.url)
         try:
-            await conn.send(request("POST", "/authen/authen/signin", "Content-Length: 1000",
-                                    "Content-Type: application/json", body=b'{"username": '))
+            await conn.send(
+                request(
+                    "POST",
+                    "/authen/authen/signin",
+                    "Content-Length: 1000",
+                    "Content-Type: application/json",
+                    body=b'{"username": ',
+                )
+            )
             assert await _until_closed(conn, None, 100, 0.2), "the stalled body was never cut off"
         finally:
             conn.close()
@@ -263,8 +307,9 @@ async def test_chunked_body_over_the_limit_is_a_413_before_it_ends(stack, http) 
     async with await start_gateway(stack, max_body_bytes=4096) as g:
         conn = await Raw.open(g.url)
         try:
-            await conn.send(request("POST", "/authen/authen/signin", "Transfer-Encoding: chunked",
-                                    "Content-Type: application/json"))
+            await conn.send(
+                request("POST", "/authen/authen/signin", "Transfer-Encoding: chunked", "Content-Type: application/json")
+            )
             chunk = b"z" * 1024
             for _ in range(6):
                 await conn.send(b"%x\r\n" % len(chunk) + chunk + b"\r\n")
@@ -275,8 +320,13 @@ async def test_chunked_body_over_the_limit_is_a_413_before_it_ends(stack, http) 
         assert status == 413 and "larger than" in json.loads(body)["detail"], (status, body)
         assert headers.get("x-request-id")
         # Under the limit, chunked still works.
-        r = await fetch(http, "POST", g.url + "/authen/authen/signin", data=_chunks(b'{"username": "x"}'),
-                        headers={"Content-Type": "application/json"})
+        r = await fetch(
+            http,
+            "POST",
+            g.url + "/authen/authen/signin",
+            data=_chunks(b'{"username": "x"}'),
+            headers={"Content-Type": "application/json"},
+        )
         assert r.status == 400 and "password" in r.json["detail"], r
 
 
@@ -353,22 +403,31 @@ async def _ws_frames(conn: Raw, deadline_s: float) -> list[int]:
 
 
 async def test_a_client_that_stops_answering_pings_is_closed(stack, http) -> None:
-    async with echo_upstream(stack), await start_gateway(
-        stack, gateway_services=WITH_ECHO, ws_ping_interval_s=0.5, ws_ping_timeout_s=0.5
-    ) as g:
+    async with (
+        echo_upstream(stack),
+        await start_gateway(stack, gateway_services=WITH_ECHO, ws_ping_interval_s=0.5, ws_ping_timeout_s=0.5) as g,
+    ):
         await wait_routed(http, g.url, ECHO_TYPE, 1)
         conn = await Raw.open(g.url)
         try:
-            await conn.send(request("GET", f"/{ECHO_TYPE}/ws?token={token_for(stack)}", "Upgrade: websocket",
-                                    "Connection: Upgrade", "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
-                                    "Sec-WebSocket-Version: 13"))
+            await conn.send(
+                request(
+                    "GET",
+                    f"/{ECHO_TYPE}/ws?token={token_for(stack)}",
+                    "Upgrade: websocket",
+                    "Connection: Upgrade",
+                    "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+                    "Sec-WebSocket-Version: 13",
+                )
+            )
             status, _, _ = await _handshake(conn)
             assert status == 101
 
             async def open_sockets() -> float:
                 text = (await fetch(http, "GET", g.url + "/metrics")).body.decode()
-                return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                           if line.startswith("gateway_websockets"))
+                return sum(
+                    float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("gateway_websockets")
+                )
 
             assert await open_sockets() == 1
             # This client reads but never answers a ping.
@@ -429,10 +488,17 @@ def test_breaker_counts_clients_not_failures() -> None:
     assert connect.current() is State.OPEN
 
 
-@pytest.mark.parametrize("raw, canonical", [
-    ("utilities/status", "/utilities/status"), ("%61bc", "/abc"), ("a%2db", "/a-b"), ("x%c3%a9", "/x%C3%A9"),
-    ("a%20b", "/a%20b"), ("a;b=c/@d", "/a;b=c/@d"),
-])
+@pytest.mark.parametrize(
+    "raw, canonical",
+    [
+        ("utilities/status", "/utilities/status"),
+        ("%61bc", "/abc"),
+        ("a%2db", "/a-b"),
+        ("x%c3%a9", "/x%C3%A9"),
+        ("a%20b", "/a%20b"),
+        ("a;b=c/@d", "/a;b=c/@d"),
+    ],
+)
 @pytest.mark.unit
 def test_canonical_paths(raw: str, canonical: str) -> None:
     from gateway.policy import check_service_path
@@ -440,8 +506,26 @@ def test_canonical_paths(raw: str, canonical: str) -> None:
     assert check_service_path(raw) == canonical
 
 
-@pytest.mark.parametrize("raw", ["%09internal/tx", "signin%0A", "a%0D", "a%00", "a%3Fb", "a%23b", "a%7F", "a%C2%85",
-                                 "a%zz", "a%4", "a b", "a\tb", "a\"b", "caf\xe9", "a%FF"])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "%09internal/tx",
+        "signin%0A",
+        "a%0D",
+        "a%00",
+        "a%3Fb",
+        "a%23b",
+        "a%7F",
+        "a%C2%85",
+        "a%zz",
+        "a%4",
+        "a b",
+        "a\tb",
+        'a"b',
+        "caf\xe9",
+        "a%FF",
+    ],
+)
 @pytest.mark.unit
 def test_malformed_paths(raw: str) -> None:
     from gateway.policy import MalformedPath, check_service_path
@@ -454,10 +538,19 @@ def test_malformed_paths(raw: str) -> None:
 def test_identity_header_spellings_dropped() -> None:
     from gateway.policy import upstream_request_headers
 
-    sent = [("X_User", "1"), ("x-user", "2"), ("X-USER", "3"), (" X-User", "4"), ("X_USER_TYPE", "admin"),
-            ("x_service_token", "t"), ("X_Forwarded_For", "6.6.6.6"), ("X-Other_Name", "kept")]
-    out = upstream_request_headers(sent, request_id="r", client_ip="127.0.0.1", host=None, proto="http",
-                                   user_id=5, user_type="customer")
+    sent = [
+        ("X_User", "1"),
+        ("x-user", "2"),
+        ("X-USER", "3"),
+        (" X-User", "4"),
+        ("X_USER_TYPE", "admin"),
+        ("x_service_token", "t"),
+        ("X_Forwarded_For", "6.6.6.6"),
+        ("X-Other_Name", "kept"),
+    ]
+    out = upstream_request_headers(
+        sent, request_id="r", client_ip="127.0.0.1", host=None, proto="http", user_id=5, user_type="customer"
+    )
     assert [v for k, v in out if k.lower().replace("_", "-").strip() == "x-user"] == ["5"]
     assert [v for k, v in out if k.lower().replace("_", "-") == "x-user-type"] == ["customer"]
     assert ("X-Forwarded-For", "127.0.0.1") in out and ("X-Other_Name", "kept") in out

@@ -22,7 +22,7 @@ from gateway.upstreams import Breakers, Service
 from tests.util import free_port
 
 # The "unit" marker is registered in pyproject by the test-infrastructure change.
-pytestmark = [pytest.mark.unit, pytest.mark.filterwarnings("ignore::pytest.PytestUnknownMarkWarning")]
+pytestmark = pytest.mark.unit
 
 
 class FakeScript:
@@ -59,7 +59,7 @@ class FakeScript:
         lease: dict[str, int] = {}
         for _ in range(int(args[i])):
             limit, n_cand = int(args[i + 2]), int(args[i + 6])
-            cands = args[i + 7:i + 7 + n_cand]
+            cands = args[i + 7 : i + 7 + n_cand]
             i += 7 + n_cand
             chosen = next((c for c in cands if sum(self.slots.get(c, {}).values()) < limit), None)
             if chosen is None:
@@ -160,8 +160,13 @@ async def test_load_of_leased_admissions_reaches_the_alert_once() -> None:
 
 async def test_local_scope_alerts_on_its_own_counts() -> None:
     seen: list[tuple[str, int, bool]] = []
-    lim = Limiter(None, owner_ttl_ms=3000, timeout_s=1, load_threshold=2,
-                  on_load_alert=lambda i, n, shared: seen.append((i, n, shared)))
+    lim = Limiter(
+        None,
+        owner_ttl_ms=3000,
+        timeout_s=1,
+        load_threshold=2,
+        on_load_alert=lambda i, n, shared: seen.append((i, n, shared)),
+    )
     for _ in range(4):
         await lim.admit(["a", "b"], limit=64)
     assert seen == [("a", 3, False)]
@@ -169,8 +174,9 @@ async def test_local_scope_alerts_on_its_own_counts() -> None:
 
 def test_breaker_half_open_trials_are_bounded_and_given_back() -> None:
     now = [0.0]
-    b = CircuitBreaker("x", BreakerConfig(failures=1, min_clients=1, open_s=1, jitter=0, half_open_trials=2),
-                       clock=lambda: now[0])
+    b = CircuitBreaker(
+        "x", BreakerConfig(failures=1, min_clients=1, open_s=1, jitter=0, half_open_trials=2), clock=lambda: now[0]
+    )
     b.record_failure()
     assert b.current() is State.OPEN and not b.try_acquire()
     now[0] = 1.5
@@ -192,8 +198,9 @@ class FakeView:
 def test_requests_and_sockets_share_the_candidate_and_breaker_routine() -> None:
     breakers = Breakers(BreakerConfig(failures=2, min_clients=2, open_s=60), lambda *_: None)
     service = Service("authen", FakeView(1, 2), breakers)  # type: ignore[arg-type]
-    proxy = Proxy(GatewaySettings(), {"authen": service}, Limiter(None, owner_ttl_ms=3000, timeout_s=1),
-                  GatewayMetrics(), None)  # type: ignore[arg-type]
+    proxy = Proxy(
+        GatewaySettings(), {"authen": service}, Limiter(None, owner_ttl_ms=3000, timeout_s=1), GatewayMetrics(), None
+    )  # type: ignore[arg-type]
     first = proxy.candidates(service, set())
     assert first is not None and [c.instance.port for c in first] == [1, 2]
     # Failures a client may have caused need two clients to trip the breaker.
@@ -219,7 +226,9 @@ async def test_upstream_pool_reuses_bounded_connections_and_reads_each_framing()
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
                 if b"/chunked" in head:
-                    writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nhel\r\n2\r\nlo\r\n0\r\n\r\n")
+                    writer.write(
+                        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nhel\r\n2\r\nlo\r\n0\r\n\r\n"
+                    )
                 elif b"/close" in head:
                     writer.write(b"HTTP/1.1 404 Not Found\r\nConnection: close\r\n\r\ngone")
                     writer.close()

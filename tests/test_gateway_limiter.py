@@ -122,8 +122,9 @@ async def test_token_bucket_in_the_same_round_trip(stack) -> None:
 
 async def test_redis_unreachable_falls_back_to_local_limits_and_fails_open(stack) -> None:
     # A Redis URL where nothing listens: the same code path as a Redis that went down.
-    nowhere = aioredis.from_url(f"redis://127.0.0.1:{free_port()}/0", socket_connect_timeout=0.5,
-                                retry=Retry(NoBackoff(), 0))
+    nowhere = aioredis.from_url(
+        f"redis://127.0.0.1:{free_port()}/0", socket_connect_timeout=0.5, retry=Retry(NoBackoff(), 0)
+    )
     lim = Limiter(nowhere, owner_ttl_ms=3000, timeout_s=0.5)
     insts = addresses(2)
     charge = RateCharge("unused", rate_per_s=0.001, burst=1)

@@ -38,8 +38,9 @@ async def start_gateway(stack: Any, **env: str | int) -> ServiceProcess:
     """A gateway of our own, with special settings, beside the stack's. It routes the
     test-only sleepy endpoint, as the stack's gateway does, unless ``enable_sleepy=0``."""
     env = {"enable_sleepy": 1, **env}
-    return await start_service(stack, "gateway", extra_env={k.upper(): str(v) for k, v in env.items()},
-                               health_path="/status")
+    return await start_service(
+        stack, "gateway", extra_env={k.upper(): str(v) for k, v in env.items()}, health_path="/status"
+    )
 
 
 class Reply:
@@ -56,13 +57,22 @@ class Reply:
         return f"<{self.status} {self.body[:300]!r}>"
 
 
-async def fetch(http: aiohttp.ClientSession, method: str, url: str, *, headers: Any = None,
-                body: Any = None, data: bytes | None = None, timeout: float = 30) -> Reply:
+async def fetch(
+    http: aiohttp.ClientSession,
+    method: str,
+    url: str,
+    *,
+    headers: Any = None,
+    body: Any = None,
+    data: bytes | None = None,
+    timeout: float = 30,
+) -> Reply:
     if body is not None:
         data = json.dumps(body).encode()
         headers = {"Content-Type": "application/json", **(headers or {})}
-    async with http.request(method, url, headers=headers, data=data, allow_redirects=False,
-                            timeout=aiohttp.ClientTimeout(total=timeout)) as r:
+    async with http.request(
+        method, url, headers=headers, data=data, allow_redirects=False, timeout=aiohttp.ClientTimeout(total=timeout)
+    ) as r:
         return Reply(r.status, r.headers, await r.read())
 
 
@@ -76,8 +86,9 @@ async def gateway_instances(http: aiohttp.ClientSession, gw_url: str, service: s
 
 
 async def authen_status(http: aiohttp.ClientSession, stack: Any, index: int) -> dict:
-    return (await fetch(http, "GET", stack.url("authen", index) + "/utilities/status",
-                        headers=stack.service_headers())).json
+    return (
+        await fetch(http, "GET", stack.url("authen", index) + "/utilities/status", headers=stack.service_headers())
+    ).json
 
 
 async def sleepy_received(http: aiohttp.ClientSession, stack: Any) -> int:
@@ -118,13 +129,17 @@ class EchoHandler(tornado.web.RequestHandler):
         self.add_header("Set-Cookie", "a=1")
         self.add_header("Set-Cookie", "b=2")
         self.set_header("X-Upstream", "echo")
-        self.finish(json.dumps({
-            "method": self.request.method,
-            "path": self.request.path,
-            "query": self.request.query,
-            "headers": list(self.request.headers.get_all()),
-            "body": self.request.body.decode(errors="replace"),
-        }))
+        self.finish(
+            json.dumps(
+                {
+                    "method": self.request.method,
+                    "path": self.request.path,
+                    "query": self.request.query,
+                    "headers": list(self.request.headers.get_all()),
+                    "body": self.request.body.decode(errors="replace"),
+                }
+            )
+        )
 
     get = post = put = patch = delete = options = _echo
 
@@ -141,11 +156,15 @@ class EchoSocket(tornado.websocket.WebSocketHandler):
         return "bearer" if "bearer" in subprotocols else None
 
     def open(self) -> None:
-        self.write_message(json.dumps({
-            "x_user": self.request.headers.get("X-User"),
-            "x_request_id": self.request.headers.get("X-Request-ID"),
-            "query": self.request.query,
-        }))
+        self.write_message(
+            json.dumps(
+                {
+                    "x_user": self.request.headers.get("X-User"),
+                    "x_request_id": self.request.headers.get("X-Request-ID"),
+                    "query": self.request.query,
+                }
+            )
+        )
 
     def on_message(self, message: str | bytes) -> None:
         if isinstance(message, str) and message.startswith("close:"):
@@ -161,8 +180,9 @@ async def echo_upstream(stack: Any) -> AsyncIterator[str]:
     app = tornado.web.Application([(r"/ws", EchoSocket), (r"/.*", EchoHandler)])
     server = HTTPServer(app)
     server.listen(port, "127.0.0.1")
-    reg = Registration(stack.layout.discovery_url, ECHO_TYPE, "127.0.0.1", port,
-                       read_secret(stack.layout.service_secret))
+    reg = Registration(
+        stack.layout.discovery_url, ECHO_TYPE, "127.0.0.1", port, read_secret(stack.layout.service_secret)
+    )
     reg.start()
     try:
         await asyncio.wait_for(reg.registered.wait(), 10)
@@ -173,10 +193,10 @@ async def echo_upstream(stack: Any) -> AsyncIterator[str]:
         await server.close_all_connections()
 
 
-async def wait_routed(http: aiohttp.ClientSession, gw_url: str, service: str, count: int,
-                      timeout: float = 30) -> None:
+async def wait_routed(http: aiohttp.ClientSession, gw_url: str, service: str, count: int, timeout: float = 30) -> None:
     """Until the gateway routes to ``count`` instances, none of them with an open breaker
     (an earlier test may have taken one away; half-open lets trial requests through)."""
+
     async def ready() -> bool:
         instances = await gateway_instances(http, gw_url, service)
         return len(instances) == count and all(i["breaker"]["state"] != "open" for i in instances.values())

@@ -31,8 +31,18 @@ class Clock:
 
 def breaker(clock: Clock, **kw: float) -> tuple[CircuitBreaker, list[tuple[State, State]]]:
     transitions: list[tuple[State, State]] = []
-    config = BreakerConfig(**{"failures": 3, "open_s": 1.0, "open_max_s": 4.0, "half_open_trials": 2,
-                              "min_requests": 10, "failure_rate": 0.5, "window_s": 10.0, **kw})
+    config = BreakerConfig(
+        **{
+            "failures": 3,
+            "open_s": 1.0,
+            "open_max_s": 4.0,
+            "half_open_trials": 2,
+            "min_requests": 10,
+            "failure_rate": 0.5,
+            "window_s": 10.0,
+            **kw,
+        }
+    )
     b = CircuitBreaker("i", config, clock=clock, on_transition=lambda _n, o, n: transitions.append((o, n)))
     return b, transitions
 
@@ -148,18 +158,48 @@ def test_ordinary_paths_pass_unchanged() -> None:
 
 def test_request_header_hygiene() -> None:
     client = [
-        ("Host", "gw.example"), ("Connection", "keep-alive, X-Secret-Hop"), ("Keep-Alive", "timeout=5"),
-        ("X-Secret-Hop", "1"), ("Transfer-Encoding", "chunked"), ("Upgrade", "h2c"), ("TE", "trailers"),
-        ("Proxy-Authorization", "Basic x"), ("X-User", "1"), ("x-user", "2"), ("X-User-Type", "admin"),
-        ("X-Service-Token", "guess"), ("X-Request-ID", "spoofed"), ("Content-Length", "3"),
-        ("Authorization", "Bearer t"), ("Accept", "application/json"), ("X-Custom", "a"), ("X-Custom", "b"),
+        ("Host", "gw.example"),
+        ("Connection", "keep-alive, X-Secret-Hop"),
+        ("Keep-Alive", "timeout=5"),
+        ("X-Secret-Hop", "1"),
+        ("Transfer-Encoding", "chunked"),
+        ("Upgrade", "h2c"),
+        ("TE", "trailers"),
+        ("Proxy-Authorization", "Basic x"),
+        ("X-User", "1"),
+        ("x-user", "2"),
+        ("X-User-Type", "admin"),
+        ("X-Service-Token", "guess"),
+        ("X-Request-ID", "spoofed"),
+        ("Content-Length", "3"),
+        ("Authorization", "Bearer t"),
+        ("Accept", "application/json"),
+        ("X-Custom", "a"),
+        ("X-Custom", "b"),
         ("X-Forwarded-For", "10.0.0.1"),
     ]
-    out = upstream_request_headers(client, request_id="rid", client_ip="127.0.0.9", host="gw.example",
-                                   proto="http", user_id=42, user_type="customer")
+    out = upstream_request_headers(
+        client,
+        request_id="rid",
+        client_ip="127.0.0.9",
+        host="gw.example",
+        proto="http",
+        user_id=42,
+        user_type="customer",
+    )
     names = [k.lower() for k, _ in out]
-    for gone in ("host", "connection", "keep-alive", "x-secret-hop", "transfer-encoding", "upgrade", "te",
-                 "proxy-authorization", "x-service-token", "content-length"):
+    for gone in (
+        "host",
+        "connection",
+        "keep-alive",
+        "x-secret-hop",
+        "transfer-encoding",
+        "upgrade",
+        "te",
+        "proxy-authorization",
+        "x-service-token",
+        "content-length",
+    ):
         assert gone not in names
     assert [v for k, v in out if k.lower() == "x-user"] == ["42"]
     assert [v for k, v in out if k.lower() == "x-user-type"] == ["customer"]
@@ -168,18 +208,25 @@ def test_request_header_hygiene() -> None:
     assert ("Authorization", "Bearer t") in out
     assert ("X-Forwarded-For", "10.0.0.1, 127.0.0.9") in out
     assert ("X-Forwarded-Host", "gw.example") in out
-    anonymous = upstream_request_headers(client, request_id="r", client_ip="1.2.3.4", host=None, proto="http",
-                                         user_id=None, user_type=None)
+    anonymous = upstream_request_headers(
+        client, request_id="r", client_ip="1.2.3.4", host=None, proto="http", user_id=None, user_type=None
+    )
     assert not [k for k, _ in anonymous if k.lower() in ("x-user", "x-user-type")]
 
 
 def test_response_header_hygiene() -> None:
-    out = downstream_response_headers([
-        ("Content-Type", "application/json"), ("Connection", "close"), ("Transfer-Encoding", "chunked"),
-        ("Set-Cookie", "a=1"), ("Set-Cookie", "b=2"), ("Content-Length", "10"), ("ETag", '"x"'),
-    ])
-    assert out == [("Content-Type", "application/json"), ("Set-Cookie", "a=1"), ("Set-Cookie", "b=2"),
-                   ("ETag", '"x"')]
+    out = downstream_response_headers(
+        [
+            ("Content-Type", "application/json"),
+            ("Connection", "close"),
+            ("Transfer-Encoding", "chunked"),
+            ("Set-Cookie", "a=1"),
+            ("Set-Cookie", "b=2"),
+            ("Content-Length", "10"),
+            ("ETag", '"x"'),
+        ]
+    )
+    assert out == [("Content-Type", "application/json"), ("Set-Cookie", "a=1"), ("Set-Cookie", "b=2"), ("ETag", '"x"')]
 
 
 def test_websocket_token_sources() -> None:

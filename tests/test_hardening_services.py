@@ -79,9 +79,15 @@ async def test_an_unstorable_document_fails_alone_in_a_batch(stack: StackProcess
         now = 1.0
 
         def doc(seq: int, text: str) -> dict:
-            return {"_id": uuid.uuid4().hex, "chat_id": chat_id, "seq": seq, "message": text,
-                    "sender": {"id": 1, "first_name": "A", "last_name": "B"}, "sent_at": iso_now(now),
-                    "created_at": now}
+            return {
+                "_id": uuid.uuid4().hex,
+                "chat_id": chat_id,
+                "seq": seq,
+                "message": text,
+                "sender": {"id": 1, "first_name": "A", "last_name": "B"},
+                "sent_at": iso_now(now),
+                "created_at": now,
+            }
 
         outcomes = await store.insert_messages([doc(1, "one"), doc(2, "\ud800"), doc(3, "three")])
         assert [(o.ok, o.invalid) for o in outcomes] == [(True, False), (False, True), (True, False)]
@@ -106,8 +112,12 @@ async def test_an_attackers_failures_do_not_lock_out_the_owner(stack: StackProce
     right = {"username": username.upper(), "password": body["password"]}
     assert (await call("POST", gw + "/authen/authen/signin", right, source_ip="127.0.0.2")).code == 429
     # The owner, from elsewhere, signs in.
-    owner = await call("POST", gw + "/authen/authen/signin", {"username": username, "password": body["password"]},
-                       source_ip="127.0.0.3")
+    owner = await call(
+        "POST",
+        gw + "/authen/authen/signin",
+        {"username": username, "password": body["password"]},
+        source_ip="127.0.0.3",
+    )
     assert owner.code == 200, owner
     assert owner.json["user_id"] == reply.json["user_id"]
 
@@ -118,12 +128,22 @@ async def test_a_direct_client_cannot_choose_its_address(stack: StackProcess, a1
     wrong = {"username": body["username"], "password": "wrong password"}
     # From an address that is no trusted proxy, X-Forwarded-For is ignored: a new
     # spelling of the address on each try does not give new attempts.
-    codes = [(await call("POST", a1 + "/authen/signin", wrong, headers={"X-Forwarded-For": f"10.9.8.{i}"},
-                         source_ip="127.0.0.4")).code for i in range(6)]
+    codes = [
+        (
+            await call(
+                "POST", a1 + "/authen/signin", wrong, headers={"X-Forwarded-For": f"10.9.8.{i}"}, source_ip="127.0.0.4"
+            )
+        ).code
+        for i in range(6)
+    ]
     assert codes == [401] * 5 + [429], codes
     # From a trusted proxy (the gateway's address), its last X-Forwarded-For entry is the client.
-    ok = await call("POST", a1 + "/authen/signin", {"username": body["username"], "password": body["password"]},
-                    headers={"X-Forwarded-For": "127.0.0.4, 10.1.2.3"})
+    ok = await call(
+        "POST",
+        a1 + "/authen/signin",
+        {"username": body["username"], "password": body["password"]},
+        headers={"X-Forwarded-For": "127.0.0.4, 10.1.2.3"},
+    )
     assert ok.code == 200, ok
 
 
@@ -150,8 +170,12 @@ async def test_a_taken_name_costs_no_hash(stack: StackProcess) -> None:
 
 async def test_the_hashing_queue_sheds_load_with_a_dependency_503(stack: StackProcess) -> None:
     # One hash at a time, each slow: concurrent sign-ups past the first are shed at once.
-    env = {"AUTHEN_HASH_QUEUE_MAX": "1", "AUTHEN_HASH_THREADS": "1", "ARGON2_TIME_COST": "40",
-           "ARGON2_MEMORY_KIB": "65536"}
+    env = {
+        "AUTHEN_HASH_QUEUE_MAX": "1",
+        "AUTHEN_HASH_THREADS": "1",
+        "ARGON2_TIME_COST": "40",
+        "ARGON2_MEMORY_KIB": "65536",
+    }
     async with await start_service(stack, "authen", extra_env=env, name="authen-shed") as svc:
         replies = await asyncio.gather(*(signup(svc.url) for _ in range(6)))
         codes = sorted(r.code for _, r in replies)
@@ -165,8 +189,7 @@ async def test_the_hashing_queue_sheds_load_with_a_dependency_503(stack: StackPr
 async def test_sockets_per_user_are_capped(stack: StackProcess) -> None:
     customer = await make_user(stack, "customer")
     employee = await make_user(stack, "employee")
-    async with await start_service(stack, "chat", extra_env={"CHAT_MAX_SOCKETS_PER_USER": "2"},
-                                   name="chat-cap") as svc:
+    async with await start_service(stack, "chat", extra_env={"CHAT_MAX_SOCKETS_PER_USER": "2"}, name="chat-cap") as svc:
         chat_id = await start_chat(svc.url, customer, employee)
         held = [await ChatClient.connect(socket_url(svc.url, chat_id, customer.token)) for _ in range(2)]
         try:
@@ -234,11 +257,18 @@ async def make_admin(stack: StackProcess) -> tuple[int, str]:
     username = new_username("boss")
     env = {**os.environ, **stack.env}
     proc = await asyncio.to_thread(
-        subprocess.run, [sys.executable, "-m", "authen", "create-admin", "--username", username,
-                         "--password", PASSWORD], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+        subprocess.run,
+        [sys.executable, "-m", "authen", "create-admin", "--username", username, "--password", PASSWORD],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
-    reply = await call("POST", stack.url("gateway") + "/authen/authen/signin",
-                       {"username": username, "password": PASSWORD})
+    reply = await call(
+        "POST", stack.url("gateway") + "/authen/authen/signin", {"username": username, "password": PASSWORD}
+    )
     assert reply.code == 200, reply
     return reply.json["user_id"], reply.json["token"]
 
@@ -276,11 +306,13 @@ async def test_deactivation_revokes_and_closes_the_users_sockets(stack: StackPro
         assert await client.wait_closed(timeout=15) == 4401
         assert client.close_reason == "token revoked"
         assert not peer.closed.is_set()  # the other party's socket stays
+
         # Every process refreshes its copy of the marks on its own (TOKEN_REVOCATION_REFRESH_S):
         # chat-1 closing the socket says nothing of when the gateway's copy has the mark.
         async def refused() -> bool:
             reply = await call("GET", stack.url("gateway") + "/chat/chats/list/my", token=customer.token)
             return reply.code == 401
+
         await wait_until(refused, timeout=10, message="the gateway refusing the deactivated user's token")
     finally:
         await call("POST", f"{a1}/internal/users/{customer.id}/reactivate", headers=stack.service_headers())
@@ -318,17 +350,24 @@ async def test_tornados_own_log_lines_carry_no_token(stack: StackProcess, c1: st
     user = await make_user(stack, "customer")
     # An undecodable argument makes tornado itself log the request, full URI included.
     rid = uuid.uuid4().hex
-    reply = await call("GET", f"{c1}/chats/history?id=%ff&token={user.token}",
-                       headers={"Authorization": f"Bearer {user.token}", "X-Request-ID": rid})
+    reply = await call(
+        "GET",
+        f"{c1}/chats/history?id=%ff&token={user.token}",
+        headers={"Authorization": f"Bearer {user.token}", "X-Request-ID": rid},
+    )
     assert reply.code == 400, reply
-    reply = await call("GET", f"{a1}/utilities/check?user_id=%ff&token={user.token}",
-                       headers={"Sec-WebSocket-Protocol": f"bearer, {user.token}"})
+    reply = await call(
+        "GET",
+        f"{a1}/utilities/check?user_id=%ff&token={user.token}",
+        headers={"Sec-WebSocket-Protocol": f"bearer, {user.token}"},
+    )
     assert reply.code == 400, reply
     logs = stack.layout.logs_dir
 
     def logged() -> bool:
-        return all("Invalid unicode" in (logs / f"{name}.log").read_text(errors="replace")
-                   for name in ("chat-1", "authen-1"))
+        return all(
+            "Invalid unicode" in (logs / f"{name}.log").read_text(errors="replace") for name in ("chat-1", "authen-1")
+        )
 
     await wait_until(logged, timeout=10, message="tornado's warning in both logs")
     for name in ("chat-1", "authen-1", "gateway"):
@@ -341,9 +380,14 @@ async def test_tornados_own_log_lines_carry_no_token(stack: StackProcess, c1: st
 @pytest.mark.unit
 def test_redact_covers_every_spelling() -> None:
     jwt_like = "eyJhbGciOiJFZERTQSJ9.eyJzdWIiOiIxIn0.c2lnbmF0dXJl"
-    for line in (f"GET /x?token={jwt_like}&a=1", f"Authorization: Bearer {jwt_like}",
-                 f"'Sec-Websocket-Protocol': 'bearer, {jwt_like}'", f"proto bearer.{jwt_like}",
-                 f"in a message {jwt_like} somewhere", "X-Service-Token: sekrit-value-123"):
+    for line in (
+        f"GET /x?token={jwt_like}&a=1",
+        f"Authorization: Bearer {jwt_like}",
+        f"'Sec-Websocket-Protocol': 'bearer, {jwt_like}'",
+        f"proto bearer.{jwt_like}",
+        f"in a message {jwt_like} somewhere",
+        "X-Service-Token: sekrit-value-123",
+    ):
         out = redact(line)
         assert jwt_like not in out and "sekrit" not in out, out
         assert "[REDACTED]" in out
@@ -400,8 +444,15 @@ async def test_the_admin_name_cannot_be_taken_by_a_sign_up(stack: StackProcess) 
         _, taken = await signup(svc.url, username=boss.upper())
         assert taken.code == 409, taken
     run_env = {**os.environ, **stack.env, **env, "BARBER_ADMIN_PASSWORD": PASSWORD}
-    created = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "authen", "create-admin", "--if-configured"],
-                                      cwd=ROOT, env=run_env, capture_output=True, text=True, timeout=60)
+    created = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "authen", "create-admin", "--if-configured"],
+        cwd=ROOT,
+        env=run_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert created.returncode == 0 and "created" in created.stdout, created
 
 
@@ -409,19 +460,24 @@ async def test_create_admin_does_not_fail_the_stack_when_the_name_is_held(stack:
     # A name held before sign-up reserved it (here: an ordinary account's name).
     body, reply = await signup(a1)
     assert reply.code == 201, reply
-    run_env = {**os.environ, **stack.env, "BARBER_ADMIN_USERNAME": body["username"].upper(),
-               "BARBER_ADMIN_PASSWORD": PASSWORD}
+    run_env = {
+        **os.environ,
+        **stack.env,
+        "BARBER_ADMIN_USERNAME": body["username"].upper(),
+        "BARBER_ADMIN_PASSWORD": PASSWORD,
+    }
     argv = [sys.executable, "-m", "authen", "create-admin"]
-    lenient = await asyncio.to_thread(subprocess.run, [*argv, "--if-configured"], cwd=ROOT, env=run_env,
-                                      capture_output=True, text=True, timeout=60)
+    lenient = await asyncio.to_thread(
+        subprocess.run, [*argv, "--if-configured"], cwd=ROOT, env=run_env, capture_output=True, text=True, timeout=60
+    )
     assert lenient.returncode == 0 and "no admin account" in lenient.stderr, lenient
-    strict = await asyncio.to_thread(subprocess.run, argv, cwd=ROOT, env=run_env, capture_output=True, text=True,
-                                     timeout=60)
+    strict = await asyncio.to_thread(
+        subprocess.run, argv, cwd=ROOT, env=run_env, capture_output=True, text=True, timeout=60
+    )
     assert strict.returncode == 1, strict
 
 
-async def test_status_pages_show_details_only_to_services_and_admins(stack: StackProcess,
-                                                                      admin_token: str) -> None:
+async def test_status_pages_show_details_only_to_services_and_admins(stack: StackProcess, admin_token: str) -> None:
     gw = stack.url("gateway")
     pg_port = str(stack.layout.port("postgres"))
     for path in ("/authen/utilities/status", "/chat/utilities/status"):

@@ -28,8 +28,9 @@ class Seen:
 def answering(status: int, body: bytes, seen: Seen) -> type[tornado.web.RequestHandler]:
     class Handler(tornado.web.RequestHandler):
         def _answer(self) -> None:
-            seen.requests.append((self.request.method or "", self.request.uri or "",
-                                  self.request.headers, self.request.body))
+            seen.requests.append(
+                (self.request.method or "", self.request.uri or "", self.request.headers, self.request.body)
+            )
             self.set_status(status)
             self.finish(body)
 

@@ -37,7 +37,8 @@ def _service_env(name: str) -> dict[str, str]:
 # service adds its line: its handlers declare their operations the same way).
 SERVICE_ROUTES: dict[str, Callable[[], list[Any]]] = {
     "authen": lambda: authen.handlers.routes(
-        SimpleNamespace(enable_sleepy=_service_env("authen").get("ENABLE_SLEEPY") == "1")),
+        SimpleNamespace(enable_sleepy=_service_env("authen").get("ENABLE_SLEEPY") == "1")
+    ),
     "chat": lambda: chat.handlers.routes(),
     "etl": lambda: etl.handlers.routes(),
 }
@@ -62,8 +63,9 @@ async def complete_spec(gateway_url: str) -> dict:
 
 @pytest.fixture(scope="module")
 async def spec(stack: StackProcess) -> dict:
-    return await wait_until(lambda: complete_spec(stack.url("gateway")), timeout=60,
-                            message="every service's part of the spec")
+    return await wait_until(
+        lambda: complete_spec(stack.url("gateway")), timeout=60, message="every service's part of the spec"
+    )
 
 
 @pytest.mark.unit
@@ -155,8 +157,9 @@ async def test_every_numeric_query_parameter_is_bounded(spec: dict) -> None:
         assert "minimum" in schema and "maximum" in schema, (method, path, param)
 
 
-async def test_out_of_bounds_numbers_are_400_naming_the_parameter(stack: StackProcess, spec: dict,
-                                                                   admin_token: str) -> None:
+async def test_out_of_bounds_numbers_are_400_naming_the_parameter(
+    stack: StackProcess, spec: dict, admin_token: str
+) -> None:
     gw = stack.url("gateway")
     customer = await make_user(stack, "customer")
     tried = 0
@@ -165,8 +168,11 @@ async def test_out_of_bounds_numbers_are_400_naming_the_parameter(stack: StackPr
             continue
         token = admin_token if path.startswith(("/admin/", "/etl/")) else customer.token
         schema, name = param["schema"], param["name"]
-        required = {p["name"]: "x" for p in spec["paths"][path][method.lower()].get("parameters", ())
-                    if p["required"] and p["name"] != name}
+        required = {
+            p["name"]: "x"
+            for p in spec["paths"][path][method.lower()].get("parameters", ())
+            if p["required"] and p["name"] != name
+        }
         for bad in (schema["maximum"] + 1, 10**30, schema["minimum"] - 1, "1.5e3", "nan", " 1"):
             query = urlencode({**required, name: bad}, quote_via=quote)
             reply = await call(method, f"{gw}{path}?{query}", token=token)
@@ -179,8 +185,9 @@ async def test_out_of_bounds_numbers_are_400_naming_the_parameter(stack: StackPr
 async def test_history_before_past_the_database_integer_is_400(stack: StackProcess) -> None:
     """issue 10's request: it used to overflow the MongoDB driver's integer (a 500)."""
     customer = await make_user(stack, "customer")
-    reply = await call("GET", f"{stack.url('gateway')}/chat/chats/history?id=abc&before=99999999999999999999",
-                       token=customer.token)
+    reply = await call(
+        "GET", f"{stack.url('gateway')}/chat/chats/history?id=abc&before=99999999999999999999", token=customer.token
+    )
     assert reply.code == 400, reply
     assert reply.json["detail"].startswith("before: ")
 

@@ -59,8 +59,7 @@ async def test_reads_are_balanced_over_both_replicas(a1: str) -> None:
     assert after["replica-2"] - before["replica-2"] >= 3
 
 
-async def test_read_your_writes_across_instances_while_replay_is_paused(stack: StackProcess, a1: str,
-                                                                         a2: str) -> None:
+async def test_read_your_writes_across_instances_while_replay_is_paused(stack: StackProcess, a1: str, a2: str) -> None:
     async with replay_paused(stack):
         await wait_until(lambda: _all_paused(a2), timeout=10, message="a2 sees replay paused")
         body, reply = await signup(a1, type_="employee")
@@ -71,8 +70,7 @@ async def test_read_your_writes_across_instances_while_replay_is_paused(stack: S
             assert await on_replica(stack, index, "SELECT id FROM users WHERE id = %s", (user_id,)) is None
         before = await reads(a2)
         # ...yet the other instance, reading right away, sees it (from the primary).
-        signin = await call("POST", a2 + "/authen/signin", {"username": body["username"],
-                                                            "password": body["password"]})
+        signin = await call("POST", a2 + "/authen/signin", {"username": body["username"], "password": body["password"]})
         assert signin.code == 200, signin
         assert signin.json["user_id"] == user_id
         check = await call("GET", f"{a2}/utilities/check?user_id={user_id}")
@@ -93,15 +91,17 @@ async def _all_paused(base: str) -> bool:
 
 async def test_lagging_replica_is_avoided_then_used_again(stack: StackProcess) -> None:
     # An extra instance with a 1 s lag limit, so the test does not wait for the default.
-    async with await start_service(stack, "authen", extra_env={"AUTHEN_REPLICA_MAX_LAG_S": "1"},
-                                   name="authen-lag") as svc:
+    async with await start_service(
+        stack, "authen", extra_env={"AUTHEN_REPLICA_MAX_LAG_S": "1"}, name="authen-lag"
+    ) as svc:
         _, user_id = await new_user(svc.url)
         await reads_move_to(svc.url, "replica-1", user_id)
         async with replay_paused(stack, (1,)):
             # WAL that authen did not write (so the high-water mark does not move) makes
             # replica-1 fall behind: only the lag limit can keep reads away from it.
-            async with await psycopg.AsyncConnection.connect(stack.layout.pg_dsn("authen", 0), autocommit=True,
-                                                             connect_timeout=5) as primary:
+            async with await psycopg.AsyncConnection.connect(
+                stack.layout.pg_dsn("authen", 0), autocommit=True, connect_timeout=5
+            ) as primary:
                 await primary.execute("CREATE TABLE IF NOT EXISTS replicas_lag_probe (n int)")
                 await primary.execute("INSERT INTO replicas_lag_probe VALUES (1)")
 
@@ -127,8 +127,7 @@ async def test_replica_stopped_reads_continue_and_it_is_used_again(stack: StackP
         for _ in range(8):
             check = await call("GET", f"{a1}/utilities/check?user_id={user_id}")
             assert check.code == 200, check
-        signin = await call("POST", a1 + "/authen/signin", {"username": body["username"],
-                                                            "password": body["password"]})
+        signin = await call("POST", a1 + "/authen/signin", {"username": body["username"], "password": body["password"]})
         assert signin.code == 200, signin
 
         async def down() -> bool:
@@ -144,8 +143,7 @@ async def test_replica_stopped_reads_continue_and_it_is_used_again(stack: StackP
     await reads_move_to(a1, "replica-1", user_id, timeout=60)
 
 
-async def test_primary_stopped_reads_served_writes_refused_then_resumed(stack: StackProcess, a1: str,
-                                                                       a2: str) -> None:
+async def test_primary_stopped_reads_served_writes_refused_then_resumed(stack: StackProcess, a1: str, a2: str) -> None:
     body, user_id = await new_user(a1)
     await reads_move_to(a2, "replica-1", user_id)
     await stop(stack, "postgres-primary")
@@ -155,8 +153,9 @@ async def test_primary_stopped_reads_served_writes_refused_then_resumed(stack: S
             assert check.code == 200, check
             listed = await call("GET", base + "/list/employee")
             assert listed.code == 200, listed
-            signin = await call("POST", base + "/authen/signin", {"username": body["username"],
-                                                                  "password": body["password"]})
+            signin = await call(
+                "POST", base + "/authen/signin", {"username": body["username"], "password": body["password"]}
+            )
             assert signin.code == 200, signin
         _, refused = await signup(a1)
         assert refused.code == 503, refused
@@ -175,8 +174,7 @@ async def test_primary_stopped_reads_served_writes_refused_then_resumed(stack: S
 
     await wait_until(writable, timeout=30, interval=0.2, message="writes accepted again")
     again, new_id = await new_user(a1)
-    signin = await call("POST", a2 + "/authen/signin", {"username": again["username"],
-                                                        "password": again["password"]})
+    signin = await call("POST", a2 + "/authen/signin", {"username": again["username"], "password": again["password"]})
     assert signin.code == 200 and signin.json["user_id"] == new_id
 
     async def ok() -> bool:

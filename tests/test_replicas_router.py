@@ -34,8 +34,15 @@ async def redis(stack: StackProcess) -> AsyncIterator[Redis]:
     await client.aclose()
 
 
-def make_router(stack: StackProcess, redis: Redis | None, key: str, *, replicas: list[str] | None = None,
-                primary: str | None = None, check_interval_s: float = 0.1) -> ReadWriteRouter:
+def make_router(
+    stack: StackProcess,
+    redis: Redis | None,
+    key: str,
+    *,
+    replicas: list[str] | None = None,
+    primary: str | None = None,
+    check_interval_s: float = 0.1,
+) -> ReadWriteRouter:
     lay = stack.layout
     return ReadWriteRouter(
         primary or lay.pg_url("authen", 0),
@@ -186,8 +193,9 @@ async def _scalar(conn: AsyncConnection, sql: str) -> object:
     return (await conn.execute(text(sql))).scalar()
 
 
-async def test_dead_primary_refuses_writes_and_replicas_still_read(stack: StackProcess, redis: Redis,
-                                                                   hwm_key: str) -> None:
+async def test_dead_primary_refuses_writes_and_replicas_still_read(
+    stack: StackProcess, redis: Redis, hwm_key: str
+) -> None:
     # The primary URL points at nothing: writes 503, reads served by the replicas.
     r = make_router(stack, redis, hwm_key, primary=f"postgresql+psycopg://barber@127.0.0.1:{free_port()}/authen")
     await r.start()
@@ -218,8 +226,11 @@ async def test_a_restarted_primary_is_read_again_before_any_monitor_sees_it_back
         # Their views of the replicas predate the write: these reads pool a primary connection.
         for r in (saw_outage, idle):
             assert await r.read(_finder(before)) == before and r.primary.reads == 1
-        await wait_until(lambda: len(router.fresh_replicas(writer.hwm.local)) == 2, timeout=15,
-                         message="both replicas replayed the first write")
+        await wait_until(
+            lambda: len(router.fresh_replicas(writer.hwm.local)) == 2,
+            timeout=15,
+            message="both replicas replayed the first write",
+        )
         async with replay_paused(stack):
             await asyncio.to_thread(stack.control.stop, "postgres-primary")
             try:
@@ -256,8 +267,11 @@ async def test_a_write_whose_position_cannot_be_read_is_still_read_back_everywhe
             assert "still unreadable" in caplog.text
             assert await writer.read(_finder(key)) == key
             # ``router`` (another instance) learns of the write from the mark alone.
-            await wait_until(lambda: _reads_back(router, key), timeout=10,
-                             message="the other router reading the write back (replay paused)")
+            await wait_until(
+                lambda: _reads_back(router, key),
+                timeout=10,
+                message="the other router reading the write back (replay paused)",
+            )
     finally:
         await writer.close()
 

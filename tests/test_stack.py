@@ -74,7 +74,8 @@ def test_primary_write_reaches_both_replicas(stack: StackProcess, probe_table: s
         with pg(stack, index) as replica:
             wait_until_sync(
                 lambda: replica.execute("SELECT note FROM stack_probe WHERE id = %s", (key,)).fetchone(),
-                timeout=15, message=f"row on replica {index}",
+                timeout=15,
+                message=f"row on replica {index}",
             )
             assert replica.execute("SELECT note FROM stack_probe WHERE id = %s", (key,)).fetchone() == ("replicated",)
 
@@ -234,8 +235,14 @@ async def test_mongo_wire_server(stack: StackProcess) -> None:
 
 # -- the launcher's guard rails and a clean stop -------------------------------------------
 def run_cli(stack: StackProcess, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "stack", *args], cwd=ROOT, env=stack.command_env(),
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "stack", *args],
+        cwd=ROOT,
+        env=stack.command_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_second_up_is_refused(stack: StackProcess) -> None:

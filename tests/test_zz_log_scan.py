@@ -21,8 +21,7 @@ from tests.util import wait_until
 TESTS = Path(__file__).resolve().parent
 JWT = re.compile(r"eyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{16,}")
 # Password literals in the tests: `"password": "..."`, `password: str = "..."`, `PASSWORD = "..."`.
-PASSWORD_LITERAL = re.compile(
-    r"(?:[\"']password[\"']\s*:\s*|password\s*:\s*str\s*=\s*|PASSWORD\s*=\s*)\"([^\"]{6,})\"")
+PASSWORD_LITERAL = re.compile(r"(?:[\"']password[\"']\s*:\s*|password\s*:\s*str\s*=\s*|PASSWORD\s*=\s*)\"([^\"]{6,})\"")
 LEAK_PASSWORD = "never-log-this-password-7"
 
 
@@ -67,13 +66,23 @@ async def make_leaky_requests(stack: StackProcess) -> None:
     await call("POST", f"{gateway}/authen/authen/signup", {"username": "x", "password": LEAK_PASSWORD})
     # The last one, marked: once its id is in the logs, so is everything before it.
     marker = f"logscan{uuid.uuid4().hex}"
-    await call("POST", f"{gateway}/authen/authen/signin?token={token}",
-               {"username": customer.username, "password": LEAK_PASSWORD}, headers={"X-Request-ID": marker})
+    await call(
+        "POST",
+        f"{gateway}/authen/authen/signin?token={token}",
+        {"username": customer.username, "password": LEAK_PASSWORD},
+        headers={"X-Request-ID": marker},
+    )
     logs = stack.state_dir / "logs"
-    await wait_until(lambda: marker in (logs / "gateway.log").read_text(errors="replace"),
-                     timeout=30, message="the marked request in the gateway's log")
-    await wait_until(lambda: any(marker in p.read_text(errors="replace") for p in logs.glob("authen*.log")),
-                     timeout=30, message="the marked request in an authen log")
+    await wait_until(
+        lambda: marker in (logs / "gateway.log").read_text(errors="replace"),
+        timeout=30,
+        message="the marked request in the gateway's log",
+    )
+    await wait_until(
+        lambda: any(marker in p.read_text(errors="replace") for p in logs.glob("authen*.log")),
+        timeout=30,
+        message="the marked request in an authen log",
+    )
 
 
 async def test_no_token_password_or_secret_in_any_log(stack: StackProcess) -> None:

@@ -31,13 +31,16 @@ async def wait_until(predicate: Predicate, timeout: float = 10.0, interval: floa
         except Exception as e:  # not ready yet (connection refused, ...)
             last_error = e
         if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {message or predicate}"
-                                 + (f" (last error: {last_error!r})" if last_error else ""))
+            raise AssertionError(
+                f"timed out after {timeout}s waiting for {message or predicate}"
+                + (f" (last error: {last_error!r})" if last_error else "")
+            )
         await asyncio.sleep(interval)
 
 
-def wait_until_sync(predicate: Callable[[], Any], timeout: float = 10.0, poll_interval: float = 0.05,
-                    message: str = "") -> Any:
+def wait_until_sync(
+    predicate: Callable[[], Any], timeout: float = 10.0, poll_interval: float = 0.05, message: str = ""
+) -> Any:
     deadline = time.monotonic() + timeout
     last_error: BaseException | None = None
     while True:
@@ -48,8 +51,10 @@ def wait_until_sync(predicate: Callable[[], Any], timeout: float = 10.0, poll_in
         except Exception as e:
             last_error = e
         if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {message or predicate}"
-                                 + (f" (last error: {last_error!r})" if last_error else ""))
+            raise AssertionError(
+                f"timed out after {timeout}s waiting for {message or predicate}"
+                + (f" (last error: {last_error!r})" if last_error else "")
+            )
         time.sleep(poll_interval)
 
 

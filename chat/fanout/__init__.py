@@ -28,6 +28,16 @@ from chat.fanout.subscriptions import CLOSE_TOO_SLOW, CLOSE_UNAVAILABLE, Subscri
 from chat.fanout.writer import Writer
 
 __all__ = [
-    "CLOSE_GOING_AWAY", "CLOSE_TOO_SLOW", "CLOSE_UNAVAILABLE", "FANOUT_CHANNEL", "Bus", "FanoutStats", "Hub",
-    "HubConfig", "Room", "Subscription", "Transport", "Writer",
+    "CLOSE_GOING_AWAY",
+    "CLOSE_TOO_SLOW",
+    "CLOSE_UNAVAILABLE",
+    "FANOUT_CHANNEL",
+    "Bus",
+    "FanoutStats",
+    "Hub",
+    "HubConfig",
+    "Room",
+    "Subscription",
+    "Transport",
+    "Writer",
 ]

@@ -47,8 +47,14 @@ class Bus:
     them locally already) without parsing them.
     """
 
-    def __init__(self, redis_url: str, listener: BusListener, stats: FanoutStats,
-                 channel: str = FANOUT_CHANNEL, outbox_max: int = OUTBOX_MAX) -> None:
+    def __init__(
+        self,
+        redis_url: str,
+        listener: BusListener,
+        stats: FanoutStats,
+        channel: str = FANOUT_CHANNEL,
+        outbox_max: int = OUTBOX_MAX,
+    ) -> None:
         self._redis = Redis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=2, health_check_interval=15)
         self._listener = listener
         self._stats = stats

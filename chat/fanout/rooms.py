@@ -165,8 +165,9 @@ class Room:
             if not self.pending:
                 return
             try:
-                found = await self._store.messages_after(self.chat_id, self.delivered, CATCH_UP_PAGE,
-                                                         upto=min(self.pending) - 1)
+                found = await self._store.messages_after(
+                    self.chat_id, self.delivered, CATCH_UP_PAGE, upto=min(self.pending) - 1
+                )
             except StoreUnavailable:
                 attempt += 1
                 await asyncio.sleep(backoff_delay(attempt))
@@ -193,7 +194,10 @@ class Room:
         first_held = min(self.pending)
         log.warning(
             "chat %s: seq %d..%d absent from storage for %.1fs; skipping them",
-            self.chat_id, self.delivered + 1, first_held - 1, self.gap_skip_s,
+            self.chat_id,
+            self.delivered + 1,
+            first_held - 1,
+            self.gap_skip_s,
         )
         self._stats.gaps_skipped += first_held - 1 - self.delivered
         self.delivered = first_held - 1

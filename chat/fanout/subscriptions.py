@@ -63,8 +63,9 @@ class Feed(Protocol):
 class MessageReader(Protocol):
     """Stored messages (chat.store.Store implements it)."""
 
-    async def messages_after(self, chat_id: str, after: int, limit: int,
-                             upto: int | None = None) -> list[ChatMessage]: ...
+    async def messages_after(
+        self, chat_id: str, after: int, limit: int, upto: int | None = None
+    ) -> list[ChatMessage]: ...
 
 
 @dataclass(frozen=True)
@@ -136,7 +137,8 @@ class Subscription(Generic[F]):
             if not batch:
                 try:
                     batch = await self._delivery.reader.messages_after(
-                        self.room.chat_id, self.cursor, CATCH_UP_PAGE, upto=target)
+                        self.room.chat_id, self.cursor, CATCH_UP_PAGE, upto=target
+                    )
                 except StoreUnavailable:
                     attempt += 1
                     if attempt > CATCH_UP_ATTEMPTS:

@@ -86,8 +86,15 @@ class Writer:
     of a chat found deleted after its messages were written.
     """
 
-    def __init__(self, store: WriteStore, stats: FanoutStats, publish: Publish, close_chat: CloseChat,
-                 batch_max: int, write_timeout_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        store: WriteStore,
+        stats: FanoutStats,
+        publish: Publish,
+        close_chat: CloseChat,
+        batch_max: int,
+        write_timeout_s: float = 10.0,
+    ) -> None:
         self._store = store
         self._stats = stats
         self._publish = publish

@@ -39,8 +39,9 @@ def upgrade() -> None:
     )
     # At most one deletion of a user is unfinished at a time (the second gets 409): a
     # decided transaction still holds the user until every participant acknowledged it.
-    op.create_index("ux_tx_unfinished_user", "transactions", ["user_id"], unique=True,
-                    postgresql_where=sa.text("NOT completed"))
+    op.create_index(
+        "ux_tx_unfinished_user", "transactions", ["user_id"], unique=True, postgresql_where=sa.text("NOT completed")
+    )
     op.create_index("ix_tx_unfinished", "transactions", ["completed"], postgresql_where=sa.text("NOT completed"))
     op.create_table(
         "tx_participants",

@@ -81,10 +81,18 @@ def upgrade() -> None:
     )
     op.create_index("ix_fact_message_barber_day", "fact_message", ["barber_id", "day"])
     # A batch's working set: customer messages not answered yet, or answered after a seq.
-    op.create_index("ix_fact_message_open", "fact_message", ["chat_key", "reply_seq"],
-                    postgresql_where=sa.text("sender_role = 'customer'"))
-    op.create_index("ix_fact_message_barber_reply_day", "fact_message", ["barber_id", "reply_day"],
-                    postgresql_where=sa.text("reply_day IS NOT NULL"))
+    op.create_index(
+        "ix_fact_message_open",
+        "fact_message",
+        ["chat_key", "reply_seq"],
+        postgresql_where=sa.text("sender_role = 'customer'"),
+    )
+    op.create_index(
+        "ix_fact_message_barber_reply_day",
+        "fact_message",
+        ["barber_id", "reply_day"],
+        postgresql_where=sa.text("reply_day IS NOT NULL"),
+    )
     # Per barber per day: what the analytics API and Kibana read. es_pending: changed
     # since it was last indexed into Elasticsearch.
     op.create_table(
@@ -95,11 +103,9 @@ def upgrade() -> None:
         sa.Column("run_id", sa.BigInteger, nullable=False),
         sa.Column("es_pending", sa.Boolean, nullable=False, server_default=sa.true()),
     )
-    op.create_index("ix_fact_barber_day_es", "fact_barber_day", ["es_pending"],
-                    postgresql_where=sa.text("es_pending"))
+    op.create_index("ix_fact_barber_day_es", "fact_barber_day", ["es_pending"], postgresql_where=sa.text("es_pending"))
     # Deleted barbers whose Elasticsearch documents are still to be deleted.
-    op.create_table("es_pending_delete", sa.Column("barber_id", sa.BigInteger, primary_key=True,
-                                                   autoincrement=False))
+    op.create_table("es_pending_delete", sa.Column("barber_id", sa.BigInteger, primary_key=True, autoincrement=False))
     op.create_table(
         "etl_runs",
         sa.Column("run_id", sa.BigInteger, sa.Identity(), primary_key=True),
@@ -110,8 +116,9 @@ def upgrade() -> None:
         sa.Column("rows", JSONB, nullable=False, server_default=sa.text("'{}'::jsonb")),
         sa.Column("watermarks", JSONB, nullable=False, server_default=sa.text("'{}'::jsonb")),
         sa.Column("error", sa.Text),
-        sa.Column("elasticsearch", JSONB, nullable=False,
-                  server_default=sa.text("'{\"indexed\": 0, \"error\": null}'::jsonb")),
+        sa.Column(
+            "elasticsearch", JSONB, nullable=False, server_default=sa.text('\'{"indexed": 0, "error": null}\'::jsonb')
+        ),
         sa.Column("instance", sa.String(200), nullable=False, server_default=""),
         sa.CheckConstraint("mode IN ('incremental', 'full')", name="ck_runs_mode"),
         sa.CheckConstraint("state IN ('running', 'succeeded', 'failed')", name="ck_runs_state"),
@@ -125,6 +132,13 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    for table in ("etl_state", "etl_runs", "es_pending_delete", "fact_barber_day", "fact_message", "fact_chat",
-                  "dim_user"):
+    for table in (
+        "etl_state",
+        "etl_runs",
+        "es_pending_delete",
+        "fact_barber_day",
+        "fact_message",
+        "fact_chat",
+        "dim_user",
+    ):
         op.drop_table(table)
