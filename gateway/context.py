@@ -1,4 +1,4 @@
-"""Everything one gateway process shares between its handlers (and its plugins)."""
+"""Everything one gateway process shares between its handlers."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ class GatewayContext:
     session: aiohttp.ClientSession
     redis: aioredis.Redis
     started_at: float = field(default_factory=time.time)
-    # The public OpenAPI document; set once the route table (plugins included) is known.
+    # The public OpenAPI document; set once the route table (the mounted coordinator's included) is known.
     spec: SpecSource = field(init=False)
     access_log: AccessLog = field(init=False)
 

@@ -1,7 +1,7 @@
 """The gateway's handlers: the HTTP and WebSocket proxy, /status and /metrics.
 
 Routes are built by :func:`routes` at the bottom, from the routed service names; the
-app mounts plugins' routes (e.g. the coordinator's ``/admin/...``) before them.
+app mounts the coordinator's routes (``/admin/...``) before them.
 """
 
 from __future__ import annotations
