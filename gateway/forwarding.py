@@ -29,7 +29,7 @@ from tornado.routing import PathMatches
 from common.errors import APIError, BadRequest, NotFound, PayloadTooLarge, Unauthorized
 from common.handler import INFLIGHT, MAX_BODY, VERIFIER, Inflight, bearer_token
 from common.logs import REQUEST_ID_HEADER, request_id_var, sane_request_id
-from common.tokens import Claims, InvalidToken, TokenVerifier
+from common.tokens import Claims, TokenVerifier, verify_or_none
 from gateway.context import GatewayContext
 from gateway.limiter import RateCharge
 from gateway.policy import (
@@ -76,15 +76,6 @@ def client_key(claims: Claims | None, remote_ip: str | None) -> str:
     return f"u:{claims.user_id}" if claims else f"ip:{remote_ip}"
 
 
-def verify(verifier: TokenVerifier | None, token: str | None) -> Claims | None:
-    if token is None or verifier is None:
-        return None
-    try:
-        return verifier.verify(token)
-    except InvalidToken:
-        return None
-
-
 def rate_charge(ctx: GatewayContext, method: str, public_path: str, client: str) -> RateCharge | None:
     for rule in ctx.settings.rate_limits:
         if rule.matches(method, public_path):
@@ -111,7 +102,7 @@ async def proxy_request(
     public_path = f"/{service_name}{path}"
 
     token = bearer_token(request.headers.get("Authorization"))
-    claims = verify(verifier, token)
+    claims = verify_or_none(verifier, token)
     if claims is None and not is_public(method, public_path):
         ctx.metrics.rejections.labels(service_name, "unauthorized").inc()
         if token is None:

@@ -24,6 +24,7 @@ from common.errors import APIError, BadGateway
 from common.handler import CONTEXT, VERIFIER, BaseHandler, offered_subprotocols, websocket_token
 from common.logs import REQUEST_ID_HEADER, REQUEST_ID_RE, request_id_var, sane_request_id
 from common.openapi import TEXT_PLAIN, StatusBody, api
+from common.tokens import verify_or_none
 from gateway.context import GatewayContext
 from gateway.forwarding import (
     LeanMatches,
@@ -33,7 +34,6 @@ from gateway.forwarding import (
     proxy_request,
     response_headers,
     service_path,
-    verify,
 )
 from gateway.metrics import CONTENT_TYPE_LATEST
 from gateway.policy import upstream_request_headers
@@ -134,7 +134,7 @@ class WebSocketProxyHandler(tornado.websocket.WebSocketHandler):
         token = websocket_token(
             self.get_query_argument("token", None), offered, self.request.headers.get("Authorization")
         )
-        claims = verify(self.settings.get(VERIFIER), token)
+        claims = verify_or_none(self.settings.get(VERIFIER), token)
         if claims is None:
             self.context.metrics.rejections.labels(service_name, "unauthorized").inc()
             self._reject = (4401, "not authenticated")

@@ -370,12 +370,7 @@ class Limiter:
         so another gateway need not wait for the TTL to see these slots free."""
         if self._sync_timer is not None:
             self._sync_timer.cancel()
-        if self._heartbeat is not None:
-            self._heartbeat.cancel()
-            try:
-                await self._heartbeat
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(self._heartbeat)
         if self._script is not None and self.redis_ok:
             self._dirty |= set(self.load) | set(self.in_flight)
             try:

@@ -24,6 +24,7 @@ import aiohttp
 from common.discovery import Instance
 from common.internal import SERVICE_TOKEN_HEADER
 from common.openapi import ERROR_SCHEMA, FRAGMENT_PATH, Fragment, add_error
+from common.tasks import cancel_and_wait
 from gateway.policy import is_public, is_test_only
 from gateway.settings import GatewaySettings
 
@@ -162,9 +163,7 @@ class SpecSource:
         self._task = asyncio.ensure_future(self._run())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        await cancel_and_wait(self._task)
 
     async def _run(self) -> None:
         while True:

@@ -76,8 +76,7 @@ class Hub:
         await cancel_and_wait(self._tail_task)
         await self.writer.stop()
         await self.bus.stop()
-        for task in list(self._background):
-            task.cancel()
+        await cancel_and_wait(*self._background)
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         """Run ``coro`` in the background, keeping a reference until it finishes."""
