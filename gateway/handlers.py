@@ -22,7 +22,7 @@ from tornado.routing import PathMatches, Rule
 
 from common.errors import APIError, BadGateway
 from common.handler import CONTEXT, VERIFIER, BaseHandler, offered_subprotocols, websocket_token
-from common.logs import REQUEST_ID_HEADER, REQUEST_ID_RE, request_id_var, sane_request_id
+from common.logs import REQUEST_ID_HEADER, request_id_var, sane_request_id
 from common.openapi import TEXT_PLAIN, StatusBody, api
 from common.tokens import verify_or_none
 from gateway.context import GatewayContext
@@ -45,12 +45,6 @@ class GatewayHandler(BaseHandler):
     @property
     def context(self) -> GatewayContext:
         return self.settings[CONTEXT]
-
-    def prepare(self) -> None:
-        presented = self.request.headers.get(REQUEST_ID_HEADER)
-        if presented is not None and not REQUEST_ID_RE.fullmatch(presented):
-            del self.request.headers[REQUEST_ID_HEADER]
-        super().prepare()
 
 
 class ProxyHandler(GatewayHandler):
