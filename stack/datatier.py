@@ -262,11 +262,9 @@ def _redis_args(settings: dict[str, str]) -> list[str]:
     return [arg for key, value in settings.items() for arg in (f"--{key}", value)]
 
 
-def redis_spec(layout: Layout, bindir: Path) -> ProcSpec:
-    port = layout.port("redis")
-    data = layout.state_dir / "redis"
-    data.mkdir(parents=True, exist_ok=True)
-    argv = [
+def _redis_server_argv(bindir: Path, port: int, data: Path) -> list[str]:
+    """A redis-server of the stack's: loopback only, in the foreground, nothing saved to disk."""
+    return [
         str(bindir / "redis-server"),
         "--port",
         str(port),
@@ -282,8 +280,14 @@ def redis_spec(layout: Layout, bindir: Path) -> ProcSpec:
         "no",
         "--daemonize",
         "no",
-        *_redis_args(REDIS_SETTINGS),
     ]
+
+
+def redis_spec(layout: Layout, bindir: Path) -> ProcSpec:
+    port = layout.port("redis")
+    data = layout.state_dir / "redis"
+    data.mkdir(parents=True, exist_ok=True)
+    argv = [*_redis_server_argv(bindir, port, data), *_redis_args(REDIS_SETTINGS)]
     return ProcSpec(name="redis", argv=argv, health=_redis_health(port), ports=(port,))
 
 
@@ -296,21 +300,7 @@ def cluster_node_spec(layout: Layout, index: int, bindir: Path) -> ProcSpec:
     data = cluster_dir(layout, index)
     data.mkdir(parents=True, exist_ok=True)
     argv = [
-        str(bindir / "redis-server"),
-        "--port",
-        str(port),
-        "--bind",
-        "127.0.0.1",
-        "--save",
-        "",
-        "--appendonly",
-        "no",
-        "--dir",
-        str(data),
-        "--protected-mode",
-        "no",
-        "--daemonize",
-        "no",
+        *_redis_server_argv(bindir, port, data),
         "--cluster-config-file",
         "nodes.conf",
         *_redis_args(CLUSTER_SETTINGS),
