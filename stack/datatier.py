@@ -329,22 +329,26 @@ async def cluster_info(port: int) -> dict[str, str]:
     return dict(line.split(":", 1) for line in str(raw).splitlines() if ":" in line)
 
 
+async def _cluster_create(bindir: Path, ports: list[int]) -> None:
+    await _run(
+        [
+            str(bindir / "redis-cli"),
+            "--cluster",
+            "create",
+            *[f"127.0.0.1:{p}" for p in ports],
+            "--cluster-replicas",
+            str(CLUSTER_REPLICAS_PER_MASTER),
+            "--cluster-yes",
+        ]
+    )
+
+
 async def cluster_ensure(layout: Layout, bindir: Path, timeout_s: float = 60) -> None:
     """Create the cluster (3 masters + 3 replicas) on first start; wait for cluster_state:ok."""
     ports = layout.ports("redis_cluster")
     infos = [await cluster_info(p) for p in ports]
     if all(i.get("cluster_known_nodes") == "1" and i.get("cluster_slots_assigned") == "0" for i in infos):
-        await _run(
-            [
-                str(bindir / "redis-cli"),
-                "--cluster",
-                "create",
-                *[f"127.0.0.1:{p}" for p in ports],
-                "--cluster-replicas",
-                str(CLUSTER_REPLICAS_PER_MASTER),
-                "--cluster-yes",
-            ]
-        )
+        await _cluster_create(bindir, ports)
     elif not all(i.get("cluster_known_nodes") == str(len(ports)) for i in infos):
         # A half-made cluster (a start interrupted during creation): make it again from scratch.
         for p in ports:
@@ -354,17 +358,7 @@ async def cluster_ensure(layout: Layout, bindir: Path, timeout_s: float = 60) ->
                 await client.execute_command("CLUSTER RESET HARD")
             finally:
                 await client.aclose()
-        await _run(
-            [
-                str(bindir / "redis-cli"),
-                "--cluster",
-                "create",
-                *[f"127.0.0.1:{p}" for p in ports],
-                "--cluster-replicas",
-                str(CLUSTER_REPLICAS_PER_MASTER),
-                "--cluster-yes",
-            ]
-        )
+        await _cluster_create(bindir, ports)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
     while loop.time() < deadline:

@@ -21,6 +21,7 @@ from etl.analytics import Period
 from etl.analytics import leaderboard as period_rows
 from replicas import ReadWriteRouter
 from tests.etl_support import (
+    METRICS,
     Reference,
     assert_metrics,
     etl_command,
@@ -137,25 +138,7 @@ async def check_pipeline(pipe: Pipeline, ref: Reference, barbers: list[int], sta
             "FROM fact_barber_day WHERE barber_id = ANY(%s)",
             (barbers,),
         ).fetchall()
-    stored = {
-        (r[0], r[1]): dict(
-            zip(
-                (
-                    "chats_started",
-                    "new_customers",
-                    "returning_customers",
-                    "customer_messages",
-                    "barber_messages",
-                    "replies",
-                    "reply_time_median_s",
-                    "reply_time_p90_s",
-                    "unanswered_chats",
-                ),
-                r[2:],
-            )
-        )
-        for r in rows
-    }
+    stored = {(r[0], r[1]): dict(zip(METRICS, r[2:])) for r in rows}
     empty = {
         "chats_started": 0,
         "new_customers": 0,
