@@ -5,11 +5,13 @@ another offset)::
 
     .venv/bin/python bench/gateway.py [--duration 10] [--connections 32]
 
-Five targets, in one run, with the same load generator:
+Six targets, in one run, with the same load generator:
   direct   one authen instance, GET /utilities/status
   gateway  the stack's gateway, GET /authen/utilities/status (balanced over both instances;
            task limits shared through Redis, admitted on leased slots: rarely a round trip)
   gw-local a gateway started here with TASK_LIMIT_SCOPE=local (no Redis on the hot path)
+  gw-tornado a gateway started here with GATEWAY_FRONT=tornado: Tornado's HTTP server for
+           every request, without the lean front (gateway/front.py), for comparison
   nginx    Debian's nginx, started here on a free port with a temporary config, proxying
            /authen/ to the same two instances with keep-alive upstream connections and
            an access log (the gateway writes one too); skipped with a message when the
@@ -380,11 +382,15 @@ def main() -> None:
     }
     for url in targets.values():
         check(url)
-    local_gw = LocalGateway(layout, TASK_LIMIT_SCOPE="local")
-    try:
-        targets["gw-local"] = local_gw.start() + "/authen/utilities/status"
-    except (RuntimeError, OSError) as e:
-        print(f"gw-local: could not start ({e}); skipping it")
+    own_gateways = {
+        "gw-local": LocalGateway(layout, TASK_LIMIT_SCOPE="local"),
+        "gw-tornado": LocalGateway(layout, GATEWAY_FRONT="tornado"),
+    }
+    for name, own in own_gateways.items():
+        try:
+            targets[name] = own.start() + "/authen/utilities/status"
+        except (RuntimeError, OSError) as e:
+            print(f"{name}: could not start ({e}); skipping it")
     nginx = Nginx(authen, args.nginx_workers)
     if nginx.binary is None:
         print("nginx: not installed (apt-get install -y nginx); skipping the nginx target")
@@ -422,29 +428,30 @@ def main() -> None:
     finally:
         express.stop()
         nginx.stop()
-        local_gw.stop()
+        for own in own_gateways.values():
+            own.stop()
 
     print(f"\nGET /authen/utilities/status ({results[0].tool}; {os.cpu_count()} cores shared with the stack)")
-    print(f"{'target':<9} {'mode':<6} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} {'cpu us/req':>11}")
+    print(f"{'target':<10} {'mode':<6} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} {'cpu us/req':>11}")
     for r in results:
         cpu = f"{r.cpu_us:>11.0f}" if r.cpu_us is not None else f"{'':>11}"
-        print(f"{r.name:<9} {r.mode:<6} {r.rps:>9.0f} {r.p50_ms:>8.2f} {r.p99_ms:>8.2f} {r.errors:>7} {cpu}")
+        print(f"{r.name:<10} {r.mode:<6} {r.rps:>9.0f} {r.p50_ms:>8.2f} {r.p99_ms:>8.2f} {r.errors:>7} {cpu}")
     by = {(r.name, r.mode): r for r in results}
     mode = f"c={args.connections}"
     if ("nginx", mode) in by:
         n = by[("nginx", mode)]
         direct_p50 = by[("direct", "c=1")].p50_ms
         print(f"\nnginx adds {by[('nginx', 'c=1')].p50_ms - direct_p50:+.2f} ms at p50 (c=1)")
-        for name in ("gateway", "gw-local"):
+        for name in ("gateway", "gw-local", "gw-tornado"):
             if (name, mode) in by:
                 g = by[(name, mode)]
                 print(
                     f"{name}: throughput {100 * g.rps / n.rps:.0f}% of nginx's (goal >= 80%), "
-                    f"adds {by[(name, 'c=1')].p50_ms - direct_p50:+.2f} ms at p50 (c=1; goal < 1 ms)"
+                    f"adds {by[(name, 'c=1')].p50_ms - direct_p50:+.2f} ms at p50 (c=1; goal < 0.3 ms)"
                 )
     if ("express", mode) in by:
         e = by[("express", mode)]
-        for name in ("gateway", "gw-local"):
+        for name in ("gateway", "gw-local", "gw-tornado"):
             if (name, mode) in by:
                 g = by[(name, mode)]
                 cpu = (

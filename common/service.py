@@ -17,7 +17,7 @@ import signal
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import tornado.web
 from tornado.httpserver import HTTPServer
@@ -60,6 +60,10 @@ class Server(HTTPServer):
     limits: BodyLimit
     max_connections: int
 
+    @property
+    def connection_count(self) -> int:
+        return len(self._connections)
+
     def handle_stream(self, stream: IOStream, address: tuple[Any, ...]) -> None:
         if len(self._connections) >= self.max_connections:
             refuse_connection(self.limits, stream, self.max_connections)
@@ -84,6 +88,17 @@ def make_server(settings: ServiceSettings, app: tornado.web.Application) -> Serv
     return server
 
 
+class Listener(Protocol):
+    """What :func:`serve` needs of a service's HTTP server (Tornado's :class:`Server`, or
+    the gateway's front)."""
+
+    def listen(self, port: int, address: str | None = None) -> None: ...
+
+    def stop(self) -> None: ...
+
+    async def close_all_connections(self) -> None: ...
+
+
 @dataclass
 class ServiceApp:
     app: tornado.web.Application
@@ -93,6 +108,8 @@ class ServiceApp:
     # Called once the server stops accepting, before in-flight requests are awaited
     # (e.g. to answer long polls at once instead of holding the drain for their wait).
     on_drain: list[Callable[[], Any]] = field(default_factory=list)
+    # The server to listen with, given the service's Tornado server (None: that one).
+    server: Callable[[Server], Listener] | None = None
 
 
 @dataclass
@@ -153,7 +170,8 @@ async def serve(settings: ServiceSettings, service: ServiceApp) -> None:
     if revocations is not None:
         await revocations.start()
         service.on_stop.append(revocations.stop)
-    server = make_server(settings, service.app)
+    tornado_server = make_server(settings, service.app)
+    server = service.server(tornado_server) if service.server is not None else tornado_server
     try:
         server.listen(settings.port, settings.host)
     except OSError as e:

@@ -18,7 +18,7 @@ from common import internal
 from common.config import chat_frame_bytes, load_settings
 from common.discovery import InstanceView
 from common.openapi import fragment
-from common.service import ServiceApp, make_app
+from common.service import Listener, Server, ServiceApp, make_app
 from coordinator.app import Host as CoordinatorHost
 from coordinator.app import build as build_coordinator
 from coordinator.settings import CoordinatorSettings
@@ -26,6 +26,7 @@ from gateway.accesslog import AccessLog
 from gateway.breaker import BreakerConfig, State
 from gateway.context import GatewayContext
 from gateway.forwarding import LeanProxy
+from gateway.front import Front
 from gateway.handlers import routes
 from gateway.limiter import Limiter
 from gateway.metrics import GatewayMetrics
@@ -133,4 +134,17 @@ async def build(settings: GatewaySettings) -> ServiceApp:
         await redis.aclose()
         ctx.access_log.flush()
 
-    return ServiceApp(app, on_stop=[close], register_as="gateway")
+    def front(tornado_server: Server) -> Listener:
+        if settings.gateway_front == "tornado":
+            return tornado_server
+        return Front(
+            ctx,
+            app.settings,
+            tornado_server,
+            max_body_bytes=settings.max_body_bytes,
+            header_timeout_s=settings.header_timeout_s,
+            body_timeout_s=settings.body_timeout_s,
+            max_connections=settings.max_connections,
+        )
+
+    return ServiceApp(app, on_stop=[close], register_as="gateway", server=front)

@@ -19,6 +19,7 @@ import json
 import logging
 import re
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import tornado
@@ -51,23 +52,60 @@ PROXIED_METHODS = ("GET", "HEAD", "POST", "DELETE", "PATCH", "PUT", "OPTIONS")
 _SERVER = f"TornadoServer/{tornado.version}"
 
 
-def service_path(request: HTTPServerRequest, service: str, *, test_routes: bool) -> str:
+@dataclass(slots=True)
+class Incoming:
+    """A client's request as the proxy needs it, whichever server parsed it (the lean
+    front, gateway.front, or Tornado's for connections it serves)."""
+
+    method: str
+    # The target as the client encoded it, split at the first "?" (as Tornado does).
+    path: str
+    query: str
+    headers: list[tuple[str, str]]
+    remote_ip: str | None
+    # The Host header (Tornado's default when there is none).
+    host: str
+    protocol: str
+    body: bytes
+
+    @classmethod
+    def from_tornado(cls, request: HTTPServerRequest) -> Incoming:
+        return cls(
+            request.method or "GET",
+            request.path,
+            request.query,
+            list(request.headers.get_all()),
+            request.remote_ip,
+            request.host,
+            request.protocol,
+            request.body,
+        )
+
+    def header(self, name: str) -> str | None:
+        """The first value of header ``name`` (given in lower case)."""
+        for k, v in self.headers:
+            if k.lower() == name:
+                return v
+        return None
+
+
+def service_path(path: str, service: str, *, test_routes: bool) -> str:
     """The canonical service path for ``/<service>/<rest>``, taken from the path as the
     client encoded it (Tornado's decoded path arguments are never forwarded: what is
     checked is what goes). 400 for malformed paths, 404 for internal or unsafe ones and
     for test aids unless ``test_routes``."""
-    rest = request.path[len(service) + 2 :]
+    rest = path[len(service) + 2 :]
     try:
-        path = check_service_path(rest)
+        checked = check_service_path(rest)
     except PermissionError as e:
         raise NotFound(f"no route for /{service}/{rest}") from e
     except MalformedPath as e:
         raise BadRequest(f"bad path: {e}") from e
     except UnsafePath as e:
         raise NotFound(f"no route for /{service}/{rest}: {e}") from e
-    if not test_routes and is_test_only(f"/{service}{path}"):
-        raise NotFound(f"no route for /{service}{path}")
-    return path
+    if not test_routes and is_test_only(f"/{service}{checked}"):
+        raise NotFound(f"no route for /{service}{checked}")
+    return checked
 
 
 def client_key(claims: Claims | None, remote_ip: str | None) -> str:
@@ -87,7 +125,7 @@ def rate_charge(ctx: GatewayContext, method: str, public_path: str, client: str)
 async def proxy_request(
     ctx: GatewayContext,
     verifier: TokenVerifier | None,
-    request: HTTPServerRequest,
+    request: Incoming,
     service_name: str,
     request_id: str,
     log_fields: dict[str, Any],
@@ -96,12 +134,12 @@ async def proxy_request(
     :class:`APIError` for what the gateway answers itself; fills ``log_fields`` for the
     access line."""
     started = time.perf_counter()
-    method = request.method or "GET"
+    method = request.method
     service = ctx.services[service_name]
-    path = service_path(request, service_name, test_routes=ctx.settings.enable_sleepy)
+    path = service_path(request.path, service_name, test_routes=ctx.settings.enable_sleepy)
     public_path = f"/{service_name}{path}"
 
-    token = bearer_token(request.headers.get("Authorization"))
+    token = bearer_token(request.header("authorization"))
     claims = verify_or_none(verifier, token)
     if claims is None and not is_public(method, public_path):
         ctx.metrics.rejections.labels(service_name, "unauthorized").inc()
@@ -112,7 +150,7 @@ async def proxy_request(
     client = client_key(claims, request.remote_ip)
     charge = rate_charge(ctx, method, public_path, client)
     headers = upstream_request_headers(
-        request.headers.get_all(),
+        request.headers,
         request_id=request_id,
         client_ip=request.remote_ip or "",
         host=request.host,
@@ -187,8 +225,66 @@ class LeanMatches(PathMatches):
         return super().match(request)
 
 
+@dataclass(slots=True)
+class Answer:
+    """A response to write: headers as the client gets them, ``body`` None when the
+    response has none (HEAD, 204, 304)."""
+
+    status: int
+    reason: str | None
+    headers: list[tuple[str, str]]
+    body: bytes | None
+
+
+async def answer(
+    ctx: GatewayContext,
+    app_settings: dict[str, Any],
+    request: Incoming,
+    service_name: str,
+    request_id: str,
+    log_fields: dict[str, Any],
+) -> Answer:
+    """The whole answer to a proxied request: the instance's, or the gateway's own JSON
+    error (never an exception). Counted in the in-flight requests a graceful stop waits
+    for."""
+    inflight: Inflight = app_settings[INFLIGHT]
+    inflight.count += 1
+    method = request.method
+    try:
+        limit = app_settings.get(MAX_BODY)
+        if limit is not None and len(request.body) > limit:
+            raise PayloadTooLarge.over(limit)
+        resp = await proxy_request(ctx, app_settings.get(VERIFIER), request, service_name, request_id, log_fields)
+        return Answer(
+            resp.status,
+            resp.reason,
+            response_headers(resp, method, request_id),
+            resp.body if has_body(resp.status, method) else None,
+        )
+    except APIError as e:
+        return error_answer(e, request_id, method)
+    except Exception:
+        log.exception("proxying %s %s failed", method, request.path)
+        return error_answer(APIError("internal server error", status=500), request_id, method)
+    finally:
+        inflight.count -= 1
+
+
+def error_answer(error: APIError, request_id: str, method: str) -> Answer:
+    headers = [
+        ("Server", _SERVER),
+        ("Content-Type", "application/json; charset=UTF-8"),
+        ("Date", format_timestamp(time.time())),
+        (REQUEST_ID_HEADER, request_id),
+        *error.headers.items(),
+    ]
+    body = json.dumps({"detail": error.detail}).encode()
+    return Answer(error.status_code, None, headers, body if has_body(error.status_code, method) else None)
+
+
 class LeanProxy:
-    """The routing target of proxied paths: the request, answered on its connection."""
+    """The routing target of proxied paths on connections Tornado serves (those the lean
+    front handed over): the request, answered on its connection."""
 
     openapi_exclude = True
 
@@ -214,71 +310,33 @@ class LeanProxy:
     async def _serve(self, request: HTTPServerRequest, service_name: str) -> None:
         request_id = sane_request_id(request.headers.get(REQUEST_ID_HEADER))
         request_id_var.set(request_id)
-        inflight: Inflight = self.app_settings[INFLIGHT]
-        inflight.count += 1
         fields: dict[str, Any] = {}
-        method = request.method or "GET"
-        status = 500
-        try:
-            limit = self.app_settings.get(MAX_BODY)
-            if limit is not None and len(request.body) > limit:
-                raise PayloadTooLarge.over(limit)
-            resp = await proxy_request(
-                self.ctx, self.app_settings.get(VERIFIER), request, service_name, request_id, fields
-            )
-            status = resp.status
-            _answer(
-                request,
-                status,
-                resp.reason,
-                response_headers(resp, method, request_id),
-                resp.body if has_body(status, method) else None,
-            )
-        except APIError as e:
-            status = e.status_code
-            _answer_error(request, e, request_id)
-        except Exception:
-            log.exception("proxying %s %s failed", method, request.path)
-            _answer_error(request, APIError("internal server error", status=500), request_id)
-        finally:
-            inflight.count -= 1
-            self.ctx.access_log.record(
-                method, request.path, status, request.request_time(), request_id, request.remote_ip, fields
-            )
+        incoming = Incoming.from_tornado(request)
+        out = await answer(self.ctx, self.app_settings, incoming, service_name, request_id, fields)
+        _write(request, out)
+        self.ctx.access_log.record(
+            incoming.method, request.path, out.status, request.request_time(), request_id, request.remote_ip, fields
+        )
 
 
-def _answer(
-    request: HTTPServerRequest, status: int, reason: str | None, headers: list[tuple[str, str]], body: bytes | None
-) -> None:
-    out = HTTPHeaders()
-    for k, v in headers:
-        out.add(k, v)
-    if body is not None:
-        out["Content-Length"] = str(len(body))
+def _write(request: HTTPServerRequest, out: Answer) -> None:
+    headers = HTTPHeaders()
+    for k, v in out.headers:
+        headers.add(k, v)
+    if out.body is not None:
+        headers["Content-Length"] = str(len(out.body))
     conn = request.connection
     assert conn is not None
     try:
         written = conn.write_headers(
-            ResponseStartLine("HTTP/1.1", status, reason or responses.get(status, "Unknown")), out, body or None
+            ResponseStartLine("HTTP/1.1", out.status, out.reason or responses.get(out.status, "Unknown")),
+            headers,
+            out.body or None,
         )
         written.add_done_callback(_retrieve)  # a client gone already is no error
         conn.finish()
     except StreamClosedError:
         pass
-
-
-def _answer_error(request: HTTPServerRequest, error: APIError, request_id: str) -> None:
-    headers = [
-        ("Server", _SERVER),
-        ("Content-Type", "application/json; charset=UTF-8"),
-        ("Date", format_timestamp(time.time())),
-        (REQUEST_ID_HEADER, request_id),
-        *error.headers.items(),
-    ]
-    body = json.dumps({"detail": error.detail}).encode()
-    _answer(
-        request, error.status_code, None, headers, body if has_body(error.status_code, request.method or "") else None
-    )
 
 
 def _retrieve(f: asyncio.Future[None]) -> None:

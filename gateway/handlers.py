@@ -27,6 +27,7 @@ from common.openapi import TEXT_PLAIN, StatusBody, api
 from common.tokens import verify_or_none
 from gateway.context import GatewayContext
 from gateway.forwarding import (
+    Incoming,
     LeanMatches,
     LeanProxy,
     client_key,
@@ -64,7 +65,12 @@ class ProxyHandler(GatewayHandler):
         self.log_fields: dict[str, Any] = {}
         method = self.request.method or "GET"
         resp = await proxy_request(
-            self.context, self.settings.get(VERIFIER), self.request, service_name, self.request_id, self.log_fields
+            self.context,
+            self.settings.get(VERIFIER),
+            Incoming.from_tornado(self.request),
+            service_name,
+            self.request_id,
+            self.log_fields,
         )
         self.set_status(resp.status, resp.reason or None)
         for name in ("Content-Type", "Server", "Date"):
@@ -123,7 +129,7 @@ class WebSocketProxyHandler(tornado.websocket.WebSocketHandler):
         self.set_header(REQUEST_ID_HEADER, self.request_id)
         service_name = self.path_args[0]
         self._service_name = service_name
-        path = service_path(self.request, service_name, test_routes=self.context.settings.enable_sleepy)
+        path = service_path(self.request.path, service_name, test_routes=self.context.settings.enable_sleepy)
         offered = offered_subprotocols(self.request.headers.get("Sec-WebSocket-Protocol"))
         token = websocket_token(
             self.get_query_argument("token", None), offered, self.request.headers.get("Authorization")

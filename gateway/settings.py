@@ -96,6 +96,10 @@ class GatewaySettings(ServiceSettings):
 
     # "uvloop" runs the gateway on uvloop (when installed); "asyncio": the standard loop.
     gateway_event_loop: Literal["asyncio", "uvloop"] = "asyncio"
+    # "lean": plain proxied requests are served by gateway.front (httptools, one send per
+    # answer) and the rest by Tornado; "tornado": Tornado's server serves everything (for
+    # comparison: bench/gateway.py measures both).
+    gateway_front: Literal["lean", "tornado"] = "lean"
 
     # Test aid: route authen's /utilities/sleepy (the stack sets it; never in production).
     enable_sleepy: bool = False

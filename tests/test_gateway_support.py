@@ -112,6 +112,54 @@ def log_events(proc: ServiceProcess) -> list[dict]:
     return out
 
 
+# -- raw HTTP: requests no well-behaved client library would send ---------------------------
+class Raw:
+    """One TCP connection to a server, written and read byte for byte."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    @classmethod
+    async def open(cls, base_url: str) -> Raw:
+        host, port = base_url.removeprefix("http://").split(":")
+        return cls(*await asyncio.open_connection(host, int(port)))
+
+    async def send(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def response(self, timeout: float = 20) -> tuple[int, dict[str, str], bytes]:
+        """One response (status, headers, body); the body by Content-Length, else to EOF."""
+        async with asyncio.timeout(timeout):
+            head = await self.reader.readuntil(b"\r\n\r\n")
+            lines = head.decode("latin-1").split("\r\n")
+            status = int(lines[0].split(" ")[1])
+            headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:] if ln)}
+            if "content-length" in headers:
+                body = await self.reader.readexactly(int(headers["content-length"]))
+            else:
+                body = await self.reader.read()
+        return status, headers, body
+
+    async def closed_by_peer(self) -> bool:
+        """Whether the server has closed the connection (reads whatever is left)."""
+        try:
+            return await asyncio.wait_for(self.reader.read(65536), 0.05) == b""
+        except TimeoutError:
+            return False
+        except ConnectionError:
+            return True
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def request(method: str, target: str, *headers: str, body: bytes = b"") -> bytes:
+    lines = [f"{method} {target} HTTP/1.1", "Host: gw.test", *headers]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
 # -- the echo upstream -------------------------------------------------------------------
 class EchoHandler(tornado.web.RequestHandler):
     SUPPORTED_METHODS = ("GET", "HEAD", "POST", "DELETE", "PATCH", "PUT", "OPTIONS")
