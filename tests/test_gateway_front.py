@@ -139,9 +139,7 @@ async def test_a_large_answer_to_a_slow_reader_arrives_whole(stack, http) -> Non
         conn = Raw(*await asyncio.open_connection(sock=sock, limit=64 * 1024))
         try:
             payload = b"y" * size
-            await conn.send(
-                request("POST", f"/{ECHO_TYPE}/big", _auth(stack), f"Content-Length: {size}", body=payload)
-            )
+            await conn.send(request("POST", f"/{ECHO_TYPE}/big", _auth(stack), f"Content-Length: {size}", body=payload))
             status, _, body = await conn.response(timeout=60)
             assert status == 200 and json.loads(body)["body"] == payload.decode(), len(body)
             await conn.send(request("GET", f"/{ECHO_TYPE}/again", _auth(stack)))
