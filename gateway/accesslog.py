@@ -17,12 +17,11 @@ import json
 import logging
 import sys
 import time
-import uuid
 from typing import IO, Any
 
 import tornado.web
 
-from common.logs import level_for_status, redact
+from common.logs import level_for_status, new_id, redact
 
 FLUSH_S = 0.05
 MAX_LINES = 512
@@ -80,7 +79,7 @@ class AccessLog:
         if client_ip is not None:
             line["client"] = {"ip": client_ip}
         line["ecs.version"] = "1.6.0"
-        line["event"] = {"duration": int(duration_s * 1e9), "id": uuid.uuid4().hex}
+        line["event"] = {"duration": int(duration_s * 1e9), "id": new_id()}
         req: dict[str, Any] = {"method": method} if request_id is None else {"id": request_id, "method": method}
         line["http"] = {"request": req, "response": {"status_code": status}}
         line["log"] = self._log

@@ -316,6 +316,26 @@ class Limiter:
         self.round_trips = 0
 
     # -- public ----------------------------------------------------------------------
+    def admit_now(
+        self,
+        candidates: Sequence[str],
+        *,
+        limit: int,
+        least_outstanding: bool = False,
+        charge: RateCharge | None = None,
+    ) -> Admission | None:
+        """An admission decided here, with no Redis call: by local counts, or on a slot
+        leased already. None when it takes a call (:meth:`admit`). Raises :class:`Full`."""
+        if (
+            self._script is None
+            or (not self.shared and charge is None)
+            or (not self.redis_ok and time.monotonic() < self._retry_redis_at)
+        ):
+            return self._admit_locally(candidates, limit, least_outstanding)
+        if charge is None and not least_outstanding and candidates and self.redis_ok:
+            return self._admit_leased(candidates[0], limit)
+        return None
+
     async def admit(
         self,
         candidates: Sequence[str],
@@ -329,16 +349,9 @@ class Limiter:
         Raises :class:`Full` or :class:`RateLimited`. The caller must :meth:`release`
         the returned admission's instance when the request is over.
         """
-        if (
-            self._script is None
-            or (not self.shared and charge is None)
-            or (not self.redis_ok and time.monotonic() < self._retry_redis_at)
-        ):
-            return self._admit_locally(candidates, limit, least_outstanding)
-        if charge is None and not least_outstanding and candidates and self.redis_ok:
-            leased = self._admit_leased(candidates[0], limit)
-            if leased is not None:
-                return leased
+        admission = self.admit_now(candidates, limit=limit, least_outstanding=least_outstanding, charge=charge)
+        if admission is not None:
+            return admission
         future: asyncio.Future[Admission] = asyncio.get_running_loop().create_future()
         self._queue.append(_Pending(candidates, least_outstanding, limit, charge, future))
         self._kick()

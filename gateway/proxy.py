@@ -179,18 +179,22 @@ class Proxy:
         last: _AttemptFailed | UpstreamResponse | None,
     ) -> Admission | None:
         """A slot on one of ``candidates`` (None: all full after an attempt that answered)."""
-        remaining = deadline - asyncio.get_running_loop().time()
         admission: Admission | None = None
+        addresses = [c.instance.address for c in candidates]
+        limit = self.settings.task_limit_per_service
         try:
+            remaining = deadline - asyncio.get_running_loop().time()
             if remaining <= 0:
                 raise TimeoutError
-            async with asyncio.timeout(remaining):
-                admission = await self.limiter.admit(
-                    [c.instance.address for c in candidates],
-                    limit=self.settings.task_limit_per_service,
-                    least_outstanding=self.least_outstanding,
-                    charge=charge,
-                )
+            # Usually decided here (a leased slot, local counts): no timer, no wait.
+            admission = self.limiter.admit_now(
+                addresses, limit=limit, least_outstanding=self.least_outstanding, charge=charge
+            )
+            if admission is None:
+                async with asyncio.timeout(remaining):
+                    admission = await self.limiter.admit(
+                        addresses, limit=limit, least_outstanding=self.least_outstanding, charge=charge
+                    )
             return admission
         except Full:
             if last is not None:

@@ -94,8 +94,8 @@ class GatewaySettings(ServiceSettings):
     upstream_connect_timeout_ms: int = Field(default=1000, ge=10)
     upstream_max_connections: int = Field(default=512, ge=1)
 
-    # "uvloop" runs the gateway on uvloop (when installed); "asyncio": the standard loop.
-    gateway_event_loop: Literal["asyncio", "uvloop"] = "asyncio"
+    # "uvloop" (a dependency) runs the gateway on uvloop; "asyncio": the standard loop.
+    gateway_event_loop: Literal["asyncio", "uvloop"] = "uvloop"
     # "lean": plain proxied requests are served by gateway.front (httptools, one send per
     # answer) and the rest by Tornado; "tornado": Tornado's server serves everything (for
     # comparison: bench/gateway.py measures both).
