@@ -40,6 +40,11 @@ class GatewayContext:
     access_log: AccessLog = field(init=False)
 
     def refresh_gauges(self) -> None:
+        """Gauges read off the gateway's state when /metrics is scraped (not kept up to
+        date on the hot path)."""
+        for svc in self.services.values():
+            for inst in svc.instances:
+                self.metrics.in_flight.labels(inst.address).set(self.limiter.in_flight.get(inst.address, 0))
         for address, breaker in self.breakers.known().items():
             self.metrics.breaker_open.labels(address).set(1 if breaker.current() is State.OPEN else 0)
         self.metrics.limiter_degraded.set(0 if self.limiter.redis_ok else 1)

@@ -52,7 +52,7 @@ from common.tasks import cancel_and_wait
 log = logging.getLogger("barber.gateway.limiter")
 
 PREFIX = "barber:gw:"
-RELEASE_SYNC_DELAY_S = 0.02
+RELEASE_SYNC_DELAY_S = 0.05
 # Spare slots leased with an admission (round robin), and how long unused ones are kept.
 LEASE_BLOCK = 8
 LEASE_IDLE_S = 0.25

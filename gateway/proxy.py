@@ -302,7 +302,6 @@ class Proxy:
             budget = min(budget, self.settings.attempt_timeout_ms / 1000)
         started = time.perf_counter()
         m = self.metrics
-        m.child(m.in_flight, inst.address).inc()
         try:
             async with asyncio.timeout(budget):
                 status, reason, resp_headers, data = await self.pool.request(
@@ -316,7 +315,6 @@ class Proxy:
         except UpstreamFailed as e:
             return _AttemptFailed(inst.address, reached=True, timed_out=False, cause=str(e)[:200])
         finally:
-            m.child(m.in_flight, inst.address).dec()
             m.child(m.upstream_latency, inst.address).observe(time.perf_counter() - started)
 
     # -- outcomes --------------------------------------------------------------------
