@@ -1,15 +1,15 @@
-"""One proxied HTTP request, from the client's request to the answer, and the lean path
-that serves it without a RequestHandler.
+"""One proxied HTTP request, from the client's request to the answer, whichever server
+parsed it.
 
-:func:`proxy_request` is the whole request (path rules, token, rate rule, forwarding,
-metrics, access-line fields) whichever way the request came in. :class:`LeanProxy` is a
-Tornado routing target (a callable taking the parsed request) for proxied paths: it
-answers through the HTTP/1 connection directly, skipping RequestHandler's per-request
-machinery (header bookkeeping, ETag, write buffers, finish/flush), which was the largest
-single cost of a proxied request. Everything around it stays Tornado's: the HTTP/1
-parser, header and body timeouts, keep-alive, MAX_CONNECTIONS and the body limits
-(common.service / common.bodylimit) all apply before a request reaches it. WebSocket
-upgrades, admin, coordinator, /status, /metrics and /openapi.json go to their handlers.
+:func:`answer` is the whole request (path rules, token, rate rule, forwarding, metrics,
+access-line fields) for an :class:`Incoming` request, returning an :class:`Answer` (the
+instance's response as the client gets it, or the gateway's own JSON error). Two servers
+call it: the lean front (gateway.front), which parses most proxied requests itself and
+writes the answer in one send, and, on connections the front handed over to Tornado,
+:class:`LeanProxy`, a Tornado routing target that writes it on the HTTP/1 connection
+without RequestHandler's per-request machinery (header bookkeeping, ETag, write buffers,
+finish/flush). WebSocket upgrades, admin, coordinator, /status, /metrics and
+/openapi.json go to their handlers.
 """
 
 from __future__ import annotations

@@ -334,8 +334,16 @@ class _Client:
         request_id_var.set(request_id)
         fields: dict[str, Any] = {}
         front = self.front
-        out = await answer(front.ctx, front.app_settings, incoming, request.service, request_id, fields)
-        self._send(_encode(out, request.close or self.eof), close=request.close)
+        try:
+            out = await answer(front.ctx, front.app_settings, incoming, request.service, request_id, fields)
+            data = _encode(out, request.close or self.eof)
+        except Exception:
+            # answer() turns every failure into a response; this is a bug, and the
+            # connection must not stay busy (unswept) for it.
+            log.exception("answering %s %s failed", incoming.method, incoming.path)
+            self.close()
+            return
+        self._send(data, close=request.close)
         front.ctx.access_log.record(
             incoming.method,
             incoming.path,

@@ -75,6 +75,9 @@ PUBLIC_ROUTES: tuple[tuple[frozenset[str] | None, re.Pattern[str]], ...] = (
 TEST_ONLY_ROUTES = re.compile(r"/authen/utilities/sleepy/?")
 
 
+# Both are pure and on the hot path, where the same few paths come again and again; the
+# caches are bounded, and a path that raises is never cached.
+@functools.lru_cache(maxsize=4096)
 def is_public(method: str, path: str) -> bool:
     return any((methods is None or method in methods) and rx.fullmatch(path) for methods, rx in PUBLIC_ROUTES)
 
@@ -118,6 +121,7 @@ def canonical_path(raw: str) -> str:
     return _ESCAPE.sub(one, raw)
 
 
+@functools.lru_cache(maxsize=4096)
 def check_service_path(rest: str) -> str:
     """The service path ``/<rest>`` for ``rest`` as the client encoded it, in canonical
     form: exactly what is checked here is what is forwarded (and what rate rules see).
